@@ -1,0 +1,615 @@
+"""Streaming, atomic, crash-safe storage of received instances (DESIGN principle 3).
+
+Theory of operation
+-------------------
+For each C-STORE the worker calls :meth:`Store.begin` with the command's UIDs, then
+:meth:`InstanceWriter.write` once per data-set fragment (synchronously, from its event
+loop), then :meth:`InstanceWriter.commit` (in a thread pool: it may block on fsync),
+or :meth:`InstanceWriter.discard` if the association dies first.
+
+1. ``begin`` validates the UIDs (:class:`~.uids.UnsafeUID` on failure: that is the one
+   peer fault that raises, because no file should ever be named after a bad UID), then
+   creates a temp file ``<root>/.incoming/<pid>-<n>.part`` with ``O_EXCL`` and writes
+   the Part 10 header (:mod:`.filemeta`) into it.
+2. ``write`` passes each fragment straight to ``os.write`` (looping on short writes;
+   nothing is buffered in Python) and, until it is done, to a :class:`~.scanner.TagScanner`
+   that picks the study/series UIDs out of the first bytes. An ``OSError`` is
+   remembered, the temp file is removed at once (on ENOSPC that frees the space for
+   the other associations) and later writes are no-ops.
+3. ``commit`` fsyncs the file (policy), renders the layout into a relative path,
+   creates missing directories (remembered in a cache so the hot path does not mkdir
+   per instance), publishes the file atomically under its final name, fsyncs the
+   directories whose entries changed (policy) and returns a :class:`StoreResult`.
+
+The temp directory sits under the root so the final rename never crosses a
+filesystem. A partial file therefore never appears under a final name: it is either
+complete and renamed/linked there, or it stays in ``.incoming`` until removed (by the
+failure path, or by :func:`sweep_incoming` after a worker was killed mid-write).
+
+Duplicate policies (same final path already exists):
+
+``overwrite``
+    ``os.replace``: atomic, last writer wins. The default: a resend after a failure
+    response must be able to replace whatever copy is there.
+``keep`` / ``reject``
+    ``os.link(temp, final)`` then unlink the temp: ``link`` fails with EEXIST if the
+    name exists, so of two concurrent writers exactly one publishes. On filesystems
+    without hard links (EPERM/ENOTSUP/EMLINK) it falls back to exists-then-rename,
+    which is not race-free; documented, rare.
+
+Status mapping (the ``status`` of :class:`StoreResult`, see :class:`StoreStatus`):
+
+``0x0000`` Success
+    Stored (and durable under the fsync policy). Also for a ``keep`` duplicate: the
+    SOP Instance is stored, which is what the SCU asked for; PS3.4 B.2.3 has no
+    duplicate warning, and a warning status would make some SCUs log or retry for
+    nothing. ``duplicate`` and ``comment`` say what happened, for logs and events.
+``0x0111`` Duplicate SOP Instance (``reject`` policy)
+    The PS3.7 Annex C failure status that names exactly this cause. PS3.7 lists it
+    among N-CREATE's statuses, not C-STORE's (9.1.1.1.9), but PS3.4 B.2.3 has no
+    storage code for it and the alternatives mislead: A7xx invites a retry that can
+    never succeed, Cxxx means "cannot understand". SCUs treat any code outside the
+    success, warning and pending ranges as a failure. One constant to change if a
+    site's SCU insists on a C-STORE-listed code.
+``0xA700`` Refused: Out of Resources (PS3.4 B.2.3)
+    Any local I/O failure: ENOSPC, EDQUOT, EROFS, EACCES, EIO, EMFILE... at open,
+    write, fsync, close, mkdir, publish (link/rename) or directory fsync. It is the
+    storage class's own "try again later", and a retry may well succeed once the
+    operator has fixed the disk. ``comment`` names the stage and errno (e.g.
+    ``"Storage failure at write: ENOSPC"``) and fits ErrorComment's 64 characters;
+    paths go to the log, never to the peer.
+``0x0117`` Invalid Object Instance (suggested for the worker when ``begin`` raises
+    :class:`~.uids.UnsafeUID`): listed for C-STORE in PS3.7 9.1.1.1.9, and PS3.7
+    Annex C's status for a UID that violates the construction rules.
+
+A failed commit leaves no temp file and no new final file, and the :class:`Store` keeps
+working for the next instance. Two narrow exceptions, both complete files, never
+partial ones: with ``overwrite``, a failed directory fsync leaves the (complete)
+replacement in place for the SCU's retry to replace again; and if unlinking the temp
+name fails after a successful ``link``, that second name stays in ``.incoming`` for
+:func:`sweep_incoming`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import logging
+import os
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from .config import TEMP_SUFFIX, UNKNOWN, FileOps, StorageConfig
+from .filemeta import encode_file_meta, is_valid_ae_title
+from .scanner import ScanResult, TagScanner
+from .uids import UnsafeUID, is_valid_uid, safe_path_component, sanitize_component
+
+__all__ = [
+    "InstanceWriter",
+    "Store",
+    "StoreResult",
+    "StoreStatus",
+]
+
+log = logging.getLogger(__name__)
+
+# One sequence for every Store in the process: temp names are <pid>-<n>.part, unique
+# across processes (pid) and within one (n). next() on a count is atomic in CPython.
+_temp_seq = itertools.count()
+
+
+class StoreStatus(IntEnum):
+    """C-STORE response statuses this layer produces (see the module docstring)."""
+
+    SUCCESS = 0x0000
+    DUPLICATE_REJECTED = 0x0111
+    INVALID_OBJECT_INSTANCE = 0x0117
+    OUT_OF_RESOURCES = 0xA700
+
+
+@dataclass(slots=True, frozen=True)
+class StoreResult:
+    """Outcome of :meth:`InstanceWriter.commit`."""
+
+    #: C-STORE status to answer with (:class:`StoreStatus`)
+    status: int
+    #: final path of the stored (or, for a duplicate, the existing) instance
+    path: str | None
+    #: data-set bytes received (stored: the file is this plus the Part 10 header)
+    bytes_written: int
+    #: short human-readable note: failure reason, duplicate, UID mismatch
+    comment: str | None = None
+    #: True when an instance already existed under the final path
+    duplicate: bool = False
+    #: errno of the failure, if any
+    error: int | None = None
+    #: what the tag scanner found (study/series/patient/modality)
+    scan: ScanResult = field(default_factory=ScanResult)
+
+    @property
+    def ok(self) -> bool:
+        """True when the SCU is told the instance is stored."""
+        return self.status == StoreStatus.SUCCESS
+
+
+class _StageError(Exception):
+    """Internal: an OSError tagged with the stage it happened in."""
+
+    def __init__(self, stage: str, exc: OSError) -> None:
+        super().__init__(stage, exc)
+        self.stage = stage
+        self.exc = exc
+
+
+class Store:
+    """Stores instances under ``config.root``; one per worker process, thread-safe.
+
+    ``ops`` replaces the system calls (tests inject ENOSPC/EIO or count fsyncs). The
+    constructor creates the root and temp directories and may raise ``OSError``: a
+    worker that cannot create its storage root should fail at start, not per instance.
+    """
+
+    __slots__ = ("_fsync", "_incoming", "_known_dirs", "_ops", "_root", "config")
+
+    def __init__(self, config: StorageConfig, *, ops: FileOps | None = None) -> None:
+        self.config = config
+        self._ops = ops if ops is not None else FileOps()
+        self._root = os.fspath(config.root)
+        self._incoming = os.path.join(self._root, config.temp_dir_name)
+        self._fsync = config.fsync == "always"
+        os.makedirs(self._incoming, mode=config.dir_mode, exist_ok=True)
+        self._known_dirs: set[str] = {self._root}
+
+    @property
+    def root(self) -> str:
+        """Absolute storage root."""
+        return self._root
+
+    @property
+    def incoming_dir(self) -> str:
+        """Absolute path of the temp directory."""
+        return self._incoming
+
+    def begin(
+        self,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        transfer_syntax: str,
+        calling_ae: str | None = None,
+    ) -> InstanceWriter:
+        """Start storing one instance; returns its writer.
+
+        Raises :class:`~.uids.UnsafeUID` if a UID is malformed (answer 0x0117). I/O
+        errors do not raise: the writer is returned failed and its ``commit`` answers
+        0xA700, so the worker has one code path for storage faults.
+        """
+        # Tolerate a sender's (or decoder's) trailing UI padding; everything else must
+        # be a PS3.5 9.1 UID, which also makes it a safe path component.
+        sop_class_uid = sop_class_uid.rstrip("\0 ")
+        sop_instance_uid = sop_instance_uid.rstrip("\0 ")
+        transfer_syntax = transfer_syntax.rstrip("\0 ")
+        for what, uid in (
+            ("SOP Class UID", sop_class_uid),
+            ("SOP Instance UID", sop_instance_uid),
+            ("Transfer Syntax UID", transfer_syntax),
+        ):
+            if not is_valid_uid(uid):
+                raise UnsafeUID(f"invalid {what}: {uid!r}")
+        return InstanceWriter(self, sop_class_uid, sop_instance_uid, transfer_syntax, calling_ae)
+
+    # -- used by InstanceWriter -------------------------------------------------------
+
+    def _open_temp(self) -> tuple[int, str]:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        pid = os.getpid()
+        for _ in range(8):
+            path = os.path.join(self._incoming, f"{pid}-{next(_temp_seq)}{TEMP_SUFFIX}")
+            try:
+                return self._ops.open(path, flags, self.config.file_mode), path
+            except FileExistsError:
+                continue  # left over by a dead process that had our pid; take the next
+            except FileNotFoundError:
+                # The temp directory was removed under us (an operator cleaning up):
+                # recreate it once rather than fail every instance from now on.
+                os.makedirs(self._incoming, mode=self.config.dir_mode, exist_ok=True)
+        raise FileExistsError(errno.EEXIST, "no free temp file name", self._incoming)
+
+    def _relative_path(self, writer: InstanceWriter, scan: ScanResult) -> str:
+        used = self.config.placeholders
+        values: dict[str, str] = {"SOPInstanceUID": writer.sop_instance_uid}
+        if "StudyInstanceUID" in used:
+            values["StudyInstanceUID"] = _uid_or_unknown(scan.study_instance_uid)
+        if "SeriesInstanceUID" in used:
+            values["SeriesInstanceUID"] = _uid_or_unknown(scan.series_instance_uid)
+        if "SOPClassUID" in used:
+            values["SOPClassUID"] = writer.sop_class_uid
+        if "CallingAE" in used:
+            values["CallingAE"] = sanitize_component(writer.calling_ae, max_length=16)
+        if "PatientID" in used:
+            values["PatientID"] = sanitize_component(scan.patient_id)
+        if "Modality" in used:
+            values["Modality"] = sanitize_component(scan.modality, max_length=16)
+        rel = self.config.layout.format_map(values)
+        # Belt and braces: the template was checked and every value is a safe
+        # component, so this cannot fail; if it ever does, refuse rather than escape.
+        parts = rel.split("/")
+        for part in parts:
+            safe_path_component(part)
+        if parts[0] == self.config.temp_dir_name:
+            raise UnsafeUID(f"layout rendered into the temp directory: {rel!r}")
+        return rel
+
+    def _ensure_dirs(self, directory: str) -> list[str]:
+        """Create ``directory`` and its missing parents.
+
+        Returns the directories this call did not find in the cache (top-down), whose
+        entries in their parents must be made durable before they are remembered
+        (:meth:`_remember`). One that already existed counts too: another thread or
+        worker may have created it and not fsynced its parent yet, and answering
+        success before that would break "success means durable".
+        """
+        known = self._known_dirs
+        if directory in known:
+            return []
+        missing: list[str] = []
+        path = directory
+        while path not in known and len(path) > len(self._root):
+            missing.append(path)
+            path = os.path.dirname(path)
+        missing.reverse()
+        for path in missing:
+            try:
+                self._ops.mkdir(path, self.config.dir_mode)
+            except FileExistsError as exc:
+                if not os.path.isdir(path):
+                    raise NotADirectoryError(
+                        errno.ENOTDIR, os.strerror(errno.ENOTDIR), path
+                    ) from exc
+        return missing
+
+    def _remember(self, directories: list[str]) -> None:
+        known = self._known_dirs
+        if len(known) + len(directories) > self.config.dir_cache_size:
+            # Bounded memory for a receiver that runs for months: forgetting costs one
+            # mkdir (EEXIST) per directory later, nothing more.
+            self._forget_dirs()
+        known.update(directories)
+
+    def _forget_dirs(self) -> None:
+        # A directory vanished under us (moved to an archive, deleted by an operator):
+        # forget them all; the cache refills as instances arrive.
+        self._known_dirs.clear()
+        self._known_dirs.add(self._root)
+
+    def _fsync_dir(self, path: str) -> None:
+        fd = self._ops.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, 0)
+        try:
+            self._ops.fsync(fd)
+        finally:
+            self._ops.close(fd)
+
+    def _publish(self, temp_path: str, final_path: str) -> bool:
+        """Move the temp file to ``final_path``; return True if it was a duplicate."""
+        ops = self._ops
+        directory = os.path.dirname(final_path)
+        new_dirs: list[str] = []
+        duplicate = False
+        for attempt in range(2):
+            try:
+                new_dirs += self._ensure_dirs(directory)
+            except OSError as exc:
+                raise _StageError("mkdir", exc) from exc
+            try:
+                if self.config.duplicates == "overwrite":
+                    ops.replace(temp_path, final_path)
+                else:
+                    duplicate = not self._link_exclusive(temp_path, final_path)
+                break
+            except FileNotFoundError as exc:
+                # Either a directory of ours was removed since it was cached (retry
+                # once with a fresh cache) or the temp file was swept (fails again).
+                if attempt:
+                    raise _StageError("publish", exc) from exc
+                self._forget_dirs()
+            except OSError as exc:
+                raise _StageError("publish", exc) from exc
+        if self._fsync:
+            # The new name lives in `directory`; each new directory's name lives in
+            # its parent. fsync those, top-down, before answering success.
+            parents = (os.path.dirname(d) for d in new_dirs)
+            try:
+                for path in dict.fromkeys([*parents, directory]):
+                    self._fsync_dir(path)
+            except OSError as exc:
+                if not duplicate and self.config.duplicates != "overwrite":
+                    # Published but not known durable: unlink the name we created so
+                    # the SCU's retry is not refused as a duplicate of an uncertain
+                    # copy. (With overwrite the retry simply replaces it.)
+                    _unlink_quietly(ops, final_path)
+                raise _StageError("fsync dir", exc) from exc
+        # Only now are the new directories durable: other threads may skip them.
+        self._remember(new_dirs)
+        return duplicate
+
+    def _link_exclusive(self, temp_path: str, final_path: str) -> bool:
+        """Publish only if ``final_path`` is free; return False if it already exists."""
+        ops = self._ops
+        try:
+            ops.link(temp_path, final_path)
+        except FileExistsError:
+            published = False
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            # No hard links here (some FUSE/SMB mounts): check-then-rename. Not atomic
+            # against a concurrent writer of the same instance; see module docstring.
+            if os.path.lexists(final_path):
+                published = False
+            else:
+                ops.replace(temp_path, final_path)
+                return True
+        else:
+            published = True
+        try:
+            ops.unlink(temp_path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            # The outcome is already decided. The temp name is a second link to the
+            # published file, or the losing duplicate: never a stored instance, and
+            # sweep_incoming drops it later.
+            log.warning("could not remove temp file %s: %s", temp_path, exc)
+        return published
+
+
+def _uid_or_unknown(uid: str | None) -> str:
+    return uid if uid is not None and is_valid_uid(uid) else UNKNOWN
+
+
+_OPEN, _FAILED, _COMMITTED, _DISCARDED = range(4)
+
+
+class InstanceWriter:
+    """Streams one instance into a temp file; made by :meth:`Store.begin`.
+
+    ``write`` is cheap and non-blocking in the sense of never waiting for the disk to
+    flush (page cache writes); ``commit`` blocks. Not thread-safe: the worker calls
+    ``write`` from its loop and then ``commit`` from one pool thread, never both.
+    """
+
+    __slots__ = (
+        "_error",
+        "_fd",
+        "_nbytes",
+        "_scan",
+        "_scanner",
+        "_state",
+        "_store",
+        "_temp_path",
+        "calling_ae",
+        "sop_class_uid",
+        "sop_instance_uid",
+        "transfer_syntax",
+    )
+
+    def __init__(
+        self,
+        store: Store,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        transfer_syntax: str,
+        calling_ae: str | None,
+    ) -> None:
+        self._store = store
+        self.sop_class_uid = sop_class_uid
+        self.sop_instance_uid = sop_instance_uid
+        self.transfer_syntax = transfer_syntax
+        self.calling_ae = calling_ae
+        self._nbytes = 0
+        self._fd = -1
+        self._temp_path: str | None = None
+        self._error: _StageError | None = None
+        self._state = _OPEN
+        self._scanner: TagScanner | None = TagScanner(
+            transfer_syntax, budget=store.config.scan_budget
+        )
+        self._scan: ScanResult | None = None
+        # An AE title that cannot be written as AE is left out of the file meta
+        # (0002,0016 is optional); the engine validated it during negotiation anyway.
+        source_ae = calling_ae if calling_ae and is_valid_ae_title(calling_ae) else None
+        header = encode_file_meta(
+            sop_class_uid, sop_instance_uid, transfer_syntax, source_ae=source_ae
+        )
+        try:
+            self._fd, self._temp_path = store._open_temp()
+        except OSError as exc:
+            self._fail("open", exc)
+            return
+        try:
+            self._write_all(memoryview(header))
+        except OSError as exc:
+            self._fail("write", exc)
+
+    @property
+    def temp_path(self) -> str | None:
+        """The temp file (None once removed or published)."""
+        return self._temp_path
+
+    @property
+    def bytes_written(self) -> int:
+        """Data-set bytes received so far."""
+        return self._nbytes
+
+    @property
+    def failed(self) -> bool:
+        """True once an I/O error has doomed this instance (commit will answer 0xA700)."""
+        return self._error is not None
+
+    def write(self, fragment: memoryview | bytes | bytearray) -> None:
+        """Append a data-set fragment. Never keeps a reference to ``fragment``.
+
+        I/O errors are remembered, not raised (commit reports them). Writing after
+        commit is a programming error and raises ``RuntimeError``.
+        """
+        if self._state != _OPEN:
+            if self._state == _COMMITTED:
+                raise RuntimeError("write() after commit()")
+            if self._state == _FAILED:
+                self._nbytes += memoryview(fragment).nbytes  # still received, for the record
+            return  # failed or discarded: drop the data, the answer is already decided
+        view = fragment if type(fragment) is memoryview else memoryview(fragment)
+        if view.ndim != 1 or view.itemsize != 1:
+            view = view.cast("B")
+        self._nbytes += len(view)
+        scanner = self._scanner
+        if scanner is not None:
+            try:
+                done = scanner.feed(view)
+            except Exception:  # the scanner promises not to raise; storage must not fail
+                log.exception("tag scanner failed; filing under 'unknown'")
+                done = True
+            if done:
+                self._scan = scanner.result()
+                self._scanner = None
+        try:
+            self._write_all(view)
+        except OSError as exc:
+            self._fail("write", exc)
+
+    def commit(self) -> StoreResult:
+        """Make the instance durable (policy) under its final name. Blocking.
+
+        Never raises for I/O errors (they become a 0xA700 result); raises
+        ``RuntimeError`` if called twice or after ``discard``.
+        """
+        if self._state in (_COMMITTED, _DISCARDED):
+            raise RuntimeError("commit() after commit() or discard()")
+        scan = self._scan_result()
+        if self._error is not None:
+            self._state = _COMMITTED
+            return self._failure(self._error, scan)
+        store = self._store
+        ops = store._ops
+        temp_path = self._temp_path
+        assert temp_path is not None
+        try:
+            try:
+                if store._fsync:
+                    ops.fsync(self._fd)
+            except OSError as exc:
+                raise _StageError("fsync", exc) from exc
+            fd, self._fd = self._fd, -1
+            try:
+                ops.close(fd)  # close can report deferred write errors (NFS, quotas)
+            except OSError as exc:
+                raise _StageError("close", exc) from exc
+            final_path = os.path.join(store._root, store._relative_path(self, scan))
+            duplicate = store._publish(temp_path, final_path)
+        except _StageError as err:
+            self._cleanup()
+            self._state = _COMMITTED
+            return self._failure(err, scan)
+        except BaseException:
+            # Not an I/O error (a bug, or a KeyboardInterrupt in the pool thread):
+            # still never leave the temp file behind.
+            self._cleanup()
+            self._state = _COMMITTED
+            raise
+        self._temp_path = None
+        self._state = _COMMITTED
+        comment = None
+        status = StoreStatus.SUCCESS
+        if duplicate:
+            if store.config.duplicates == "reject":
+                status = StoreStatus.DUPLICATE_REJECTED
+                comment = "Duplicate SOP Instance UID rejected"
+            else:
+                comment = "Duplicate SOP Instance UID: existing copy kept"
+        elif scan.sop_instance_uid is not None and scan.sop_instance_uid != self.sop_instance_uid:
+            comment = "Data set SOP Instance UID differs from the command's"
+        return StoreResult(
+            status=status,
+            path=final_path,
+            bytes_written=self._nbytes,
+            comment=comment,
+            duplicate=duplicate,
+            scan=scan,
+        )
+
+    def discard(self) -> None:
+        """Abandon the instance: close and remove the temp file. Idempotent."""
+        if self._state == _COMMITTED:
+            return
+        self._state = _DISCARDED
+        self._cleanup()
+
+    def __enter__(self) -> InstanceWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        # Leaving the block without a commit (exception, early return) discards.
+        self.discard()
+
+    # -- internals --------------------------------------------------------------------
+
+    def _write_all(self, view: memoryview) -> None:
+        if not view:
+            return
+        write = self._store._ops.write
+        fd = self._fd
+        n = write(fd, view)
+        # Short writes happen (signals, quotas, pipes); loop on the unwritten tail.
+        while n < len(view):
+            if n <= 0:
+                raise OSError(errno.EIO, "write made no progress")
+            view = view[n:]
+            n = write(fd, view)
+
+    def _fail(self, stage: str, exc: OSError) -> None:
+        self._error = _StageError(stage, exc)
+        self._state = _FAILED
+        # Free the space now, not at commit: on ENOSPC other associations need it.
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        ops = self._store._ops
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):  # the file is being thrown away
+                ops.close(fd)
+        path, self._temp_path = self._temp_path, None
+        if path is not None:
+            _unlink_quietly(ops, path)
+        self._scan_result()  # keep what was found (for the failure result), drop the scanner
+
+    def _scan_result(self) -> ScanResult:
+        if self._scan is None:
+            self._scan = self._scanner.close() if self._scanner is not None else ScanResult()
+            self._scanner = None
+        return self._scan
+
+    def _failure(self, err: _StageError, scan: ScanResult) -> StoreResult:
+        code = err.exc.errno
+        name = errno.errorcode.get(code, "OSError") if code is not None else "OSError"
+        log.warning(
+            "storing %s failed at %s: %s (%s)",
+            self.sop_instance_uid,
+            err.stage,
+            err.exc,
+            getattr(err.exc, "filename", None),
+        )
+        return StoreResult(
+            status=StoreStatus.OUT_OF_RESOURCES,
+            path=None,
+            bytes_written=self._nbytes,
+            comment=f"Storage failure at {err.stage}: {name}",
+            error=code,
+            scan=scan,
+        )
+
+
+def _unlink_quietly(ops: FileOps, path: str) -> None:
+    # Already gone, or the filesystem is failing: sweep_incoming catches leftovers.
+    with contextlib.suppress(OSError):
+        ops.unlink(path)
