@@ -1,0 +1,884 @@
+"""The asyncio side of one association: socket bytes <-> engine <-> services and handlers.
+
+Theory of operation
+-------------------
+:class:`AssociationProtocol` is a thin ``asyncio.BufferedProtocol`` over a
+:class:`~workers.engine.connection.Connection` (the uvicorn pattern): the event loop
+receives straight into the engine's buffer, :meth:`_run` pulls indications out of the
+engine and dispatches them, and whatever the engine queued is written at once, one
+buffer per PDU.
+
+Indications never wait for handlers: a DIMSE request starts an operation
+(:class:`Operation`) that runs synchronously when it can (the built-in C-ECHO and
+C-STORE with fsync off do) and in a task when a handler or an fsync has to be
+awaited. Parsing goes on meanwhile, so the peer's responses to our sub-operations
+(C-GET), a C-CANCEL, an A-ABORT or an A-RELEASE-RQ are seen while an operation runs.
+At most ``window`` requests may be outstanding, the negotiated asynchronous
+operations window (1 unless negotiated); a peer that sends more is aborted.
+
+The built-in C-STORE (no user handler bound to EVT_C_STORE) streams each data-set
+fragment from the engine's receive buffer into a temp file
+(:mod:`workers.storage.store`): no copy in Python, no pydicom. The response is sent
+only after the instance is committed (fsynced when the policy says so, in the I/O
+thread pool) and renamed into place.
+
+Backpressure: when the engine holds more than ``read_high_water`` unparsed bytes,
+reading pauses until it drains. TCP_QUICKACK is re-armed after each read so that a
+sender that left Nagle's algorithm on is not held back by our delayed ACKs
+(DESIGN principle 5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import tempfile
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .engine import dimse
+from .engine import events as evt
+from .engine import pdu as p
+from .engine.connection import Connection, PresentationContext, Role
+from .engine.fsm import State
+from .engine.primitives import (
+    NEED_DATA,
+    Aborted,
+    AssociateIndication,
+    AssociateRejected,
+    CommandReceived,
+    DataSetReceived,
+    PDUReceived,
+    PDUSent,
+    Released,
+    ReleaseRequested,
+    StateChanged,
+)
+from .handlers import HandlerRegistry, Step, drive, notify, resolve
+from .storage.store import InstanceWriter, StoreResult
+from .storage.uids import UnsafeUID
+
+if TYPE_CHECKING:
+    from .server import AssociationServer
+
+log = logging.getLogger("workers.association")
+
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+_STATUS_PROCESSING_FAILURE = 0x0110
+_STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
+_STATUS_INVALID_OBJECT_INSTANCE = 0x0117
+_STATUS_CANNOT_UNDERSTAND = 0xC000
+_STATUS_OUT_OF_RESOURCES = 0xA700
+
+
+class ServiceUser:
+    """One end of the association, as handlers see it (``assoc.requestor``,
+    ``assoc.acceptor``), with pynetdicom's attribute names."""
+
+    __slots__ = (
+        "address",
+        "ae_title",
+        "implementation_class_uid",
+        "implementation_version_name",
+        "maximum_length",
+        "port",
+        "user_identity",
+    )
+
+    def __init__(self) -> None:
+        self.ae_title = ""
+        self.address = ""
+        self.port = 0
+        self.implementation_class_uid: str | None = None
+        self.implementation_version_name: str | None = None
+        self.maximum_length: int | None = None
+        self.user_identity: p.UserIdentityRQ | None = None
+
+
+class ContextInfo:
+    """An accepted presentation context, as handlers see it (``event.context``)."""
+
+    __slots__ = ("abstract_syntax", "as_scp", "as_scu", "context_id", "transfer_syntax")
+
+    def __init__(self, ctx: PresentationContext, as_scu: bool = False, as_scp: bool = True) -> None:
+        self.context_id = ctx.id
+        self.abstract_syntax = ctx.abstract_syntax
+        self.transfer_syntax = ctx.transfer_syntax
+        self.as_scu = as_scu
+        self.as_scp = as_scp
+
+    def __repr__(self) -> str:
+        return f"<Context {self.context_id} {self.abstract_syntax} {self.transfer_syntax}>"
+
+
+class Association:
+    """What handlers get as ``event.assoc``: who is talking, what was agreed, and the
+    per-association ``bind``/``unbind``/``abort``/``release``."""
+
+    def __init__(self, protocol: AssociationProtocol, registry: HandlerRegistry) -> None:
+        self._protocol = protocol
+        self.registry = registry
+        self.requestor = ServiceUser()
+        self.acceptor = ServiceUser()
+        self.is_established = False
+        self.is_released = False
+        self.is_aborted = False
+        self.is_rejected = False
+        self.accepted_contexts: list[ContextInfo] = []
+        self.rejected_contexts: list[p.PresentationContextRQ] = []
+        #: asynchronous operations window granted (invoked, performed)
+        self.async_ops = (1, 1)
+        self.name = ""
+
+    @property
+    def server(self) -> AssociationServer:
+        return self._protocol.server
+
+    @property
+    def mode(self) -> str:
+        return "acceptor"
+
+    def bind(self, event: evt.EventType, handler: Callable[..., Any], args: Any = None) -> None:
+        self.registry.bind(event, handler, args)
+        self._protocol.refresh_tracing()
+
+    def unbind(self, event: evt.EventType, handler: Callable[..., Any]) -> None:
+        self.registry.unbind(event, handler)
+        self._protocol.refresh_tracing()
+
+    def get_handlers(self, event: evt.EventType) -> Any:
+        return self.registry.get_handlers(event)
+
+    def abort(self) -> None:
+        """Abort the association (A-ABORT, service-user source)."""
+        self._protocol.abort_association(p.AbortSource.SERVICE_USER, 0, "aborted by a handler")
+
+    def release(self) -> None:
+        """Not offered to an acceptor: PS3.8 lets only the requestor release."""
+        raise RuntimeError("the association acceptor cannot request a release; use abort()")
+
+    def context(self, context_id: int) -> ContextInfo | None:
+        for ctx in self.accepted_contexts:
+            if ctx.context_id == context_id:
+                return ctx
+        return None
+
+    def __repr__(self) -> str:
+        return f"<Association {self.name}>"
+
+
+class Operation:
+    """One DIMSE request being served."""
+
+    __slots__ = ("command", "context_id", "data", "message_id", "spool", "status", "writer")
+
+    def __init__(self, context_id: int, command: dimse.Command) -> None:
+        self.context_id = context_id
+        self.command = command
+        self.message_id = command.MessageID or 0
+        self.data: bytes | None = None
+        self.writer: InstanceWriter | None = None
+        self.spool: Spool | None = None
+        #: a status decided before the data set arrived (refused, bad UID ...)
+        self.status: int | None = None
+
+
+class Spool:
+    """A C-STORE data set kept in a temp file for a user handler (never in memory)."""
+
+    __slots__ = ("fd", "path", "size")
+
+    def __init__(self, directory: str) -> None:
+        self.fd, self.path = tempfile.mkstemp(dir=directory, suffix=".spool")
+        self.size = 0
+
+    def write(self, view: memoryview) -> None:
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+            self.size += n
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as f:
+            return f.read()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def _discard(view: memoryview) -> None:
+    """Sink for a data set that is refused before it arrives."""
+
+
+class AssociationProtocol(asyncio.BufferedProtocol):
+    """One transport connection served as a DICOM association acceptor."""
+
+    def __init__(self, server: AssociationServer) -> None:
+        self.server = server
+        self.loop = server.loop
+        self.config = server.config
+        self.conn = Connection(Role.ACCEPTOR, server.engine_config)
+        self.registry = HandlerRegistry(parent=server.registry)
+        self.assoc = Association(self, self.registry)
+        self.transport: asyncio.Transport | None = None
+        self._sock: Any = None
+        self._reading_paused = False
+        self._closing = False
+        self._lost = False
+        self._artim: asyncio.TimerHandle | None = None
+        self._artim_at: float | None = None
+        self._idle: asyncio.TimerHandle | None = None
+        self._last_rx = 0.0
+        self._receiving: Operation | None = None  # the request whose data set is arriving
+        self._outstanding: dict[int, Operation] = {}
+        self._window = 1
+        self._release_pending = False
+        self._cancelled: set[int] = set()
+        self._awaiting: dict[int, asyncio.Future[tuple[dimse.Command, bytes | None]]] = {}
+        self._awaiting_data: tuple[int, dimse.Command] | None = None
+        self._next_message_id = 0
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._trace_data = False
+        self.refresh_tracing()
+
+    # ------------------------------------------------------------- transport
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        self._sock = sock
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        peer = transport.get_extra_info("peername") or ("", 0)
+        local = transport.get_extra_info("sockname") or ("", 0)
+        self.assoc.requestor.address, self.assoc.requestor.port = str(peer[0]), int(peer[1])
+        self.assoc.acceptor.address, self.assoc.acceptor.port = str(local[0]), int(local[1])
+        self.assoc.acceptor.ae_title = self.config.ae_title
+        self.assoc.name = f"{peer[0]}:{peer[1]}"
+        now = self.loop.time()
+        self._last_rx = now
+        self.conn.connection_made(now)
+        self.server.connection_opened(self)
+        self._emit(
+            evt.EVT_CONN_OPEN,
+            {"address": (self.assoc.requestor.address, self.assoc.requestor.port)},
+        )
+        self._sync_artim()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.conn.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.conn.buffer_updated(nbytes)
+        self._last_rx = self.loop.time()
+        if _QUICKACK is not None and self._sock is not None:
+            try:
+                self._sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+            except OSError:
+                pass
+        if self._trace_data:
+            self._emit(evt.EVT_DATA_RECV, {"data": self.conn.last_received(nbytes)})
+        self._run()
+
+    def eof_received(self) -> bool | None:
+        return False  # close our side too: a half-closed DICOM association is over
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        self.conn.connection_lost(self.loop.time())
+        self._run()
+        self._cleanup()
+        self._emit(evt.EVT_CONN_CLOSE, {})
+        self.server.connection_closed(self)
+
+    def pause_writing(self) -> None:  # the peer reads slower than we answer
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    # ----------------------------------------------------------- the engine
+
+    def refresh_tracing(self) -> None:
+        """Ask the engine only for the indications someone listens to."""
+        reg = self.registry
+        cfg = self.conn.config
+        cfg.trace_pdus = reg.has_notification(evt.EVT_PDU_RECV) or reg.has_notification(
+            evt.EVT_PDU_SENT
+        )
+        cfg.trace_transitions = reg.has_notification(evt.EVT_FSM_TRANSITION)
+        self._trace_data = reg.has_notification(evt.EVT_DATA_RECV)
+
+    def _run(self) -> None:
+        """Pull and dispatch indications until the engine needs more bytes."""
+        conn = self.conn
+        try:
+            while True:
+                ev = conn.next_event()
+                if ev is NEED_DATA:
+                    break
+                _DISPATCH[type(ev)](self, ev)
+        except Exception:
+            log.exception("%s: internal error; aborting the association", self.assoc.name)
+            self.abort_association(p.AbortSource.SERVICE_PROVIDER, 0, "internal error", flush=False)
+        self._flush()
+        self._backpressure()
+        self._sync_artim()
+
+    def _flush(self) -> None:
+        out = self.conn.data_to_send()
+        transport = self.transport
+        if out and transport is not None and not self._lost:
+            if self.registry.has_notification(evt.EVT_DATA_SENT):
+                self._emit(evt.EVT_DATA_SENT, {"data": b"".join(bytes(x) for x in out)})
+            if len(out) == 1:
+                transport.write(out[0])
+            else:
+                transport.writelines(out)
+        if self.conn.wants_close and not self._closing and transport is not None:
+            self._closing = True
+            transport.close()
+
+    def _backpressure(self) -> None:
+        transport = self.transport
+        if transport is None or self._lost:
+            return
+        buffered = self.conn.buffered
+        if not self._reading_paused and buffered > self.config.read_high_water:
+            self._reading_paused = True
+            transport.pause_reading()
+        elif self._reading_paused and buffered <= self.config.read_high_water // 2:
+            self._reading_paused = False
+            transport.resume_reading()
+
+    def _sync_artim(self) -> None:
+        deadline = self.conn.get_timer()
+        if deadline == self._artim_at:
+            return
+        if self._artim is not None:
+            self._artim.cancel()
+            self._artim = None
+        self._artim_at = deadline
+        if deadline is not None and not self._lost:
+            self._artim = self.loop.call_at(deadline, self._on_artim)
+
+    def _on_artim(self) -> None:
+        self._artim = None
+        self._artim_at = None
+        self.conn.handle_timer(self.loop.time())
+        self._run()
+
+    def _start_idle_timer(self) -> None:
+        timeout = self.config.network_timeout
+        if timeout:
+            self._idle = self.loop.call_at(self._last_rx + timeout, self._on_idle)
+
+    def _on_idle(self) -> None:
+        self._idle = None
+        timeout = self.config.network_timeout
+        if not timeout or self._lost or not self.conn.is_established:
+            return
+        now = self.loop.time()
+        if now < self._last_rx + timeout or self._outstanding:
+            # Still alive, or we are the slow side (a handler or fsync is running).
+            self._idle = self.loop.call_at(max(self._last_rx + timeout, now + 1.0), self._on_idle)
+            return
+        log.warning(
+            "%s: no data from the peer for %.0f s; aborting", self.assoc.name, now - self._last_rx
+        )
+        self.abort_association(
+            p.AbortSource.SERVICE_PROVIDER, 0, f"network timeout ({timeout:g} s)", hard_close=True
+        )
+
+    def abort_association(
+        self,
+        source: int,
+        reason: int,
+        detail: str,
+        flush: bool = True,
+        hard_close: bool = False,
+    ) -> None:
+        """Send an A-ABORT, report EVT_ABORTED and close the transport."""
+        if self._lost or self.conn.state in (State.STA1, State.STA13):
+            return
+        log.info("%s: aborting: %s", self.assoc.name, detail)
+        self.conn.abort(source, reason)
+        self._association_ended(aborted=True)
+        if flush:
+            self._flush()
+        transport = self.transport
+        if transport is not None and not self._closing:
+            self._closing = True
+            transport.close()
+            if hard_close:
+                # A stalled peer may not read the A-ABORT: do not wait for it forever.
+                self.loop.call_later(1.0, transport.abort)
+
+    # ------------------------------------------------------- emit events
+
+    def _emit(self, event: evt.NotificationEvent, attrs: dict[str, Any]) -> None:
+        if self.registry.has_notification(event):
+            notify(self.registry, evt.Event(self.assoc, event, attrs))
+        telemetry = self.server.telemetry
+        if telemetry is not None:
+            telemetry.record(event, self, attrs)
+
+    # ----------------------------------------------------------- indications
+
+    def _on_associate(self, ev: AssociateIndication) -> None:
+        rq = ev.request
+        assoc = self.assoc
+        assoc.requestor.ae_title = rq.calling_ae
+        ui = rq.user_info
+        assoc.requestor.implementation_class_uid = ui.implementation_class_uid
+        assoc.requestor.implementation_version_name = ui.implementation_version_name
+        assoc.requestor.maximum_length = ui.max_length
+        assoc.requestor.user_identity = ui.user_identity_rq
+        self._emit(evt.EVT_REQUESTED, {})
+        self._emit(evt.EVT_ACSE_RECV, {"primitive": rq})
+        refusal = self.server.admission(self, rq)
+        if refusal is not None:
+            self._answer_association(refusal)
+            return
+        self._start(self._negotiate(rq), self._negotiated)
+
+    def _negotiate(self, rq: p.AssociateRQ) -> Step[p.AssociateAC | p.AssociateRJ]:
+        from .engine import acse
+
+        ui = rq.user_info
+        caller = self.server.caller
+        verified: bool | None = None
+        response: bytes | None = None
+        if ui.user_identity_rq is not None:
+            binding = self.registry.intervention_handler(evt.EVT_USER_ID)
+            if binding is not None:
+                identity = ui.user_identity_rq
+                event = evt.Event(
+                    self.assoc,
+                    evt.EVT_USER_ID,
+                    {
+                        "user_id_type": identity.type,
+                        "primary_field": identity.primary,
+                        "secondary_field": identity.secondary,
+                    },
+                )
+                try:
+                    result = yield from resolve(caller.call(binding, event, self._inline(binding)))
+                    verified, response = bool(result[0]), result[1]
+                except Exception:
+                    log.exception("%s: EVT_USER_ID handler failed: rejecting", self.assoc.name)
+                    verified, response = False, None
+        async_ops = None
+        if ui.async_ops is not None:
+            async_ops = yield from self._negotiate_async_ops(ui.async_ops)
+        sop_extended: tuple[p.SOPClassExtended, ...] = ()
+        if ui.sop_class_extended:
+            binding = self.registry.intervention_handler(evt.EVT_SOP_EXTENDED)
+            if binding is not None:
+                app_info = {item.sop_class_uid: item.info for item in ui.sop_class_extended}
+                event = evt.Event(self.assoc, evt.EVT_SOP_EXTENDED, {"app_info": app_info})
+                try:
+                    answer = yield from resolve(caller.call(binding, event, self._inline(binding)))
+                    sop_extended = tuple(
+                        p.SOPClassExtended(uid, bytes(info))
+                        for uid, info in (answer or {}).items()
+                        if uid in app_info and info is not None
+                    )
+                except Exception:
+                    log.exception("%s: EVT_SOP_EXTENDED handler failed", self.assoc.name)
+        if ui.sop_class_common_extended:
+            binding = self.registry.intervention_handler(evt.EVT_SOP_COMMON)
+            if binding is not None:
+                items = {item.sop_class_uid: item for item in ui.sop_class_common_extended}
+                event = evt.Event(self.assoc, evt.EVT_SOP_COMMON, {"items": items})
+                try:
+                    yield from resolve(caller.call(binding, event, self._inline(binding)))
+                except Exception:
+                    log.exception("%s: EVT_SOP_COMMON handler failed", self.assoc.name)
+        extended = acse.Extended(
+            user_identity_verified=verified,
+            user_identity_response=response,
+            async_ops=async_ops,
+            sop_class_extended=sop_extended,
+        )
+        return acse.negotiate(rq, self.server.policy, extended)
+
+    def _negotiate_async_ops(self, proposed: p.AsyncOpsWindow) -> Step[p.AsyncOpsWindow | None]:
+        """The asynchronous operations window to answer with (PS3.7 D.3.3.3).
+
+        With a bound EVT_ASYNC_OPS handler its (invoked, performed) is used, bounded by
+        configuration; without one, and with ``max_async_ops`` 1, no item is answered
+        (the contract's default), which means (1, 1).
+        """
+        limit = max(1, self.config.max_async_ops)
+        binding = self.registry.intervention_handler(evt.EVT_ASYNC_OPS)
+        if binding is None:
+            if limit == 1:
+                return None
+            wanted = (proposed.invoked, proposed.performed)
+        else:
+            event = evt.Event(
+                self.assoc,
+                evt.EVT_ASYNC_OPS,
+                {"invoked": proposed.invoked, "performed": proposed.performed},
+            )
+            try:
+                answer = yield from resolve(
+                    self.server.caller.call(binding, event, self._inline(binding))
+                )
+                wanted = (int(answer[0]), int(answer[1]))
+            except Exception:
+                log.exception("%s: EVT_ASYNC_OPS handler failed", self.assoc.name)
+                return None
+
+        def bound(value: int, asked: int) -> int:
+            value = limit if value == 0 else min(value, limit)  # 0 is "unlimited"
+            return value if asked == 0 else min(value, asked)
+
+        return p.AsyncOpsWindow(
+            bound(wanted[0], proposed.invoked), bound(wanted[1], proposed.performed)
+        )
+
+    def _negotiated(
+        self, result: p.AssociateAC | p.AssociateRJ | None, error: BaseException | None
+    ) -> None:
+        if error is not None or result is None:
+            log.error("%s: negotiation failed: %r", self.assoc.name, error)
+            result = p.AssociateRJ(
+                p.RejectResult.TRANSIENT, p.RejectSource.SERVICE_USER, p.RejectReason.NO_REASON
+            )
+        self._answer_association(result)
+
+    def _answer_association(self, answer: p.AssociateAC | p.AssociateRJ) -> None:
+        if self.conn.state is not State.STA3:
+            return  # the peer aborted or left while we were deciding
+        assoc = self.assoc
+        if isinstance(answer, p.AssociateRJ):
+            self.conn.reject(answer)
+            assoc.is_rejected = True
+            log.info(
+                "%s: rejected %r -> %r (result %d, source %d, reason %d)",
+                assoc.name,
+                assoc.requestor.ae_title,
+                self.conn.request.called_ae if self.conn.request else "",
+                answer.result,
+                answer.source,
+                answer.reason,
+            )
+            self._emit(evt.EVT_ACSE_SENT, {"primitive": answer})
+            self._emit(evt.EVT_REJECTED, {"response": answer})
+            return
+        self.conn.accept(answer)
+        assoc.is_established = True
+        ui = answer.user_info
+        if ui.async_ops is not None:
+            assoc.async_ops = (ui.async_ops.invoked or 65535, ui.async_ops.performed or 65535)
+        # The window we enforce is what the requestor may have outstanding with us: the
+        # number of operations we said we can perform.
+        self._window = assoc.async_ops[1]
+        roles = {r.sop_class_uid: r for r in ui.roles}
+        assoc.accepted_contexts = []
+        for ctx in self.conn.contexts.values():
+            role = roles.get(ctx.abstract_syntax)
+            # Default roles: requestor SCU, acceptor SCP; a granted selection adds ours
+            # as SCU when the requestor takes the SCP role (C-GET sub-operations).
+            as_scu = bool(role and role.scp_role)
+            as_scp = bool(role.scu_role) if role else True
+            assoc.accepted_contexts.append(ContextInfo(ctx, as_scu=as_scu, as_scp=as_scp))
+        accepted_ids = set(self.conn.contexts)
+        if self.conn.request is not None:
+            assoc.rejected_contexts = [
+                c for c in self.conn.request.contexts if c.id not in accepted_ids
+            ]
+        self._emit(evt.EVT_ACSE_SENT, {"primitive": answer})
+        self._emit(evt.EVT_ACCEPTED, {})
+        self._emit(evt.EVT_ESTABLISHED, {})
+        self._start_idle_timer()
+        self.server.association_established(self)
+
+    def _on_command(self, ev: CommandReceived) -> None:
+        cmd = ev.command
+        if self.registry.has_notification(evt.EVT_DIMSE_RECV):
+            self._emit(evt.EVT_DIMSE_RECV, {"message": cmd})
+        cf = cmd.CommandField
+        if not cmd.is_request:
+            self._on_response(ev)
+            return
+        if cf == dimse.CommandField.C_CANCEL_RQ:
+            if cmd.MessageIDBeingRespondedTo is not None:
+                self._cancelled.add(cmd.MessageIDBeingRespondedTo)
+            return
+        if len(self._outstanding) >= self._window:
+            self.abort_association(
+                p.AbortSource.SERVICE_PROVIDER,
+                p.AbortReason.UNEXPECTED_PDU,
+                f"request beyond the asynchronous operations window of {self._window}",
+            )
+            return
+        op = Operation(ev.context_id, cmd)
+        self._outstanding[op.message_id] = op
+        if cf == dimse.CommandField.C_STORE_RQ:
+            self._begin_store(op)
+        if cmd.has_dataset:
+            self._receiving = op
+            return
+        self._dispatch_operation(op)
+
+    def _on_dataset(self, ev: DataSetReceived) -> None:
+        if self._awaiting_data is not None:
+            message_id, command = self._awaiting_data
+            self._awaiting_data = None
+            future = self._awaiting.pop(message_id, None)
+            if future is not None and not future.done():
+                future.set_result((command, ev.data))
+            return
+        op = self._receiving
+        self._receiving = None
+        if op is None:
+            return
+        op.data = ev.data
+        self._dispatch_operation(op)
+
+    def _on_release(self, ev: ReleaseRequested) -> None:
+        if self._outstanding:
+            self._release_pending = True  # answer once the outstanding requests are done
+            return
+        self._release()
+
+    def _release(self) -> None:
+        self._release_pending = False
+        if self.conn.state in (State.STA8, State.STA9, State.STA12):
+            self.conn.release_response()
+            self.assoc.is_released = True
+            self._association_ended(aborted=False)
+            self._emit(evt.EVT_RELEASED, {})
+
+    def _on_released(self, ev: Released) -> None:
+        self.assoc.is_released = True
+        self._emit(evt.EVT_RELEASED, {})
+
+    def _on_aborted(self, ev: Aborted) -> None:
+        if ev.by_peer:
+            log.info("%s: aborted by the peer: %s", self.assoc.name, ev.detail)
+        else:
+            log.warning("%s: protocol error, A-ABORT sent: %s", self.assoc.name, ev.detail)
+        self._association_ended(aborted=True)
+
+    def _on_rejected(self, ev: AssociateRejected) -> None:
+        self.assoc.is_rejected = True
+        log.info("%s: rejected by the service provider: %r", self.assoc.name, ev.response)
+        self._emit(evt.EVT_REJECTED, {"response": ev.response})
+
+    def _on_pdu_received(self, ev: PDUReceived) -> None:
+        self._emit(evt.EVT_PDU_RECV, {"pdu": ev.pdu, "pdu_type": ev.pdu_type, "length": ev.length})
+
+    def _on_pdu_sent(self, ev: PDUSent) -> None:
+        self._emit(evt.EVT_PDU_SENT, {"pdu": ev.pdu, "pdu_type": ev.pdu_type, "length": ev.length})
+
+    def _on_state_changed(self, ev: StateChanged) -> None:
+        self._emit(
+            evt.EVT_FSM_TRANSITION,
+            {
+                "current_state": f"Sta{ev.previous.value}",
+                "fsm_event": f"Evt{ev.event.value}",
+                "action": ev.action.value,
+                "next_state": f"Sta{ev.current.value}",
+            },
+        )
+
+    def _association_ended(self, aborted: bool) -> None:
+        if aborted and not self.assoc.is_aborted:
+            self.assoc.is_aborted = True
+            self._emit(evt.EVT_ABORTED, {})
+        self._drop_operations()
+
+    def _drop_operations(self) -> None:
+        for op in self._outstanding.values():
+            if op.writer is not None and op is self._receiving:
+                op.writer.discard()  # half-received: never stored
+            if op.spool is not None and op is self._receiving:
+                op.spool.close()
+        self._receiving = None
+        for future in self._awaiting.values():
+            if not future.done():
+                future.set_exception(ConnectionError("association ended"))
+        self._awaiting.clear()
+
+    def _cleanup(self) -> None:
+        for handle in (self._artim, self._idle):
+            if handle is not None:
+                handle.cancel()
+        self._artim = self._idle = None
+        self._drop_operations()
+        for task in list(self._tasks):
+            task.cancel()
+        self.conn = self.conn  # keep for inspection
+
+    # ------------------------------------------------------- operations
+
+    def _inline(self, binding: tuple[Callable[..., Any], tuple[Any, ...]]) -> bool:
+        return binding[0] in self.server.registry.inline
+
+    def _start(
+        self,
+        step: Step[Any],
+        done: Callable[[Any, BaseException | None], None],
+    ) -> None:
+        """Run ``step``; ``done`` is called when it ends, synchronously if it can."""
+        synchronous = [True]
+
+        def finish(result: Any, error: BaseException | None) -> None:
+            try:
+                done(result, error)
+            except Exception:
+                log.exception("%s: internal error after an operation", self.assoc.name)
+                self.abort_association(p.AbortSource.SERVICE_PROVIDER, 0, "internal error")
+            if not synchronous[0] and not self._lost:
+                self._run()
+
+        if not drive(step, finish):
+            synchronous[0] = False
+
+    def _dispatch_operation(self, op: Operation) -> None:
+        from . import services
+
+        self._start(services.serve(self, op), lambda result, error: self._operation_done(op, error))
+
+    def _operation_done(self, op: Operation, error: BaseException | None) -> None:
+        if error is not None and not isinstance(error, ConnectionError):
+            log.error("%s: %s failed: %r", self.assoc.name, _label(op.command), error)
+        self._outstanding.pop(op.message_id, None)
+        self._cancelled.discard(op.message_id)
+        if op.spool is not None:
+            op.spool.close()
+        if self._release_pending and not self._outstanding:
+            self._release()
+
+    def is_cancelled(self, message_id: int) -> bool:
+        return message_id in self._cancelled
+
+    def context_info(self, context_id: int) -> ContextInfo:
+        found = self.assoc.context(context_id)
+        if found is None:  # the engine only delivers messages on accepted contexts
+            raise LookupError(context_id)
+        return found
+
+    def send(self, context_id: int, command: dimse.Command, dataset: bytes | None = None) -> None:
+        """Send a DIMSE message now (responses, sub-operation requests)."""
+        if self._lost or not self.conn.is_established:
+            raise ConnectionError("association is no longer established")
+        self.conn.send_message(context_id, command, dataset)
+        if self.registry.has_notification(evt.EVT_DIMSE_SENT):
+            self._emit(evt.EVT_DIMSE_SENT, {"message": command})
+        self._flush()
+
+    def request(
+        self, context_id: int, command: dimse.Command, dataset: bytes | None = None
+    ) -> asyncio.Future[tuple[dimse.Command, bytes | None]]:
+        """Send a request of our own (a C-GET sub-operation) and await its response."""
+        self._next_message_id = self._next_message_id % 0xFFFF + 1
+        command.MessageID = self._next_message_id
+        future: asyncio.Future[tuple[dimse.Command, bytes | None]] = self.loop.create_future()
+        self._awaiting[command.MessageID] = future
+        self.send(context_id, command, dataset)
+        return future
+
+    def _on_response(self, ev: CommandReceived) -> None:
+        cmd = ev.command
+        message_id = cmd.MessageIDBeingRespondedTo or 0
+        if cmd.has_dataset:
+            self._awaiting_data = (message_id, cmd)
+            return
+        future = self._awaiting.pop(message_id, None)
+        if future is None:
+            log.warning("%s: unexpected response to message %d", self.assoc.name, message_id)
+            return
+        if not future.done():
+            future.set_result((cmd, None))
+
+    # ---------------------------------------------------------- C-STORE
+
+    def _begin_store(self, op: Operation) -> None:
+        """Prepare where the C-STORE data set goes as it arrives (before it does)."""
+        cmd = op.command
+        ctx = self.conn.contexts[op.context_id]
+        problem = dimse.validate_command(cmd)
+        if problem is not None:
+            log.warning("%s: invalid C-STORE-RQ: %s", self.assoc.name, problem)
+            op.status = _STATUS_CANNOT_UNDERSTAND
+        elif cmd.AffectedSOPClassUID != ctx.abstract_syntax:
+            op.status = _STATUS_SOP_CLASS_NOT_SUPPORTED
+        if not cmd.has_dataset:
+            return
+        if op.status is not None:
+            self.conn.set_dataset_sink(_discard)
+            return
+        if self.registry.intervention_handler(evt.EVT_C_STORE) is None:
+            try:
+                op.writer = self.server.store.begin(
+                    cmd.AffectedSOPClassUID or "",
+                    cmd.AffectedSOPInstanceUID or "",
+                    ctx.transfer_syntax,
+                    self.assoc.requestor.ae_title,
+                )
+            except UnsafeUID as exc:
+                log.warning("%s: refusing C-STORE: %s", self.assoc.name, exc)
+                op.status = _STATUS_INVALID_OBJECT_INSTANCE
+                self.conn.set_dataset_sink(_discard)
+                return
+            self.conn.set_dataset_sink(op.writer.write)
+        else:
+            try:
+                op.spool = Spool(self.server.store.incoming_dir)
+            except OSError as exc:
+                log.error("%s: cannot spool C-STORE data set: %s", self.assoc.name, exc)
+                op.status = _STATUS_OUT_OF_RESOURCES
+                self.conn.set_dataset_sink(_discard)
+                return
+            self.conn.set_dataset_sink(op.spool.write)
+
+    def commit_store(self, op: Operation) -> Step[StoreResult]:
+        """Commit a built-in store: inline without fsync, in the I/O pool with it."""
+        writer = op.writer
+        assert writer is not None
+        if self.server.store.config.fsync == "never":
+            return writer.commit()
+        result = yield self.loop.run_in_executor(self.server.io_pool, writer.commit)
+        return result
+
+    def store_done(self, op: Operation, result: StoreResult) -> None:
+        self.server.instance_stored(self, op, result)
+
+
+def _label(cmd: dimse.Command) -> str:
+    try:
+        return dimse.CommandField(cmd.CommandField).name
+    except ValueError:
+        return f"command 0x{cmd.CommandField:04x}"
+
+
+_DISPATCH: dict[type, Callable[[AssociationProtocol, Any], None]] = {
+    AssociateIndication: AssociationProtocol._on_associate,
+    CommandReceived: AssociationProtocol._on_command,
+    DataSetReceived: AssociationProtocol._on_dataset,
+    ReleaseRequested: AssociationProtocol._on_release,
+    Released: AssociationProtocol._on_released,
+    Aborted: AssociationProtocol._on_aborted,
+    AssociateRejected: AssociationProtocol._on_rejected,
+    PDUReceived: AssociationProtocol._on_pdu_received,
+    PDUSent: AssociationProtocol._on_pdu_sent,
+    StateChanged: AssociationProtocol._on_state_changed,
+}

@@ -1,0 +1,75 @@
+"""What one worker needs to know: who it is, what it accepts, its limits and timeouts."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from .engine import acse
+from .engine.connection import EngineConfig
+from .storage.config import StorageConfig
+
+
+@dataclass(slots=True)
+class WorkerConfig:
+    """Configuration of an association server (one worker process).
+
+    Timeouts are in seconds; None disables one.
+    """
+
+    storage: StorageConfig
+    ae_title: str = "PACSRX"
+    #: refuse associations whose Called AE Title is not ``ae_title``
+    require_called_ae: bool = False
+    #: Calling AE Titles allowed to associate; None: any
+    allowed_calling_aes: Collection[str] | None = None
+    #: abstract syntax (or "*") -> accepted transfer syntaxes (or ("*",))
+    syntaxes: Mapping[str, Sequence[str]] = field(default_factory=lambda: {acse.ANY: (acse.ANY,)})
+    #: Maximum Length announced to the peer and enforced on P-DATA-TF
+    max_pdu_length: int = 1024 * 1024
+    #: largest association-control PDU (A-ASSOCIATE-RQ ...) accepted
+    max_control_pdu_length: int = 1024 * 1024
+    #: largest data set held in memory (C-FIND identifiers, N-* lists ...)
+    max_dataset_in_memory: int = 64 * 1024 * 1024
+    max_contexts: int = acse.MAX_CONTEXTS
+    #: associations open at once in this worker; 0: unlimited
+    max_associations: int = 0
+    #: associations open at once per Calling AE Title; 0: unlimited
+    max_associations_per_ae: int = 0
+    #: ARTIM: waiting for the A-ASSOCIATE-RQ after connect, and for the peer to
+    #: close after a release, reject or abort
+    artim_timeout: float = 30.0
+    #: the local answer to an association request (user identity handlers ...)
+    acse_timeout: float | None = 30.0
+    #: no byte from the peer for this long while the association is open: abort
+    network_timeout: float | None = 60.0
+    #: a DIMSE handler that runs longer gets its failure status
+    handler_timeout: float | None = 60.0
+    #: threads for user handlers that are plain functions
+    handler_threads: int = 8
+    #: pause reading from a peer when this many received bytes are unparsed
+    read_high_water: int = 8 * 1024 * 1024
+    #: largest asynchronous operations window granted (invoked, performed)
+    max_async_ops: int = 1
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            max_pdu_length=self.max_pdu_length,
+            max_control_pdu_length=self.max_control_pdu_length,
+            max_dataset_in_memory=self.max_dataset_in_memory,
+            artim_timeout=self.artim_timeout,
+        )
+
+    def acceptor_policy(self) -> acse.AcceptorPolicy:
+        return acse.AcceptorPolicy(
+            ae_title=self.ae_title,
+            require_called_ae=self.require_called_ae,
+            allowed_calling_aes=(
+                frozenset(self.allowed_calling_aes)
+                if self.allowed_calling_aes is not None
+                else None
+            ),
+            syntaxes=self.syntaxes,
+            max_pdu_length=self.max_pdu_length,
+            max_contexts=self.max_contexts,
+        )

@@ -1,0 +1,213 @@
+"""The association server of one worker process: it listens (or adopts sockets
+accepted elsewhere) and runs one :class:`~workers.association.AssociationProtocol`
+per connection.
+
+It owns what the associations of a worker share: the configuration, the handlers
+bound at server level, the store, the thread pools (user handlers; fsync commits),
+the association limits and the counts the supervisor asks for (:attr:`load`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import socket
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .association import AssociationProtocol, Operation
+from .config import WorkerConfig
+from .engine import acse
+from .engine import events as evt
+from .engine import pdu as p
+from .handlers import HandlerCaller, HandlerRegistry
+from .storage.store import Store, StoreResult
+
+if TYPE_CHECKING:
+    from .storage.config import FileOps
+
+log = logging.getLogger("workers.server")
+
+
+class Telemetry(Protocol):
+    """Receives notification events for the metrics channel (see metrics/)."""
+
+    def record(
+        self, event: evt.NotificationEvent, protocol: AssociationProtocol, attrs: dict[str, Any]
+    ) -> None: ...
+
+
+class AssociationServer:
+    """Serves DICOM associations as acceptor on one event loop."""
+
+    def __init__(
+        self,
+        config: WorkerConfig,
+        *,
+        evt_handlers: Iterable[Sequence[Any]] | None = None,
+        store_ops: FileOps | None = None,
+        telemetry: Telemetry | None = None,
+        io_threads: int = 8,
+    ) -> None:
+        self.config = config
+        self.policy = config.acceptor_policy()
+        self.registry = HandlerRegistry()
+        self.registry.bind_all(evt_handlers)
+        self.caller = HandlerCaller(config.handler_timeout, config.handler_threads)
+        self.store = Store(config.storage, ops=store_ops)
+        self.io_pool = ThreadPoolExecutor(io_threads, thread_name_prefix="store")
+        self.telemetry = telemetry
+        self.protocols: set[AssociationProtocol] = set()
+        self.established: set[AssociationProtocol] = set()
+        self._per_ae: collections.Counter[str] = collections.Counter()
+        self._servers: list[asyncio.Server] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.accepting = True
+        #: instances stored since start (for logs and tests)
+        self.instances_stored = 0
+        self.on_stored: Callable[[AssociationProtocol, Operation, StoreResult], None] | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    @property
+    def engine_config(self) -> Any:
+        # One per connection: tracing switches are per association.
+        return self.config.engine_config()
+
+    # ------------------------------------------------------------ handlers
+
+    def bind(
+        self, event: evt.EventType, handler: Callable[..., Any], args: Sequence[Any] | None = None
+    ) -> None:
+        """Bind a handler for every association of this server."""
+        self.registry.bind(event, handler, args)
+        for proto in list(self.protocols):
+            proto.refresh_tracing()
+
+    def unbind(self, event: evt.EventType, handler: Callable[..., Any]) -> None:
+        self.registry.unbind(event, handler)
+        for proto in list(self.protocols):
+            proto.refresh_tracing()
+
+    def get_handlers(self, event: evt.EventType) -> Any:
+        return self.registry.get_handlers(event)
+
+    # ---------------------------------------------------------- transports
+
+    def _factory(self) -> AssociationProtocol:
+        return AssociationProtocol(self)
+
+    async def listen(
+        self, host: str = "127.0.0.1", port: int = 0, backlog: int = 1024
+    ) -> tuple[str, int]:
+        """Listen on ``host:port``; returns the address bound (port 0 picks one)."""
+        self._loop = asyncio.get_running_loop()
+        server = await self._loop.create_server(
+            self._factory, host, port, backlog=backlog, reuse_address=True
+        )
+        self._servers.append(server)
+        sockname = server.sockets[0].getsockname()
+        log.info("listening on %s:%d as %s", sockname[0], sockname[1], self.config.ae_title)
+        return str(sockname[0]), int(sockname[1])
+
+    async def adopt(self, sock: socket.socket) -> AssociationProtocol:
+        """Serve a connection accepted elsewhere (the acceptor's fd hand-off)."""
+        self._loop = asyncio.get_running_loop()
+        sock.setblocking(False)
+        _, proto = await self._loop.connect_accepted_socket(self._factory, sock)
+        return proto
+
+    # ------------------------------------------------------------ admission
+
+    def admission(self, proto: AssociationProtocol, rq: p.AssociateRQ) -> p.AssociateRJ | None:
+        """Refuse an association over the configured limits (A-ASSOCIATE-RJ transient,
+        service-provider presentation, local limit exceeded)."""
+        cfg = self.config
+        if not self.accepting:
+            return acse.reject_local_limit()
+        if cfg.max_associations and len(self.established) >= cfg.max_associations:
+            log.warning(
+                "association limit %d reached: rejecting %r", cfg.max_associations, rq.calling_ae
+            )
+            return acse.reject_local_limit()
+        if (
+            cfg.max_associations_per_ae
+            and self._per_ae[rq.calling_ae] >= cfg.max_associations_per_ae
+        ):
+            log.warning(
+                "per-AE association limit %d reached for %r: rejecting",
+                cfg.max_associations_per_ae,
+                rq.calling_ae,
+            )
+            return acse.reject_local_limit()
+        return None
+
+    def connection_opened(self, proto: AssociationProtocol) -> None:
+        self.protocols.add(proto)
+
+    def association_established(self, proto: AssociationProtocol) -> None:
+        self.established.add(proto)
+        self._per_ae[proto.assoc.requestor.ae_title] += 1
+
+    def connection_closed(self, proto: AssociationProtocol) -> None:
+        self.protocols.discard(proto)
+        if proto in self.established:
+            self.established.discard(proto)
+            ae = proto.assoc.requestor.ae_title
+            self._per_ae[ae] -= 1
+            if self._per_ae[ae] <= 0:
+                del self._per_ae[ae]
+
+    def instance_stored(
+        self, proto: AssociationProtocol, op: Operation, result: StoreResult
+    ) -> None:
+        if result.ok:
+            self.instances_stored += 1
+        else:
+            log.warning(
+                "%s: C-STORE %s answered 0x%04x: %s",
+                proto.assoc.name,
+                op.command.AffectedSOPInstanceUID,
+                result.status,
+                result.comment,
+            )
+        if self.on_stored is not None:
+            self.on_stored(proto, op, result)
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(open connections, received bytes not yet parsed), for fair hand-off."""
+        return len(self.protocols), sum(proto.conn.buffered for proto in self.protocols)
+
+    # ------------------------------------------------------------ shutdown
+
+    def stop_accepting(self) -> None:
+        """Stop listening; new associations are refused, open ones go on."""
+        self.accepting = False
+        for server in self._servers:
+            server.close()
+
+    async def close(self, graceful_timeout: float = 10.0) -> None:
+        """Stop accepting, let open associations finish for up to ``graceful_timeout``
+        seconds, then abort what remains."""
+        self.stop_accepting()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + graceful_timeout
+        while self.protocols and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for proto in list(self.protocols):
+            proto.abort_association(
+                p.AbortSource.SERVICE_PROVIDER, 0, "shutting down", hard_close=True
+            )
+        while self.protocols and loop.time() < deadline + 2.0:
+            await asyncio.sleep(0.05)
+        for server in self._servers:
+            await server.wait_closed()
+        self.caller.shutdown()
+        self.io_pool.shutdown(wait=True)

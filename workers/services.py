@@ -1,0 +1,475 @@
+"""DIMSE services of the acceptor: how each request is answered (PS3.4, PS3.7).
+
+Each service is a step (:mod:`workers.handlers`): a generator that yields awaitables
+only when it has something to wait for, and sends its responses itself. The handler
+shapes are the contract's (``../shared/reference/events.rst``):
+
+* C-ECHO, C-STORE, N-DELETE: the handler returns a status (an ``int``, or a Dataset
+  with ``Status`` and optionally ``ErrorComment``, ``OffendingElement`` ...);
+* N-GET, N-SET, N-ACTION, N-CREATE, N-EVENT-REPORT: it returns ``(status, dataset)``;
+* C-FIND: it yields ``(status, identifier)`` pairs;
+* C-GET: it yields the number of sub-operations, then ``(status, dataset)`` pairs;
+* C-MOVE: it yields ``(address, port)`` (or ``(address, port, kwargs)``), the number
+  of sub-operations, then ``(status, dataset)`` pairs.
+
+A handler that raises, times out or returns something unusable gets the contract's
+failure status (:data:`workers.engine.events.DEFAULT_STATUS`) and a log line.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Generator
+from typing import TYPE_CHECKING, Any
+
+from .datasets import encode_dataset
+from .engine import dimse
+from .engine import events as evt
+from .engine.dimse import CommandField as CF
+from .handlers import DONE, Step, resolve
+
+if TYPE_CHECKING:
+    from .association import AssociationProtocol, ContextInfo, Operation
+
+log = logging.getLogger("workers.services")
+
+PENDING = (0xFF00, 0xFF01)
+CANCEL = 0xFE00
+#: Sub-operations complete, one or more failures or warnings (PS3.4 C.4.2.1.4, C.4.3)
+SUBOPS_WARNING = 0xB000
+MOVE_DESTINATION_UNKNOWN = 0xA801
+#: Response fields a handler's status Dataset may carry into the response.
+_STATUS_FIELDS = ("ErrorComment", "ErrorID", "OffendingElement", "AttributeIdentifierList")
+
+_EVENTS = {
+    CF.C_ECHO_RQ: evt.EVT_C_ECHO,
+    CF.C_STORE_RQ: evt.EVT_C_STORE,
+    CF.C_FIND_RQ: evt.EVT_C_FIND,
+    CF.C_GET_RQ: evt.EVT_C_GET,
+    CF.C_MOVE_RQ: evt.EVT_C_MOVE,
+    CF.N_EVENT_REPORT_RQ: evt.EVT_N_EVENT_REPORT,
+    CF.N_GET_RQ: evt.EVT_N_GET,
+    CF.N_SET_RQ: evt.EVT_N_SET,
+    CF.N_ACTION_RQ: evt.EVT_N_ACTION,
+    CF.N_CREATE_RQ: evt.EVT_N_CREATE,
+    CF.N_DELETE_RQ: evt.EVT_N_DELETE,
+}
+
+
+def serve(proto: AssociationProtocol, op: Operation) -> Step[None]:
+    """Answer one request."""
+    cf = op.command.CommandField
+    if cf == CF.C_STORE_RQ and op.writer is not None:
+        return (yield from builtin_store(proto, op))
+    event = _EVENTS.get(cf)  # type: ignore[call-overload]
+    if event is None:
+        # PS3.7 C.5.14: an operation this SCP does not know.
+        log.warning("%s: unrecognised request 0x%04x", proto.assoc.name, cf)
+        _respond(proto, op, 0x0211)
+        return None
+    problem = dimse.validate_command(op.command) if cf != CF.C_STORE_RQ else None
+    if problem is not None:
+        log.warning("%s: invalid request: %s", proto.assoc.name, problem)
+        _respond(proto, op, 0xC000 if cf & 0x0F00 == 0 else 0x0115, ErrorComment=problem[:64])
+        return None
+    if op.status is not None:
+        _respond(proto, op, op.status)
+        return None
+    service = _SERVICES[event]
+    return (yield from service(proto, op, event))
+
+
+# --------------------------------------------------------------------- helpers
+
+
+def _respond(
+    proto: AssociationProtocol,
+    op: Operation,
+    status: int,
+    dataset: bytes | None = None,
+    /,
+    **fields: Any,
+) -> None:
+    rsp = dimse.response_for(op.command, status, **fields)
+    if dataset is not None:
+        rsp.CommandDataSetType = dimse.DATASET_PRESENT
+    try:
+        proto.send(op.context_id, rsp, dataset)
+    except ConnectionError:
+        log.info(
+            "%s: response to message %d not sent: association gone", proto.assoc.name, op.message_id
+        )
+
+
+def _event(
+    proto: AssociationProtocol, op: Operation, event: evt.InterventionEvent, **attrs: Any
+) -> evt.Event:
+    ctx = proto.context_info(op.context_id)
+    loader: Callable[[], bytes] | None = None
+    if op.spool is not None:
+        loader = op.spool.read
+    elif op.data is not None:
+        data = op.data
+        loader = lambda: data  # noqa: E731
+    return evt.Event(
+        proto.assoc,
+        event,
+        {"request": op.command, "context": ctx, **attrs},
+        dataset_loader=loader,
+        transfer_syntax=ctx.transfer_syntax,
+        cancel_check=lambda: proto.is_cancelled(op.message_id),
+    )
+
+
+def status_of(value: Any, default: int) -> tuple[int, dict[str, Any]]:
+    """A handler's status: an int, or a Dataset with Status (+ response fields)."""
+    if isinstance(value, bool):
+        return default, {}
+    if isinstance(value, int):
+        return value, {}
+    status = getattr(value, "Status", None)
+    if isinstance(status, int):
+        fields = {}
+        for name in _STATUS_FIELDS:
+            field = getattr(value, name, None)
+            if field is not None:
+                fields[name] = (
+                    tuple(field)
+                    if name in ("OffendingElement", "AttributeIdentifierList")
+                    else field
+                )
+        return status, fields
+    log.error("handler returned %r, which is not a status: answering 0x%04x", value, default)
+    return default, {}
+
+
+def _call(proto: AssociationProtocol, event: evt.Event) -> Step[Any]:
+    """Call the handler bound to ``event.event``: ``yield from`` gives its result."""
+    binding = proto.registry.intervention_handler(event.event)  # type: ignore[arg-type]
+    assert binding is not None
+    return (yield from resolve(proto.server.caller.call(binding, event, proto._inline(binding))))
+
+
+def _iterate(proto: AssociationProtocol, iterator: Any, inline: bool) -> Step[Any]:
+    return (yield from resolve(proto.server.caller.next_item(iterator, inline)))
+
+
+def _encode(proto: AssociationProtocol, op: Operation, ds: Any) -> bytes | None:
+    if ds is None:
+        return None
+    return encode_dataset(ds, proto.context_info(op.context_id).transfer_syntax)
+
+
+def _simple(proto: AssociationProtocol, op: Operation, event: evt.InterventionEvent) -> Step[None]:
+    """C-ECHO, user C-STORE, N-DELETE: the handler returns a status."""
+    default = evt.DEFAULT_STATUS[event]  # C-ECHO's is Success
+    if proto.registry.intervention_handler(event) is None:
+        _respond(proto, op, default)
+        return None
+    failure = 0x0110 if event is evt.EVT_C_ECHO else default
+    try:
+        result = yield from _call(proto, _event(proto, op, event))
+        status, fields = status_of(result, failure)
+    except Exception as exc:
+        log.error("%s: %s handler failed: %r", proto.assoc.name, event.name, exc)
+        status, fields = failure, {}
+    _respond(proto, op, status, **fields)
+    return None
+
+
+def _n_service(
+    proto: AssociationProtocol, op: Operation, event: evt.InterventionEvent
+) -> Step[None]:
+    """N-GET, N-SET, N-ACTION, N-CREATE, N-EVENT-REPORT: (status, dataset)."""
+    failure = evt.DEFAULT_STATUS[event]
+    if proto.registry.intervention_handler(event) is None:
+        _respond(proto, op, failure)
+        return None
+    fields: dict[str, Any] = {}
+    try:
+        status_value, ds = yield from _call(proto, _event(proto, op, event))
+        status, fields = status_of(status_value, failure)
+        data = (
+            _encode(proto, op, ds)
+            if dimse.status_category(status) in ("Success", "Warning")
+            else None
+        )
+    except Exception as exc:
+        log.error("%s: %s handler failed: %r", proto.assoc.name, event.name, exc)
+        status, data, ds = failure, None, None
+    if event is evt.EVT_N_CREATE and op.command.AffectedSOPInstanceUID is None and ds is not None:
+        created = getattr(ds, "SOPInstanceUID", None)
+        if created:
+            fields["AffectedSOPInstanceUID"] = str(created)
+    _respond(proto, op, status, data, **fields)
+    return None
+
+
+def _c_find(proto: AssociationProtocol, op: Operation, event: evt.InterventionEvent) -> Step[None]:
+    failure = evt.DEFAULT_STATUS[event]
+    binding = proto.registry.intervention_handler(event)
+    if binding is None:
+        _respond(proto, op, failure)
+        return None
+    inline = proto._inline(binding)
+    try:
+        iterator = yield from _call(proto, _event(proto, op, event))
+        while True:
+            if proto.is_cancelled(op.message_id):
+                _respond(proto, op, CANCEL)
+                return None
+            item = yield from _iterate(proto, iterator, inline)
+            if item is DONE:
+                # A handler that stops because it saw event.is_cancelled ends with the
+                # Cancel status (PS3.4 C.4.1.3.1), not Success.
+                if proto.is_cancelled(op.message_id):
+                    _respond(proto, op, CANCEL)
+                    return None
+                break
+            status, fields = status_of(item[0], failure)
+            if status in PENDING:
+                _respond(proto, op, status, _encode(proto, op, item[1]), **fields)
+                continue
+            _respond(proto, op, status, **fields)  # a final status ends it
+            return None
+    except Exception as exc:
+        log.error("%s: C-FIND handler failed: %r", proto.assoc.name, exc)
+        _respond(proto, op, failure)
+        return None
+    _respond(proto, op, 0x0000)
+    return None
+
+
+class _SubOps:
+    """Counts of C-GET / C-MOVE sub-operations (PS3.4 C.4.2.3, C.4.3.3)."""
+
+    def __init__(self, total: int) -> None:
+        self.remaining = total
+        self.completed = 0
+        self.failed = 0
+        self.warning = 0
+        self.failed_uids: list[str] = []
+
+    def record(self, status: int, uid: str) -> None:
+        self.remaining = max(0, self.remaining - 1)
+        category = dimse.status_category(status)
+        if category == "Success":
+            self.completed += 1
+        elif category == "Warning":
+            self.warning += 1
+        else:
+            self.failed += 1
+            self.failed_uids.append(uid)
+
+    def fields(self, final: bool = False) -> dict[str, int]:
+        fields = {
+            "NumberOfCompletedSuboperations": self.completed,
+            "NumberOfFailedSuboperations": self.failed,
+            "NumberOfWarningSuboperations": self.warning,
+        }
+        if not final:
+            fields["NumberOfRemainingSuboperations"] = self.remaining
+        return fields
+
+    def final(self, proto: AssociationProtocol, op: Operation, status: int | None = None) -> None:
+        if status is None:
+            status = 0x0000 if not (self.failed or self.warning) else SUBOPS_WARNING
+        data = None
+        if self.failed_uids and status != 0x0000:
+            from pydicom import Dataset
+
+            ds = Dataset()
+            ds.FailedSOPInstanceUIDList = self.failed_uids
+            data = _encode(proto, op, ds)
+        _respond(proto, op, status, data, **self.fields(final=status != CANCEL))
+
+
+def _retrieve(
+    proto: AssociationProtocol, op: Operation, event: evt.InterventionEvent
+) -> Step[None]:
+    """C-GET (sub-operations on this association) and C-MOVE (to the destination)."""
+    failure = evt.DEFAULT_STATUS[event]
+    binding = proto.registry.intervention_handler(event)
+    if binding is None:
+        _respond(proto, op, failure)
+        return None
+    inline = proto._inline(binding)
+    sender: _MoveSender | None = None
+    counts: _SubOps | None = None
+    try:
+        iterator = yield from _call(proto, _event(proto, op, event))
+        if event is evt.EVT_C_MOVE:
+            destination = yield from _iterate(proto, iterator, inline)
+            if destination is DONE or destination is None or destination[0] is None:
+                _respond(proto, op, MOVE_DESTINATION_UNKNOWN)
+                return None
+            kwargs = destination[2] if len(destination) > 2 else {}
+            sender = _MoveSender(proto, op, str(destination[0]), int(destination[1]), kwargs)
+        total = yield from _iterate(proto, iterator, inline)
+        if total is DONE or not isinstance(total, int):
+            raise ValueError(
+                f"the handler's first yield must be the number of sub-operations, not {total!r}"
+            )
+        counts = _SubOps(total)
+        while True:
+            if proto.is_cancelled(op.message_id):
+                counts.final(proto, op, CANCEL)
+                return None
+            item = yield from _iterate(proto, iterator, inline)
+            if item is DONE:
+                if proto.is_cancelled(op.message_id):  # as for C-FIND (PS3.4 C.4.2.3.1)
+                    counts.final(proto, op, CANCEL)
+                    return None
+                break
+            status, _ = status_of(item[0], failure)
+            if status not in PENDING:
+                counts.final(proto, op, status)
+                return None
+            ds = item[1]
+            uid = str(getattr(ds, "SOPInstanceUID", ""))
+            if sender is not None:
+                sub_status = yield from sender.store(ds)
+            else:
+                sub_status = yield from _get_substore(proto, op, ds)
+            counts.record(sub_status, uid)
+            _respond(proto, op, 0xFF00, **counts.fields())
+    except Exception as exc:
+        log.error("%s: %s failed: %r", proto.assoc.name, event.name, exc)
+        if counts is not None:
+            counts.final(proto, op, failure)
+        else:
+            _respond(proto, op, failure)
+        return None
+    finally:
+        if sender is not None:
+            yield from sender.close()
+    counts.final(proto, op)
+    return None
+
+
+def _get_substore(proto: AssociationProtocol, op: Operation, ds: Any) -> Step[int]:
+    """One C-GET sub-operation: a C-STORE on this association (PS3.4 C.4.3.3)."""
+    ctx = _context_for_substore(proto, str(getattr(ds, "SOPClassUID", "")))
+    if ctx is None:
+        log.warning(
+            "%s: no context to send %s back on", proto.assoc.name, getattr(ds, "SOPClassUID", "?")
+        )
+        return 0xA702  # Refused: Out of resources - unable to perform sub-operations
+    request = dimse.c_store_rq(
+        0,
+        ctx.abstract_syntax,
+        str(ds.SOPInstanceUID),
+        priority=op.command.Priority or 0,
+        move_originator_ae=None,
+    )
+    data = encode_dataset(ds, ctx.transfer_syntax)
+    rsp, _ = yield proto.request(ctx.context_id, request, data)
+    return int(rsp.Status if rsp.Status is not None else 0xC000)
+
+
+def _context_for_substore(proto: AssociationProtocol, sop_class_uid: str) -> ContextInfo | None:
+    for ctx in proto.assoc.accepted_contexts:
+        if ctx.abstract_syntax == sop_class_uid and ctx.as_scu:
+            return ctx
+    return None
+
+
+class _MoveSender:
+    """The associations a C-MOVE opens to its destination, one per SOP class seen,
+    opened lazily so the handler's data sets are never all held at once."""
+
+    def __init__(
+        self,
+        proto: AssociationProtocol,
+        op: Operation,
+        host: str,
+        port: int,
+        kwargs: dict[str, Any],
+    ) -> None:
+        self.proto = proto
+        self.op = op
+        self.host = host
+        self.port = port
+        self.kwargs = kwargs
+        self.open: dict[str, Any] = {}
+
+    def store(self, ds: Any) -> Step[int]:
+        from .engine import acse
+        from .scu import associate
+
+        sop_class = str(ds.SOPClassUID)
+        transfer_syntax = str(
+            getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or ""
+        )
+        assoc = self.open.get(sop_class)
+        if assoc is None:
+            proposals = [transfer_syntax] if transfer_syntax else []
+            proposals += [ts for ts in acse.UNCOMPRESSED_TRANSFER_SYNTAXES if ts not in proposals]
+            try:
+                assoc = yield associate(
+                    self.host,
+                    self.port,
+                    called_ae=self.op.command.MoveDestination or "ANY-SCP",
+                    calling_ae=self.proto.config.ae_title,
+                    contexts=[acse.Requested(sop_class, tuple(proposals))],
+                    **self.kwargs,
+                )
+            except Exception as exc:
+                log.warning(
+                    "%s: C-MOVE destination %s:%d refused: %r",
+                    self.proto.assoc.name,
+                    self.host,
+                    self.port,
+                    exc,
+                )
+                return 0xA801 if isinstance(exc, OSError) else 0xA702
+            self.open[sop_class] = assoc
+        ctx = assoc.context_for(sop_class)
+        data = encode_dataset(ds, ctx.transfer_syntax)
+        rsp = yield assoc.send_c_store(
+            data,
+            sop_class_uid=sop_class,
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            transfer_syntax=ctx.transfer_syntax,
+            move_originator_ae=self.proto.assoc.requestor.ae_title,
+            move_originator_message_id=self.op.message_id,
+        )
+        return int(rsp.Status if rsp.Status is not None else 0xC000)
+
+    def close(self) -> Generator[Any, Any, None]:
+        for assoc in self.open.values():
+            try:
+                yield assoc.release()
+            except Exception as exc:
+                log.info("C-MOVE sub-association release failed: %r", exc)
+        self.open.clear()
+
+
+# ------------------------------------------------------------------- C-STORE
+
+
+def builtin_store(proto: AssociationProtocol, op: Operation) -> Step[None]:
+    """The default C-STORE: commit the streamed temp file, then answer."""
+    assert op.writer is not None
+    result = yield from proto.commit_store(op)
+    fields = {}
+    if result.comment and not result.ok:
+        fields["ErrorComment"] = result.comment[:64]
+    _respond(proto, op, result.status, **fields)
+    proto.store_done(op, result)
+    return None
+
+
+_SERVICES: dict[evt.InterventionEvent, Callable[..., Step[None]]] = {
+    evt.EVT_C_ECHO: _simple,
+    evt.EVT_C_STORE: _simple,
+    evt.EVT_N_DELETE: _simple,
+    evt.EVT_C_FIND: _c_find,
+    evt.EVT_C_GET: _retrieve,
+    evt.EVT_C_MOVE: _retrieve,
+    evt.EVT_N_GET: _n_service,
+    evt.EVT_N_SET: _n_service,
+    evt.EVT_N_ACTION: _n_service,
+    evt.EVT_N_CREATE: _n_service,
+    evt.EVT_N_EVENT_REPORT: _n_service,
+}
