@@ -1,0 +1,195 @@
+"""``pacs-receiver`` (and ``python -m receiver``): the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from .config import ConfigError, ReceiverConfig, build, load_toml
+
+DESCRIPTION = """\
+A multiprocess, high-throughput DICOM receiver (Storage SCP, Verification SCP, and
+the services your handlers add). It accepts associations on --host:--port, hands each
+connection to one of --workers worker processes, stores every instance under
+--storage (answering Success only once the instance is on disk, fsynced when
+--fsync is 'always'), and serves Prometheus metrics on --metrics-port.
+"""
+
+EPILOG = """\
+Settings may also come from a TOML file (--config); flags override it. The file uses
+the flag names, e.g.:
+
+  port = 11112
+  ae-title = "PACSRX"
+  storage = "/var/lib/dicom"
+  workers = 4
+  handlers = ["EVT_C_ECHO=mypackage.hooks:on_echo"]
+
+Signals: SIGTERM/SIGINT stop gracefully (open associations get --graceful-timeout
+seconds); SIGHUP re-reads --config and replaces the workers without dropping open
+associations.
+
+Example: storescu 127.0.0.1 11112 image.dcm
+  -> STORAGE/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one line, exit status 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    d = ReceiverConfig()
+    ap = _Parser(
+        prog="pacs-receiver",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=None,
+    )
+    g = ap.add_argument_group("network")
+    g.add_argument("--host", help=f"address to listen on (default {d.host})")
+    g.add_argument("--port", type=int, help=f"TCP port to listen on (default {d.port})")
+    g.add_argument("--ae-title", help=f"our AE title (default {d.ae_title})")
+    g.add_argument(
+        "--max-pdu",
+        type=int,
+        help=f"Maximum PDU length we receive, bytes; 0 = no limit (default {d.max_pdu})",
+    )
+    g.add_argument("--backlog", type=int, help=f"listen backlog (default {d.backlog})")
+
+    g = ap.add_argument_group("storage")
+    g.add_argument("--storage", help=f"directory to store instances in (default {d.storage})")
+    g.add_argument(
+        "--fsync",
+        help="'always' (default): Success only once the instance is on stable storage; "
+        "'never': once renamed into place",
+    )
+    g.add_argument(
+        "--duplicates",
+        help="same SOP Instance UID again: 'overwrite' (default), 'keep' the first "
+        "(answering Success), or 'reject' (0x0111)",
+    )
+    g.add_argument("--layout", help=f"path template under --storage (default {d.layout})")
+
+    g = ap.add_argument_group("processes")
+    g.add_argument("--workers", type=int, help="worker processes (default: number of CPUs)")
+    g.add_argument(
+        "--metrics-port",
+        type=int,
+        help=f"Prometheus /metrics port; 0 disables (default {d.metrics_port})",
+    )
+    g.add_argument(
+        "--metrics-host", help=f"address of the metrics endpoint (default {d.metrics_host})"
+    )
+    g.add_argument(
+        "--graceful-timeout",
+        type=float,
+        help=f"seconds open associations get on stop (default {d.graceful_timeout:g})",
+    )
+
+    g = ap.add_argument_group("timeouts (seconds)")
+    g.add_argument(
+        "--acse-timeout",
+        type=float,
+        help=f"answer to an association request (default {d.acse_timeout:g})",
+    )
+    g.add_argument(
+        "--dimse-timeout",
+        type=float,
+        help=f"a handler answering a DIMSE request (default {d.dimse_timeout:g})",
+    )
+    g.add_argument(
+        "--network-timeout",
+        type=float,
+        help=f"no data from an associated peer: abort (default {d.network_timeout:g})",
+    )
+    g.add_argument(
+        "--artim-timeout",
+        type=float,
+        help="waiting for the A-ASSOCIATE-RQ, or for the peer to close "
+        f"(default {d.artim_timeout:g})",
+    )
+
+    g = ap.add_argument_group("who may associate, and what they may send")
+    g.add_argument(
+        "--max-associations",
+        type=int,
+        help="associations open at once, all workers; 0 = no limit (default 0)",
+    )
+    g.add_argument(
+        "--max-associations-per-ae",
+        type=int,
+        help="associations open at once per calling AE title; 0 = no limit",
+    )
+    g.add_argument(
+        "--max-async-ops",
+        type=int,
+        help="largest asynchronous operations window granted (default 1)",
+    )
+    g.add_argument(
+        "--require-called-ae",
+        action="store_true",
+        default=None,
+        help="reject associations not addressed to --ae-title",
+    )
+    g.add_argument("--calling-aes", help="comma-separated calling AE titles allowed (default: any)")
+    g.add_argument(
+        "--sop-classes",
+        help="comma-separated SOP Class UIDs accepted (default: any; Verification always)",
+    )
+    g.add_argument(
+        "--transfer-syntaxes", help="comma-separated Transfer Syntax UIDs accepted (default: any)"
+    )
+    g.add_argument(
+        "--handler",
+        dest="handlers",
+        action="append",
+        metavar="EVT_NAME=MODULE:FUNCTION",
+        help="bind a handler (repeatable), e.g. EVT_C_STORE=mypackage.hooks:on_store",
+    )
+
+    g = ap.add_argument_group("configuration and logs")
+    g.add_argument("--config", help="TOML file with any of these settings; flags override it")
+    g.add_argument("--log-level", help="DEBUG, INFO (default), WARNING or ERROR")
+    g.add_argument("--log-format", help="'text' (default) or 'json' (one object per line)")
+    return ap
+
+
+def load(argv: list[str] | None) -> tuple[ReceiverConfig, Any]:
+    """Parse flags and the config file; returns (config, reloader for SIGHUP)."""
+    args = make_parser().parse_args(argv)
+    flags = {k: v for k, v in vars(args).items() if v is not None}
+
+    def reload() -> ReceiverConfig:
+        file_values = load_toml(flags["config"]) if flags.get("config") else {}
+        return build(file_values, flags)
+
+    return reload(), reload
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg, reload = load(argv)
+    except ConfigError as exc:
+        print(f"pacs-receiver: error: {exc}", file=sys.stderr)
+        return 2
+    from workers.main import setup_logging
+
+    from .supervisor import run
+
+    setup_logging(cfg.log_level, cfg.log_format)
+    try:
+        return run(cfg, reload)
+    except OSError as exc:
+        print(
+            f"pacs-receiver: error: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}",
+            file=sys.stderr,
+        )
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""Configuration of ``pacs-receiver``: defaults, a TOML file, command-line flags.
+
+Precedence: embedded defaults < the ``--config`` TOML file < flags. The TOML file
+uses the long flag names with dashes or underscores (``ae-title = "PACSRX"``), in the
+top-level table or in ``[receiver]``. Every value is checked at start-up; a bad one
+stops the program with one clear line and exit status 2 (:class:`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from workers.engine import acse
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message says which and why."""
+
+
+@dataclass(slots=True)
+class ReceiverConfig:
+    """Everything ``pacs-receiver`` can be told. Field names are the flag names."""
+
+    host: str = "127.0.0.1"
+    port: int = 11112
+    ae_title: str = "PACSRX"
+    storage: str = "./dicom-store"
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    metrics_port: int = 9464
+    metrics_host: str = "127.0.0.1"
+    fsync: str = "always"
+    duplicates: str = "overwrite"
+    layout: str = "{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
+    # timeouts, seconds
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    artim_timeout: float = 30.0
+    graceful_timeout: float = 30.0
+    # limits
+    max_pdu: int = 1024 * 1024
+    max_associations: int = 0
+    max_associations_per_ae: int = 0
+    max_async_ops: int = 1
+    # who may associate and what they may send
+    require_called_ae: bool = False
+    calling_aes: list[str] = field(default_factory=list)
+    sop_classes: list[str] = field(default_factory=list)
+    transfer_syntaxes: list[str] = field(default_factory=list)
+    # user handlers: "EVT_NAME=package.module:function"
+    handlers: list[str] = field(default_factory=list)
+    log_level: str = "INFO"
+    log_format: str = "text"
+    config: str | None = None
+    backlog: int = 4096
+
+    def check(self) -> None:
+        """Raise :class:`ConfigError` for the first value that cannot be used."""
+        _check_ae("ae-title", self.ae_title)
+        for ae in self.calling_aes:
+            _check_ae("calling-aes", ae)
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            if not self.host or any(c.isspace() for c in self.host):
+                raise ConfigError(f"--host: {self.host!r} is not an address or host name") from None
+        _check_port("port", self.port, allow_zero=True)
+        _check_port("metrics-port", self.metrics_port, allow_zero=True)
+        if self.workers < 1 or self.workers > 256:
+            raise ConfigError(f"--workers: {self.workers} is not between 1 and 256")
+        if self.fsync not in ("always", "never"):
+            raise ConfigError(f"--fsync: {self.fsync!r} is neither 'always' nor 'never'")
+        if self.duplicates not in ("overwrite", "keep", "reject"):
+            raise ConfigError(f"--duplicates: {self.duplicates!r} is not overwrite, keep or reject")
+        for name in (
+            "acse_timeout",
+            "dimse_timeout",
+            "network_timeout",
+            "artim_timeout",
+            "graceful_timeout",
+        ):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')}: {value} is not a positive number of seconds"
+                )
+        if self.max_pdu != 0 and not 4096 <= self.max_pdu <= 1 << 30:
+            raise ConfigError(f"--max-pdu: {self.max_pdu} is not 0 (no limit) or 4096..{1 << 30}")
+        for name in ("max_associations", "max_associations_per_ae"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')}: must be 0 (no limit) or more")
+        if not 1 <= self.max_async_ops <= 65535:
+            raise ConfigError(f"--max-async-ops: {self.max_async_ops} is not between 1 and 65535")
+        from workers.storage.uids import is_valid_uid
+
+        for uid in [*self.sop_classes, *self.transfer_syntaxes]:
+            if not is_valid_uid(uid):
+                raise ConfigError(f"--sop-classes/--transfer-syntaxes: {uid!r} is not a valid UID")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ConfigError(
+                f"--log-level: {self.log_level!r} is not DEBUG, INFO, WARNING or ERROR"
+            )
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"--log-format: {self.log_format!r} is neither 'text' nor 'json'")
+        try:
+            from workers.storage.config import StorageConfig
+
+            StorageConfig(
+                root=self.storage,
+                layout=self.layout,
+                fsync=self.fsync,  # type: ignore[arg-type]  # checked above
+                duplicates=self.duplicates,  # type: ignore[arg-type]
+            )
+        except ValueError as exc:
+            raise ConfigError(f"--layout: {exc}") from None
+        if self.handlers:
+            from workers.handlers import parse_bindings
+
+            try:
+                parse_bindings(self.handlers)
+            except (ValueError, ImportError, AttributeError) as exc:
+                raise ConfigError(f"--handler: {exc}") from None
+
+    def syntaxes(self) -> dict[str, tuple[str, ...]]:
+        """The acceptor's abstract -> transfer syntax policy."""
+        transfer = tuple(self.transfer_syntaxes) or (acse.ANY,)
+        if not self.sop_classes:
+            return {acse.ANY: transfer}
+        # Verification is always accepted so that echo works whatever the policy.
+        return {uid: transfer for uid in [*self.sop_classes, "1.2.840.10008.1.1"]}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ReceiverConfig:
+        return cls(**data)
+
+
+def _check_ae(flag: str, value: str) -> None:
+    if not value or len(value) > 16 or value != value.strip() or "\\" in value:
+        raise ConfigError(f"--{flag}: {value!r} is not an AE title (1-16 characters, no backslash)")
+    if any(ord(c) < 0x20 or ord(c) > 0x7E for c in value):
+        raise ConfigError(f"--{flag}: {value!r} has characters outside printable ASCII")
+
+
+def _check_port(flag: str, value: int, allow_zero: bool) -> None:
+    if not (0 if allow_zero else 1) <= value <= 65535:
+        raise ConfigError(f"--{flag}: {value} is not a TCP port")
+
+
+_FIELDS = {f.name: f for f in fields(ReceiverConfig)}
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    """Read a TOML config file into field-name -> value."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config: {path} is not valid TOML: {exc}") from None
+    section = data.get("receiver", data)
+    out: dict[str, Any] = {}
+    for key, value in section.items():
+        if key == "receiver" and isinstance(value, dict):
+            continue
+        name = key.replace("-", "_")
+        if name not in _FIELDS or name == "config":
+            raise ConfigError(f"--config: {path}: unknown setting {key!r}")
+        out[name] = value
+    return out
+
+
+def build(file_values: dict[str, Any], flag_values: dict[str, Any]) -> ReceiverConfig:
+    """Defaults, then the file, then the flags that were given; checked."""
+    cfg = ReceiverConfig()
+    for source in (file_values, flag_values):
+        for name, value in source.items():
+            if value is None:
+                continue
+            default = getattr(cfg, name)
+            try:
+                value = _coerce(default, value)
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"--{name.replace('_', '-')}: {value!r} is not a valid value"
+                ) from None
+            setattr(cfg, name, value)
+    cfg.check()
+    return cfg
+
+
+def _coerce(default: Any, value: Any) -> Any:
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        raise TypeError(value)
+    if isinstance(default, int) and not isinstance(default, bool):
+        if isinstance(value, bool):
+            raise TypeError(value)
+        return int(value)
+    if isinstance(default, float):
+        return float(value)
+    if isinstance(default, list):
+        if isinstance(value, str):
+            return [v for v in (x.strip() for x in value.split(",")) if v]
+        return [str(v) for v in value]
+    return value if value is None else str(value)

@@ -1,0 +1,712 @@
+"""The main process of ``pacs-receiver``: acceptor and supervisor.
+
+Theory of operation
+-------------------
+One uvloop event loop does four things:
+
+* **accept**: the listening socket is read in batches; each connection gets
+  TCP_NODELAY and goes, as a file descriptor over the worker's control channel
+  (:mod:`workers.control`, SCM_RIGHTS), to the least-loaded worker; our copy is
+  closed at once. Load is what the workers report back: connections handed over and
+  not yet reported closed, then bytes waiting to be parsed.
+* **limit**: beyond ``--max-associations`` (or the per-calling-AE limit, for which
+  the calling AE title is peeked from the A-ASSOCIATE-RQ without consuming it) the
+  acceptor answers the association itself with A-ASSOCIATE-RJ (rejected-transient,
+  service-provider presentation, local-limit-exceeded), using the same engine as
+  the workers: the peer gets a protocol answer, never a silent close.
+* **supervise** (gunicorn's arbiter): workers and the metrics aggregator are child
+  processes; one that exits is reaped, its exit named, and respawned with back-off
+  so that a crash loop does not spin; a worker whose heartbeat (sent from its own
+  event loop) stops is killed and replaced.
+* **signals** only set flags that the loop acts on: SIGTERM/SIGINT stop accepting,
+  let open associations finish up to ``--graceful-timeout``, then exit 0; SIGHUP
+  re-reads the configuration and replaces the workers by new ones, the old ones
+  finishing their open associations first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from workers import control
+from workers.engine import pdu as p
+from workers.engine.connection import Connection, EngineConfig, Role
+from workers.engine.primitives import NEED_DATA, AssociateIndication
+from workers.main import CONFIG_ENV
+from workers.storage.sweep import sweep_incoming
+
+from .config import ReceiverConfig
+
+log = logging.getLogger("receiver.supervisor")
+
+TICK = 0.2
+HEARTBEAT_TIMEOUT = 10.0
+#: A child that dies sooner than this after its start counts as a crash-loop step.
+QUICK_DEATH = 5.0
+MAX_BACKOFF = 10.0
+ACCEPT_BATCH = 256
+PEEK_TIMEOUT = 5.0
+SWEEP_INTERVAL = 300.0
+
+
+def describe_exit(returncode: int) -> str:
+    """Name an exit: 'exit status 3', 'killed by SIGKILL', 'exited normally'."""
+    if returncode == 0:
+        return "exited normally"
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit status {returncode}"
+
+
+@dataclass(slots=True)
+class WorkerSlot:
+    """One place in the pool; its process is replaced when it dies."""
+
+    index: int
+    generation: int
+    proc: subprocess.Popen[bytes] | None = None
+    ctrl: socket.socket | None = None
+    started: float = 0.0
+    last_heartbeat: float = 0.0
+    failures: int = 0
+    restart_at: float = 0.0
+    draining: bool = False
+    #: connection id -> calling AE title ("" when not peeked)
+    assigned: dict[int, str] = field(default_factory=dict)
+    buffered: int = 0
+    stored: int = 0
+    restarts: int = 0
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def load(self) -> tuple[int, int]:
+        return len(self.assigned), self.buffered
+
+
+class Rejector(asyncio.Protocol):
+    """Reads one A-ASSOCIATE-RQ and answers it with an A-ASSOCIATE-RJ."""
+
+    def __init__(self, rj: p.AssociateRJ, timeout: float) -> None:
+        self.rj = rj
+        self.timeout = timeout
+        self.conn = Connection(Role.ACCEPTOR, EngineConfig(max_control_pdu_length=256 * 1024))
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        loop = asyncio.get_running_loop()
+        self.conn.connection_made(loop.time())
+        self.timer = loop.call_later(self.timeout, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.receive_data(data)
+        while (ev := self.conn.next_event()) is not NEED_DATA:
+            if isinstance(ev, AssociateIndication):
+                log.warning(
+                    "rejecting association from %r to %r: local limit exceeded",
+                    ev.request.calling_ae,
+                    ev.request.called_ae,
+                )
+                self.conn.reject(self.rj)
+        out = self.conn.data_to_send()
+        if self.transport is not None:
+            if out:
+                self.transport.writelines(out)
+            if self.conn.wants_close or self.conn.state.value == 13:
+                self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
+
+class Supervisor:
+    """Acceptor and supervisor of the worker pool and the metrics aggregator."""
+
+    def __init__(
+        self,
+        cfg: ReceiverConfig,
+        reload_config: Callable[[], ReceiverConfig] | None = None,
+        on_ready: Callable[[tuple[str, int]], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.reload_config = reload_config
+        self.on_ready = on_ready
+        self.slots: list[WorkerSlot] = []
+        self.old: list[WorkerSlot] = []  # draining after a reload
+        self.generation = 0
+        self.ids = itertools.count(1)
+        self.per_ae: Counter[str] = Counter()
+        self.listener: socket.socket | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.stopping = False
+        self.reload_requested = False
+        self.runtime_dir = tempfile.mkdtemp(prefix="pacsrx-")
+        self.metrics_proc: subprocess.Popen[bytes] | None = None
+        self.metrics_started = 0.0
+        self.metrics_failures = 0
+        self.metrics_restart_at = 0.0
+        self.rejected = 0
+        self._last_sweep = 0.0
+        self._done: asyncio.Future[int] | None = None
+        self._tasks: set[asyncio.Future[Any]] = set()
+
+    # --------------------------------------------------------------- start
+
+    @property
+    def metrics_socket(self) -> str:
+        return os.path.join(self.runtime_dir, "metrics.sock")
+
+    def worker_json(self) -> str:
+        cfg = self.cfg
+        data: dict[str, Any] = {
+            "storage": {
+                "root": os.path.abspath(cfg.storage),
+                "layout": cfg.layout,
+                "fsync": cfg.fsync,
+                "duplicates": cfg.duplicates,
+            },
+            "ae_title": cfg.ae_title,
+            "require_called_ae": cfg.require_called_ae,
+            "allowed_calling_aes": list(cfg.calling_aes) or None,
+            "syntaxes": {k: list(v) for k, v in cfg.syntaxes().items()},
+            "max_pdu_length": cfg.max_pdu,
+            "artim_timeout": cfg.artim_timeout,
+            "acse_timeout": cfg.acse_timeout,
+            "network_timeout": cfg.network_timeout,
+            "handler_timeout": cfg.dimse_timeout,
+            "max_async_ops": cfg.max_async_ops,
+            "handlers": list(cfg.handlers),
+            "extra": {
+                "graceful_timeout": cfg.graceful_timeout,
+                "metrics_socket": self.metrics_socket if cfg.metrics_port else None,
+            },
+        }
+        return json.dumps(data)
+
+    def _listen(self) -> socket.socket:
+        cfg = self.cfg
+        family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((cfg.host, cfg.port))
+        sock.listen(cfg.backlog)
+        sock.setblocking(False)
+        return sock
+
+    async def run(self) -> int:
+        """Serve until stopped; returns the exit status."""
+        self.loop = loop = asyncio.get_running_loop()
+        self._done = loop.create_future()
+        storage = os.path.abspath(self.cfg.storage)
+        os.makedirs(storage, exist_ok=True)
+        removed = sweep_incoming(storage, 0)
+        if removed:
+            log.warning(
+                "removed %d incomplete file(s) left in %s/.incoming by an earlier run",
+                removed,
+                storage,
+            )
+        self._last_sweep = time.monotonic()
+        self.listener = self._listen()
+        address = self.listener.getsockname()[:2]
+        if self.cfg.metrics_port:
+            self._start_metrics()
+        for index in range(self.cfg.workers):
+            self.slots.append(self._spawn(WorkerSlot(index, self.generation)))
+        loop.add_reader(self.listener.fileno(), self._on_accept)
+        loop.add_signal_handler(signal.SIGTERM, self._request_stop, False)
+        loop.add_signal_handler(signal.SIGINT, self._request_stop, True)
+        loop.add_signal_handler(signal.SIGHUP, self._request_reload)
+        log.info(
+            "pacs-receiver listening on %s:%d as %s with %d worker(s), storing in %s (fsync %s)%s",
+            address[0],
+            address[1],
+            self.cfg.ae_title,
+            self.cfg.workers,
+            storage,
+            self.cfg.fsync,
+            f", metrics on http://{self.cfg.metrics_host}:{self.cfg.metrics_port}/metrics"
+            if self.cfg.metrics_port
+            else "",
+        )
+        if self.on_ready is not None:
+            self.on_ready((str(address[0]), int(address[1])))
+        ticker = loop.call_later(TICK, self._tick)
+        try:
+            return await self._done
+        finally:
+            ticker.cancel()
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    # ------------------------------------------------------------ children
+
+    def _spawn(self, slot: WorkerSlot) -> WorkerSlot:
+        parent, child = control.socketpair()
+        env = dict(os.environ)
+        env[CONFIG_ENV] = self.worker_json()
+        cmd = [
+            sys.executable,
+            "-m",
+            "workers.main",
+            "--id",
+            str(slot.index),
+            "--control-fd",
+            str(child.fileno()),
+            "--log-level",
+            self.cfg.log_level,
+            "--log-format",
+            self.cfg.log_format,
+        ]
+        try:
+            proc = subprocess.Popen(cmd, pass_fds=[child.fileno()], env=env)
+        except OSError as exc:
+            log.error("cannot start worker %d: %s", slot.index, exc)
+            parent.close()
+            child.close()
+            slot.failures += 1
+            slot.restart_at = time.monotonic() + self._backoff(slot.failures)
+            return slot
+        child.close()
+        parent.setblocking(False)
+        slot.proc = proc
+        slot.ctrl = parent
+        slot.started = slot.last_heartbeat = time.monotonic()
+        slot.assigned.clear()
+        slot.buffered = 0
+        assert self.loop is not None
+        self.loop.add_reader(parent.fileno(), self._on_worker_message, slot)
+        log.info("worker %d started (pid %d)", slot.index, proc.pid)
+        return slot
+
+    @staticmethod
+    def _backoff(failures: int) -> float:
+        return min(MAX_BACKOFF, 0.1 * 2 ** max(0, failures - 1)) if failures else 0.0
+
+    def _release_slot(self, slot: WorkerSlot) -> None:
+        """Forget a dead worker's connections and channel."""
+        for ae in slot.assigned.values():
+            self._ae_closed(ae)
+        slot.assigned.clear()
+        if slot.ctrl is not None:
+            assert self.loop is not None
+            try:
+                self.loop.remove_reader(slot.ctrl.fileno())
+            except (ValueError, OSError):
+                pass
+            slot.ctrl.close()
+            slot.ctrl = None
+
+    def _reap(self, slot: WorkerSlot, now: float) -> bool:
+        """True when the slot's process has exited (and was accounted for)."""
+        if slot.proc is None:
+            return True
+        code = slot.proc.poll()
+        if code is None:
+            return False
+        lost = len(slot.assigned)
+        self._release_slot(slot)
+        slot.proc = None
+        quick = now - slot.started < QUICK_DEATH
+        slot.failures = slot.failures + 1 if (quick and code != 0) else 0
+        level = logging.INFO if (code == 0 and (slot.draining or self.stopping)) else logging.ERROR
+        log.log(
+            level,
+            "worker %d %s%s",
+            slot.index,
+            describe_exit(code),
+            f" with {lost} open connection(s)" if lost else "",
+        )
+        slot.restart_at = now + self._backoff(slot.failures)
+        return True
+
+    def _on_worker_message(self, slot: WorkerSlot) -> None:
+        ctrl = slot.ctrl
+        if ctrl is None:
+            return
+        for _ in range(64):
+            try:
+                kind, message, _fds, _ids = control.receive(ctrl)
+            except BlockingIOError:
+                return
+            except OSError:
+                kind, message = None, None
+            if kind is None:
+                # The worker is gone (or closed its channel); _tick reaps it.
+                assert self.loop is not None
+                try:
+                    self.loop.remove_reader(ctrl.fileno())
+                except (ValueError, OSError):
+                    pass
+                return
+            if message is None:
+                continue
+            op = message.get("op")
+            if op == "hb":
+                slot.last_heartbeat = time.monotonic()
+                slot.buffered = int(message.get("buffered", 0))
+                slot.stored = int(message.get("stored", 0))
+            elif op == "closed":
+                for connection_id in message.get("ids", ()):
+                    ae = slot.assigned.pop(connection_id, None)
+                    if ae is not None:
+                        self._ae_closed(ae)
+
+    def _ae_closed(self, ae: str) -> None:
+        if ae:
+            self.per_ae[ae] -= 1
+            if self.per_ae[ae] <= 0:
+                del self.per_ae[ae]
+
+    def _tick(self) -> None:
+        assert self.loop is not None
+        now = time.monotonic()
+        try:
+            for slot in self.slots:
+                if self._reap(slot, now):
+                    if not self.stopping and now >= slot.restart_at:
+                        slot.restarts += 1
+                        self._spawn(slot)
+                elif not self.stopping and now - slot.last_heartbeat > HEARTBEAT_TIMEOUT:
+                    log.error(
+                        "worker %d (pid %d) sent no heartbeat for %.0f s: killing it",
+                        slot.index,
+                        slot.proc.pid if slot.proc else -1,
+                        now - slot.last_heartbeat,
+                    )
+                    if slot.proc is not None:
+                        slot.proc.kill()
+            for slot in list(self.old):
+                if self._reap(slot, now):
+                    self.old.remove(slot)
+            self._check_metrics(now)
+            if not self.stopping and now - self._last_sweep > SWEEP_INTERVAL:
+                self._last_sweep = now
+                sweep_incoming(os.path.abspath(self.cfg.storage), 3600)
+            if self.reload_requested and not self.stopping:
+                self.reload_requested = False
+                self._reload()
+            if self.stopping and not any(s.proc for s in self.slots) and not self.old:
+                self._finish()
+                return
+        except Exception:
+            log.exception("supervisor tick failed")
+        self.loop.call_later(TICK, self._tick)
+
+    # ------------------------------------------------------------- metrics
+
+    def _start_metrics(self) -> None:
+        cmd = [
+            sys.executable,
+            "-m",
+            "metrics",
+            "--socket",
+            self.metrics_socket,
+            "--host",
+            self.cfg.metrics_host,
+            "--port",
+            str(self.cfg.metrics_port),
+            "--log-level",
+            self.cfg.log_level,
+        ]
+        try:
+            self.metrics_proc = subprocess.Popen(cmd)
+            self.metrics_started = time.monotonic()
+            log.info("metrics aggregator started (pid %d)", self.metrics_proc.pid)
+        except OSError as exc:
+            log.error("cannot start the metrics aggregator: %s", exc)
+            self.metrics_proc = None
+
+    def _check_metrics(self, now: float) -> None:
+        if not self.cfg.metrics_port:
+            return
+        proc = self.metrics_proc
+        if proc is not None:
+            code = proc.poll()
+            if code is None:
+                return
+            if not self.stopping:
+                log.error("metrics aggregator %s; restarting it", describe_exit(code))
+            quick = now - self.metrics_started < QUICK_DEATH
+            self.metrics_failures = self.metrics_failures + 1 if quick else 0
+            self.metrics_restart_at = now + self._backoff(self.metrics_failures)
+            self.metrics_proc = None
+        if not self.stopping and now >= self.metrics_restart_at:
+            self._start_metrics()
+
+    # -------------------------------------------------------------- accept
+
+    def _pick(self) -> WorkerSlot | None:
+        best: WorkerSlot | None = None
+        for slot in self.slots:
+            if slot.ctrl is None or slot.draining:
+                continue
+            if best is None or slot.load < best.load:
+                best = slot
+        return best
+
+    def _open_total(self) -> int:
+        return sum(len(s.assigned) for s in self.slots) + sum(len(s.assigned) for s in self.old)
+
+    def _on_accept(self) -> None:
+        listener = self.listener
+        if listener is None:
+            return
+        batches: dict[int, tuple[WorkerSlot, list[socket.socket], list[int]]] = {}
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, _addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                log.error("accept failed: %s", exc)  # EMFILE ...: try again next time
+                break
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+            limit = self.cfg.max_associations
+            if limit and self._open_total() + sum(len(b[1]) for b in batches.values()) >= limit:
+                self._reject(sock)
+                continue
+            if self.cfg.max_associations_per_ae:
+                self._track(asyncio.ensure_future(self._admit_by_ae(sock)))
+                continue
+            slot = self._pick()
+            if slot is None:
+                self._reject(sock)
+                continue
+            batch = batches.setdefault(slot.index, (slot, [], []))
+            batch[1].append(sock)
+            batch[2].append(next(self.ids))
+        for slot, socks, ids in batches.values():
+            self._hand_off(slot, socks, ids, [""] * len(ids))
+
+    def _hand_off(
+        self, slot: WorkerSlot, socks: list[socket.socket], ids: list[int], aes: list[str]
+    ) -> None:
+        ctrl = slot.ctrl
+        for start in range(0, len(socks), control.MAX_FDS_PER_MESSAGE):
+            part = socks[start : start + control.MAX_FDS_PER_MESSAGE]
+            part_ids = ids[start : start + control.MAX_FDS_PER_MESSAGE]
+            try:
+                if ctrl is None:
+                    raise OSError("worker channel closed")
+                control.send_connections(ctrl, [s.fileno() for s in part], part_ids)
+            except OSError as exc:
+                # The worker is gone or its channel is full: answer these ourselves.
+                log.warning(
+                    "cannot hand %d connection(s) to worker %d: %s", len(part), slot.index, exc
+                )
+                for sock in part:
+                    self._reject(sock, transient_reason=p.RejectReason.TEMPORARY_CONGESTION)
+                continue
+            for sock, connection_id, ae in zip(part, part_ids, aes[start:], strict=False):
+                slot.assigned[connection_id] = ae
+                sock.close()
+
+    async def _admit_by_ae(self, sock: socket.socket) -> None:
+        """Peek the calling AE title of the A-ASSOCIATE-RQ and apply the per-AE limit."""
+        assert self.loop is not None
+        ae = await self._peek_calling_ae(sock)
+        if ae is not None and self.per_ae[ae] >= self.cfg.max_associations_per_ae:
+            self._reject(sock)
+            return
+        slot = self._pick()
+        if slot is None:
+            self._reject(sock)
+            return
+        if ae:
+            self.per_ae[ae] += 1
+        self._hand_off(slot, [sock], [next(self.ids)], [ae or ""])
+
+    async def _peek_calling_ae(self, sock: socket.socket) -> str | None:
+        """The Calling AE Title (bytes 26..42 of an A-ASSOCIATE-RQ), read with MSG_PEEK
+        so the worker still receives the whole PDU; None if it does not come in time."""
+        assert self.loop is not None
+        deadline = self.loop.time() + PEEK_TIMEOUT
+        sock.setblocking(False)
+        while self.loop.time() < deadline:
+            try:
+                head = sock.recv(42, socket.MSG_PEEK)
+            except BlockingIOError:
+                head = None
+            except OSError:
+                return None
+            if head is not None:
+                if len(head) >= 42 and head[0] == p.PDUType.ASSOCIATE_RQ:
+                    return head[26:42].decode("latin-1").strip(" \0")
+                if not head or head[0] != p.PDUType.ASSOCIATE_RQ:
+                    return None
+            waiter: asyncio.Future[None] = self.loop.create_future()
+
+            def wake(w: asyncio.Future[None] = waiter) -> None:
+                if not w.done():
+                    w.set_result(None)
+
+            self.loop.add_reader(sock.fileno(), wake)
+            try:
+                await asyncio.wait_for(waiter, max(0.0, deadline - self.loop.time()))
+            except TimeoutError:
+                return None
+            finally:
+                self.loop.remove_reader(sock.fileno())
+        return None
+
+    def _reject(
+        self, sock: socket.socket, transient_reason: int = p.RejectReason.LOCAL_LIMIT_EXCEEDED
+    ) -> None:
+        self.rejected += 1
+        rj = p.AssociateRJ(
+            p.RejectResult.TRANSIENT, p.RejectSource.SERVICE_PROVIDER_PRESENTATION, transient_reason
+        )
+        assert self.loop is not None
+        sock.setblocking(False)
+        timeout = self.cfg.artim_timeout
+        self._track(
+            asyncio.ensure_future(
+                self.loop.connect_accepted_socket(lambda: Rejector(rj, timeout), sock)
+            )
+        )
+
+    def _track(self, task: asyncio.Future[Any]) -> None:
+        # Keep a reference until done: the loop only holds weak references to tasks.
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---------------------------------------------------- stop and reload
+
+    def _request_stop(self, interactive: bool = False) -> None:
+        if self.stopping:
+            if not interactive:
+                return  # SIGTERM again: still graceful
+            log.warning("second interrupt: aborting open associations now")
+            for slot in [*self.slots, *self.old]:
+                if slot.proc is not None and slot.proc.poll() is None:
+                    slot.proc.kill()
+            return
+        self.stopping = True
+        log.info(
+            "stopping: no new connections; open associations get %.0f s", self.cfg.graceful_timeout
+        )
+        assert self.loop is not None
+        if self.listener is not None:
+            self.loop.remove_reader(self.listener.fileno())
+            self.listener.close()
+            self.listener = None
+        for slot in [*self.slots, *self.old]:
+            self._stop_worker(slot)
+        self.loop.call_later(self.cfg.graceful_timeout + 5.0, self._kill_stragglers)
+
+    def _stop_worker(self, slot: WorkerSlot) -> None:
+        slot.draining = True
+        if slot.ctrl is not None:
+            try:
+                control.send(slot.ctrl, {"op": "stop", "graceful": self.cfg.graceful_timeout})
+                return
+            except OSError:
+                pass
+        if slot.proc is not None and slot.proc.poll() is None:
+            slot.proc.terminate()
+
+    def _kill_stragglers(self) -> None:
+        for slot in [*self.slots, *self.old]:
+            if slot.proc is not None and slot.proc.poll() is None:
+                log.error("worker %d did not stop in time: killing it", slot.index)
+                slot.proc.kill()
+
+    def _finish(self) -> None:
+        proc = self.metrics_proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(5.0)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        log.info("stopped")
+        if self._done is not None and not self._done.done():
+            self._done.set_result(0)
+
+    def _request_reload(self) -> None:
+        self.reload_requested = True
+
+    def _reload(self) -> None:
+        if self.reload_config is None:
+            log.info("SIGHUP: nothing to reload")
+            return
+        try:
+            new = self.reload_config()
+        except Exception as exc:  # ConfigError, or a handler that no longer imports
+            log.error("SIGHUP: configuration not reloaded: %s", exc)
+            return
+        if (new.host, new.port) != (self.cfg.host, self.cfg.port):
+            log.warning(
+                "SIGHUP: a new --host/--port takes a restart; keeping %s:%d",
+                self.cfg.host,
+                self.cfg.port,
+            )
+            new.host, new.port = self.cfg.host, self.cfg.port
+        metrics_changed = (new.metrics_port, new.metrics_host) != (
+            self.cfg.metrics_port,
+            self.cfg.metrics_host,
+        )
+        self.cfg = new
+        self.generation += 1
+        log.info("SIGHUP: configuration reloaded; replacing %d worker(s)", len(self.slots))
+        old, self.slots = self.slots, []
+        for slot in old:
+            self._stop_worker(slot)
+            self.old.append(slot)
+        for index in range(new.workers):
+            self.slots.append(self._spawn(WorkerSlot(index, self.generation)))
+        if metrics_changed and self.metrics_proc is not None:
+            self.metrics_proc.terminate()
+
+    # ------------------------------------------------------------- status
+
+    def status(self) -> dict[str, Any]:
+        """What the supervisor knows, for tests and logs."""
+        return {
+            "workers": [
+                {
+                    "index": s.index,
+                    "pid": s.proc.pid if s.proc else None,
+                    "open": len(s.assigned),
+                    "stored": s.stored,
+                    "restarts": s.restarts,
+                }
+                for s in self.slots
+            ],
+            "rejected": self.rejected,
+        }
+
+
+def run(cfg: ReceiverConfig, reload_config: Callable[[], ReceiverConfig] | None = None) -> int:
+    import uvloop
+
+    return uvloop.run(Supervisor(cfg, reload_config).run())
+
+
+__all__ = ["Supervisor", "WorkerSlot", "describe_exit", "run"]

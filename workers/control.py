@@ -1,0 +1,72 @@
+"""The control channel between the acceptor/supervisor and one worker process.
+
+One ``AF_UNIX``/``SOCK_SEQPACKET`` socket pair per worker: message boundaries are kept
+by the kernel, and accepted connections travel as ``SCM_RIGHTS`` file descriptors.
+
+Supervisor -> worker:
+
+* ``b"C"`` with one or more descriptors attached: connections to serve; the
+  message body after ``C`` is the msgpack list of the connections' ids, one per
+  descriptor, so that the worker can report each one back when it closes.
+* msgpack ``{"op": "stop", "graceful": seconds}``: stop; finish open associations
+  for at most ``graceful`` seconds, abort the rest, exit 0.
+
+Worker -> supervisor (all msgpack maps):
+
+* ``{"op": "hb", "open": n, "buffered": bytes, "stored": n}``: heartbeat and load,
+  sent from the worker's own event loop, so a worker whose loop is stuck stops
+  sending them and is replaced.
+* ``{"op": "closed", "ids": [...]}``: these connections are closed (their slots,
+  and their calling AE titles' slots, are free again).
+"""
+
+from __future__ import annotations
+
+import array
+import socket
+from typing import Any
+
+import msgpack
+
+CONNECTIONS = b"C"
+MAX_FDS_PER_MESSAGE = 64
+_MAX_MESSAGE = 65536
+
+
+def socketpair() -> tuple[socket.socket, socket.socket]:
+    """(supervisor end, worker end)."""
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+
+def send_connections(sock: socket.socket, fds: list[int], ids: list[int]) -> None:
+    """Hand connections over; raises BlockingIOError when the channel is full."""
+    body = CONNECTIONS + msgpack.packb(ids)
+    sock.sendmsg([body], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+
+
+def send(sock: socket.socket, message: dict[str, Any]) -> None:
+    sock.send(msgpack.packb(message))
+
+
+def receive(
+    sock: socket.socket,
+) -> tuple[bytes | None, dict[str, Any] | None, list[int], list[int]]:
+    """Read one message: (kind, map, fds, ids). kind None means the peer is gone."""
+    fds = array.array("i")
+    data, ancdata, _flags, _addr = sock.recvmsg(
+        _MAX_MESSAGE, socket.CMSG_LEN(MAX_FDS_PER_MESSAGE * fds.itemsize)
+    )
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
+    if not data:
+        for fd in fds:  # nothing should come with an empty message; do not leak it
+            socket.close(fd)
+        return None, None, [], []
+    if data[:1] == CONNECTIONS:
+        ids = list(msgpack.unpackb(data[1:])) if len(data) > 1 else []
+        return CONNECTIONS, None, list(fds), ids
+    for fd in fds:
+        socket.close(fd)
+    message = msgpack.unpackb(data)
+    return b"M", message if isinstance(message, dict) else {}, [], []

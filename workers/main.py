@@ -1,0 +1,260 @@
+"""The worker process: ``python -m workers.main`` as started by the supervisor.
+
+It serves the connections the acceptor hands it over the control channel
+(:mod:`workers.control`), sends heartbeats from its own event loop, reports closed
+connections, and stops gracefully on the supervisor's "stop", on SIGTERM/SIGINT, or
+when the control channel closes (the supervisor is gone: nobody would hand it work).
+
+The worker's configuration arrives as JSON in the ``PACSRX_WORKER_CONFIG``
+environment variable (see :func:`worker_config_from_json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+from . import control
+from .association import AssociationProtocol
+from .config import WorkerConfig
+from .handlers import parse_bindings
+from .server import AssociationServer
+from .storage.config import StorageConfig
+
+log = logging.getLogger("workers.main")
+
+HEARTBEAT_INTERVAL = 0.5
+CONFIG_ENV = "PACSRX_WORKER_CONFIG"
+
+
+def worker_config_from_json(text: str) -> tuple[WorkerConfig, list[str], dict[str, Any]]:
+    """(WorkerConfig, handler bindings, extra settings) from the supervisor's JSON."""
+    data = json.loads(text)
+    storage = StorageConfig(**data.pop("storage"))
+    handlers = data.pop("handlers", [])
+    extra = data.pop("extra", {})
+    syntaxes = {k: tuple(v) for k, v in data.pop("syntaxes").items()}
+    allowed = data.pop("allowed_calling_aes", None)
+    cfg = WorkerConfig(storage=storage, syntaxes=syntaxes, **data)
+    if allowed is not None:
+        cfg.allowed_calling_aes = frozenset(allowed)
+    return cfg, handlers, extra
+
+
+class WorkerServer(AssociationServer):
+    """An association server that reports each closed connection to the supervisor."""
+
+    def __init__(self, *args: Any, graceful_timeout: float = 30.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.graceful_timeout = graceful_timeout
+        self.closed_ids: list[int] = []
+        self.report_closed: Any = None
+
+    def connection_closed(self, proto: AssociationProtocol) -> None:
+        super().connection_closed(proto)
+        connection_id = getattr(proto, "connection_id", None)
+        if connection_id is not None:
+            self.closed_ids.append(connection_id)
+            if self.report_closed is not None and len(self.closed_ids) == 1:
+                # One message per loop iteration, however many closed in it.
+                self.loop.call_soon(self.report_closed)
+
+
+class Worker:
+    def __init__(
+        self, worker_id: int, ctrl: socket.socket, server: WorkerServer, telemetry: Any = None
+    ) -> None:
+        self.id = worker_id
+        self.ctrl = ctrl
+        self.server = server
+        self.telemetry = telemetry
+        self.stopping: asyncio.Future[float] | None = None
+        self._heartbeat_handle: asyncio.Handle | None = None
+        server.report_closed = self._report_closed
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.stopping = loop.create_future()
+        self.ctrl.setblocking(False)
+        loop.add_reader(self.ctrl.fileno(), self._on_control)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop, None)
+        loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the supervisor reloads
+        self._heartbeat_handle = loop.call_soon(self._heartbeat)
+        graceful = await self.stopping
+        if self._heartbeat_handle is not None:
+            self._heartbeat_handle.cancel()
+        log.info("worker %d stopping (graceful %.0f s)", self.id, graceful)
+        try:
+            loop.remove_reader(self.ctrl.fileno())
+        except (ValueError, OSError):
+            pass
+        await self.server.close(graceful)
+        self._report_closed()
+        if self.telemetry is not None:
+            await self.telemetry.close()
+        return 0
+
+    def _stop(self, graceful: float | None) -> None:
+        if self.stopping is not None and not self.stopping.done():
+            self.stopping.set_result(
+                graceful if graceful is not None else self.server.graceful_timeout
+            )
+
+    def _on_control(self) -> None:
+        while True:
+            try:
+                kind, message, fds, ids = control.receive(self.ctrl)
+            except BlockingIOError:
+                return
+            except OSError:
+                kind, message, fds, ids = None, None, [], []
+            if kind is None:
+                log.warning("worker %d: control channel closed; stopping", self.id)
+                try:
+                    asyncio.get_running_loop().remove_reader(self.ctrl.fileno())
+                except (ValueError, OSError):
+                    pass
+                self._stop(None)
+                return
+            if kind == control.CONNECTIONS:
+                for fd, connection_id in zip(
+                    fds, ids + [None] * (len(fds) - len(ids)), strict=False
+                ):
+                    self._adopt(fd, connection_id)
+            elif message is not None and message.get("op") == "stop":
+                self._stop(float(message.get("graceful", 30.0)))
+
+    def _adopt(self, fd: int, connection_id: int | None) -> None:
+        sock = socket.socket(fileno=fd)
+        if self.stopping is not None and self.stopping.done():
+            sock.close()
+            return
+        task = asyncio.ensure_future(self.server.adopt(sock))
+
+        def adopted(t: asyncio.Future[AssociationProtocol]) -> None:
+            if t.cancelled() or t.exception() is not None:
+                log.warning("worker %d: could not adopt a connection: %r", self.id, t.exception())
+                sock.close()
+                if connection_id is not None:
+                    self.server.closed_ids.append(connection_id)
+                    self._report_closed()
+                return
+            proto = t.result()
+            proto.connection_id = connection_id  # type: ignore[attr-defined]
+            if proto._lost and connection_id is not None:
+                # It closed before we could label it: report it now.
+                self.server.closed_ids.append(connection_id)
+                self._report_closed()
+
+        task.add_done_callback(adopted)
+
+    def _send(self, message: dict[str, Any]) -> None:
+        try:
+            control.send(self.ctrl, message)
+        except (BlockingIOError, OSError):
+            pass  # the supervisor is busy or gone: the next heartbeat says it again
+
+    def _report_closed(self) -> None:
+        if self.server.closed_ids:
+            ids, self.server.closed_ids = self.server.closed_ids, []
+            self._send({"op": "closed", "ids": ids})
+
+    def _heartbeat(self) -> None:
+        open_connections, buffered = self.server.load
+        self._send(
+            {
+                "op": "hb",
+                "open": open_connections,
+                "buffered": buffered,
+                "stored": self.server.instances_stored,
+            }
+        )
+        loop = asyncio.get_running_loop()
+        self._heartbeat_handle = loop.call_later(HEARTBEAT_INTERVAL, self._heartbeat)
+
+
+def setup_logging(level: str, fmt: str, worker_id: int | None = None) -> None:
+    """Log lines on stderr: text (default) or one JSON object per line."""
+    name = f"worker-{worker_id}" if worker_id is not None else "supervisor"
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter(name))
+    else:
+        handler.setFormatter(
+            logging.Formatter(
+                f"%(asctime)s {name}[%(process)d] %(levelname)s %(name)s: %(message)s"
+            )
+        )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+class _JsonFormatter(logging.Formatter):
+    def __init__(self, process_name: str) -> None:
+        super().__init__()
+        self.process_name = process_name
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": self.formatTime(record),
+            "process": self.process_name,
+            "pid": record.process,
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+async def _amain(worker_id: int, ctrl_fd: int) -> int:
+    cfg, handlers, extra = worker_config_from_json(os.environ[CONFIG_ENV])
+    telemetry = None
+    metrics_socket = extra.get("metrics_socket")
+    if metrics_socket:
+        try:
+            from .telemetry import Telemetry
+
+            telemetry = Telemetry(metrics_socket, worker_id=worker_id)
+            await telemetry.start()
+        except ImportError:
+            telemetry = None
+    server = WorkerServer(
+        cfg,
+        evt_handlers=parse_bindings(handlers),
+        telemetry=telemetry,
+        graceful_timeout=float(extra.get("graceful_timeout", 30.0)),
+    )
+    ctrl = socket.socket(fileno=ctrl_fd)
+    worker = Worker(worker_id, ctrl, server, telemetry)
+    log.info("worker %d ready (pid %d)", worker_id, os.getpid())
+    return await worker.run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="pacs-receiver worker process (started by the supervisor)"
+    )
+    parser.add_argument("--id", type=int, required=True)
+    parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-format", default="text")
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level, args.log_format, args.id)
+    import uvloop
+
+    return uvloop.run(_amain(args.id, args.control_fd))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
