@@ -21,11 +21,22 @@ $(TSTAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP) $@
 
-# DCMTK (echoscu, storescu, storescp, ...) is the independent peer of the interop tests.
+# Debian packages the tests use: DCMTK (echoscu, storescu, storescp, ...) is the
+# independent peer of the interop tests; prometheus provides promtool, which checks
+# our metrics exposition. policy-rc.d (only while installing, only if none exists)
+# keeps the packages from starting services: nothing of theirs may listen here.
+SYSTEM_PACKAGES = storescu:dcmtk promtool:prometheus
 system-deps:
-	@command -v storescu >/dev/null 2>&1 || { \
+	@missing=""; for pair in $(SYSTEM_PACKAGES); do \
+	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; done; \
+	if [ -n "$$missing" ]; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dcmtk >/dev/null; }
+	  guard=""; if [ ! -e /usr/sbin/policy-rc.d ]; then guard=1; \
+	    printf '#!/bin/sh\nexit 101\n' | $$SUDO tee /usr/sbin/policy-rc.d >/dev/null; \
+	    $$SUDO chmod +x /usr/sbin/policy-rc.d; fi; \
+	  echo "installing$$missing"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	  status=$$?; [ -z "$$guard" ] || $$SUDO rm -f /usr/sbin/policy-rc.d; exit $$status; fi
 
 run: $(STAMP)
 	$(VENV)/bin/pacs-receiver
