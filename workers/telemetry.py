@@ -1,0 +1,825 @@
+"""The telemetry emitter of a worker process: counts what happens, ships it to the
+metrics aggregator, and never gets in the way of an association.
+
+Theory of operation
+-------------------
+Every call below runs on the worker's event loop and only bumps a counter in a local
+table: no I/O, no allocation beyond a new table key, a few hundred nanoseconds.
+Every ``interval`` seconds a timer turns the tables into *delta* records
+(:mod:`metrics.wire`), empties them, and writes them as frames to the aggregator's
+unix socket, which is non-blocking: whatever the kernel does not take at once goes
+out when the socket is writable again (``loop.add_writer``).
+
+Nothing is queued per event. While a batch is still going out (the aggregator is
+slow) or while there is no aggregator (it is being restarted), the next counts simply
+keep adding up in the tables, whose size is bounded by the number of distinct label
+combinations (AE titles and SOP classes fold into ``"other"`` past their limits) and,
+as a last resort, by ``max_pending`` keys. A batch that was not completely written when
+the connection broke is merged back into the tables and sent on the next connection;
+so counts are only lost (and then counted, and reported as ``Dropped``) when the
+tables are full, when the aggregator dies holding bytes it had not yet read, or when
+an internal error hits a call. Reconnection is retried on the timer with back-off
+(``interval`` doubling up to ``reconnect_max``); a connection that takes no bytes for
+``stall_timeout`` seconds is dropped and retried. Snapshot records (:class:`Process`,
+:class:`Gauges`: CPU, memory, open connections and associations) are sent fresh on
+every tick and never merged back.
+
+PDUs and bytes are not counted per event (PDU events are only produced when a local
+handler is bound): the engine's ``Connection`` keeps ``pdus_received``/``pdus_sent``
+(by PDU type) and ``bytes_received``/``bytes_sent``; they are read on every tick for
+open connections and one last time at EVT_CONN_CLOSE, so every PDU and byte counts.
+
+What the worker calls
+---------------------
+Create one per worker process, in its event loop::
+
+    telemetry = Telemetry(socket_path, worker_id)
+    await telemetry.start()            # connects if it can, arms the timer; never waits
+    server = AssociationServer(config, telemetry=telemetry,
+                               store_ops=telemetry.file_ops())   # storage timings
+    ...
+    await telemetry.close()            # at shutdown: last batch, at most 1 s
+
+and then, from the event loop:
+
+``telemetry.record(event, protocol, attrs)``
+    for every notification event emitted (what ``AssociationProtocol._emit`` does):
+    counts connections (EVT_CONN_OPEN/CLOSE), associations requested, accepted,
+    rejected (``attrs["response"]``: the A-ASSOCIATE-RJ), released, aborted, and FSM
+    transitions (EVT_FSM_TRANSITION; see ``trace_transitions``). EVT_ABORTED may carry
+    ``source``/``reason``/``by_peer`` (the engine's ``Aborted`` indication): then the
+    abort is labelled with them; without them the initiator is inferred from the
+    connection's A-ABORT PDU counters and the source is "unknown". EVT_ACSE_*,
+    EVT_DIMSE_*, EVT_PDU_* and EVT_DATA_* are ignored here: they are counted by
+    :meth:`dimse` and the connection counters, which see every message.
+``telemetry.dimse(direction, command_field, status)``
+    for every DIMSE message received or sent, handlers bound or not: ``direction`` is
+    :data:`RECEIVED` or :data:`SENT`, ``command_field`` the (0000,0100) value,
+    ``status`` the (0000,0900) value of a response or None for a request. Where:
+    ``AssociationProtocol._on_command`` (received: ``cmd.CommandField, cmd.Status``)
+    and ``AssociationProtocol.send`` (sent).
+``telemetry.stored(protocol, op, result, duration_seconds)``
+    once per C-STORE answered: ``result`` has ``status`` and ``bytes_written`` (a
+    :class:`~workers.storage.store.StoreResult`, or any object with those two for a
+    user handler's answer, e.g. the status and the spooled size);
+    ``duration_seconds`` from the C-STORE-RQ command set's arrival (note
+    ``loop.time()`` on the ``Operation``) to the response being sent.
+``telemetry.handler_error(event_name)``
+    when a user handler raises, times out or returns something unusable.
+``telemetry.observe_write(seconds)`` / ``telemetry.observe_fsync(seconds)``
+    one storage system call each; thread-safe (fsync runs in the I/O pool).
+    :meth:`file_ops` wraps :class:`~workers.storage.config.FileOps` so the store
+    calls them itself.
+``telemetry.trace_transitions``
+    False by default: FSM transitions are only counted while the engine traces them
+    (a bound EVT_FSM_TRANSITION handler). Tracing costs about a microsecond per PDU;
+    a worker that wants the counts regardless ORs this flag into
+    ``AssociationProtocol.refresh_tracing``'s ``cfg.trace_transitions``.
+
+What the supervisor calls
+-------------------------
+The supervisor may run its own ``Telemetry(socket_path, "supervisor",
+role="supervisor")`` (which reports its CPU and memory too) and call
+``worker_restarted(worker_id, reason)`` whenever it respawns a worker (or the
+aggregator: ``worker_restarted("aggregator", reason)``; the count is delivered once
+the new aggregator is up).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import errno
+import logging
+import os
+import socket
+import time
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from metrics import procstat
+from metrics import wire as w
+
+from .engine import events as evt
+
+if TYPE_CHECKING:
+    from .association import AssociationProtocol, Operation
+    from .storage.config import FileOps
+
+__all__ = ["RECEIVED", "SENT", "Telemetry"]
+
+log = logging.getLogger("workers.telemetry")
+
+#: ``direction`` values of :meth:`Telemetry.dimse`.
+RECEIVED = int(w.Direction.RECEIVED)
+SENT = int(w.Direction.SENT)
+
+_NO_STATUS = w.NO_STATUS
+_CSTORE_BOUNDS = w.CSTORE_BUCKETS
+_CSTORE_WIDTH = len(w.CSTORE_BUCKETS) + 1
+_STORAGE_BOUNDS = w.STORAGE_BUCKETS
+_STORAGE_WIDTH = len(w.STORAGE_BUCKETS) + 1
+_ABORT_PDU = 7
+_SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
+#: Storage observations waiting for the next tick, at most (beyond: dropped, counted).
+_MAX_OBSERVATIONS = 100_000
+
+
+class StoreOutcome(Protocol):
+    """What :meth:`Telemetry.stored` reads of a C-STORE's result."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def bytes_written(self) -> int: ...
+
+
+class _Conn:
+    """What the emitter remembers of one open connection."""
+
+    __slots__ = ("brx", "btx", "called", "calling", "ended", "labelled", "open", "rx", "tx")
+
+    def __init__(self) -> None:
+        self.calling = ""
+        self.called = ""
+        self.labelled = False
+        self.open = False  # association established and not yet over
+        self.ended = False  # released or aborted (counted once)
+        self.rx = [0] * 8  # PDU counters already accounted for
+        self.tx = [0] * 8
+        self.brx = 0
+        self.btx = 0
+
+
+class Telemetry:
+    """Counts worker activity and ships it to the aggregator (see the module doc).
+
+    ``worker_id`` is the ``worker`` label; ``role`` says what kind of
+    process reports ("worker", "supervisor"). AE titles and SOP classes beyond
+    ``max_ae_titles`` / ``max_sop_classes`` distinct values fold into "other".
+    """
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str],
+        worker_id: str | int,
+        *,
+        role: str = "worker",
+        interval: float = 0.5,
+        max_ae_titles: int = 100,
+        max_sop_classes: int = 100,
+        max_pending: int = 20_000,
+        stall_timeout: float = 10.0,
+        reconnect_max: float = 5.0,
+        trace_transitions: bool = False,
+    ) -> None:
+        self.socket_path = os.fspath(socket_path)
+        self.name = str(worker_id)
+        self.role = role
+        self.interval = interval
+        self.max_pending = max_pending
+        self.stall_timeout = stall_timeout
+        self.reconnect_max = reconnect_max
+        #: see the module doc: the worker may OR this into its transition tracing
+        self.trace_transitions = trace_transitions
+        self._ae = w.LabelLimiter(max_ae_titles, 16)
+        self._sop = w.LabelLimiter(max_sop_classes, 64)
+        self._sop_labels = self._sop.known  # read-only fast path of _sop
+
+        # -- the tables: deltas since the last batch --
+        self._keys = 0  # distinct keys held in the dict tables below
+        self._opened = 0
+        self._pdus = ([0] * 8, [0] * 8)  # by direction, by PDU type
+        self._bytes = [0, 0]
+        self._dimse: dict[tuple[int, int, int], int] = {}
+        self._assoc: dict[tuple[int, str, str], int] = {}
+        self._rejected: dict[tuple[str, str, int, int, int], int] = {}
+        self._aborted: dict[tuple[str, str, int, int, int], int] = {}
+        self._cstore: dict[tuple[str, str, str, int], list[Any]] = {}
+        self._storage: dict[int, list[Any]] = {}
+        self._transitions: dict[tuple[str, str, str], int] = {}
+        self._handler_errors: dict[str, int] = {}
+        self._restarts: dict[tuple[str, str], int] = {}
+        self._dropped = 0  # not yet reported
+        # Storage timings may come from pool threads: deque appends are atomic.
+        self._writes: collections.deque[float] = collections.deque()
+        self._fsyncs: collections.deque[float] = collections.deque()
+
+        self._conns: dict[Any, _Conn] = {}
+        self._dispatch: dict[str, Callable[[Any, dict[str, Any]], None]] = {
+            evt.EVT_CONN_OPEN.name: self._on_conn_open,
+            evt.EVT_CONN_CLOSE.name: self._on_conn_close,
+            evt.EVT_REQUESTED.name: self._on_requested,
+            evt.EVT_ACCEPTED.name: self._on_accepted,
+            evt.EVT_ESTABLISHED.name: self._on_established,
+            evt.EVT_REJECTED.name: self._on_rejected,
+            evt.EVT_RELEASED.name: self._on_released,
+            evt.EVT_ABORTED.name: self._on_aborted,
+            evt.EVT_FSM_TRANSITION.name: self._on_transition,
+        }
+
+        # -- the connection to the aggregator --
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._sock: socket.socket | None = None
+        self._writing = False  # add_writer armed
+        self._hello_due = False
+        self._out = b""  # the batch being written
+        self._sent = 0  # bytes of _out written
+        self._batch: list[w.Record] = []
+        self._frames: list[tuple[int, int, int]] = []  # (end offset, start, stop) in _batch
+        self._progress_at = 0.0
+        self._retry_at = 0.0
+        self._backoff = 0.0
+        self._closed = False
+        self._error_logged = False
+
+        #: totals since start, for tests and logs
+        self.dropped_total = 0
+        self.frames_sent = 0
+        self.records_sent = 0
+        self.connects = 0
+        self.disconnects = 0
+
+    # ------------------------------------------------------------ life cycle
+
+    async def start(self) -> None:
+        """Connect (if the aggregator is there) and arm the periodic flush on the
+        running loop. Never waits for the aggregator."""
+        self.start_soon(asyncio.get_running_loop())
+
+    def start_soon(self, loop: asyncio.AbstractEventLoop) -> None:
+        """:meth:`start` for code that is not a coroutine."""
+        self._loop = loop
+        self._closed = False
+        self._connect()
+        if self._timer is None:
+            self._timer = loop.call_later(self.interval, self._tick)
+
+    async def close(self, timeout: float = 1.0) -> None:
+        """Send what is left, waiting up to ``timeout`` seconds for the socket to take
+        it, then disconnect. What is still unsent then is counted as dropped."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            while self._out and loop.time() < deadline:  # the batch in flight
+                await asyncio.sleep(0.01)
+            if not self._out:
+                self._retry_at = 0.0
+                self.flush()  # the last counts
+            while self._out and loop.time() < deadline:
+                await asyncio.sleep(0.01)
+        finally:
+            self._closed = True
+            self._disconnect(requeue=False)
+
+    @property
+    def connected(self) -> bool:
+        """True while a connection to the aggregator is open."""
+        return self._sock is not None
+
+    @property
+    def backlog(self) -> int:
+        """Bytes of the current batch not yet taken by the socket."""
+        return len(self._out) - self._sent
+
+    def _tick(self) -> None:
+        try:
+            self.flush()
+        except Exception:  # telemetry must never take the worker down
+            log.exception("telemetry flush failed")
+        if not self._closed and self._loop is not None:
+            self._timer = self._loop.call_later(self.interval, self._tick)
+
+    # ------------------------------------------------------- event-loop calls
+
+    def record(
+        self, event: evt.NotificationEvent, protocol: AssociationProtocol, attrs: dict[str, Any]
+    ) -> None:
+        """Count a notification event (see the module doc for which are counted)."""
+        handler = self._dispatch.get(event.name)
+        if handler is not None:
+            try:
+                handler(protocol, attrs)
+            except Exception:
+                self._lost(1, "record")
+
+    def dimse(self, direction: int, command_field: int, status: int | None = None) -> None:
+        """Count one DIMSE message received or sent (``status`` None for requests)."""
+        key = (direction, command_field, _NO_STATUS if status is None else status)
+        table = self._dimse
+        n = table.get(key)
+        if n is not None:
+            table[key] = n + 1
+        elif self._keys < self.max_pending:
+            self._keys += 1
+            table[key] = 1
+        else:
+            self._lost(1)
+
+    def stored(
+        self,
+        protocol: AssociationProtocol,
+        op: Operation,
+        result: StoreOutcome,
+        duration_seconds: float,
+    ) -> None:
+        """Count one C-STORE answered (status, data-set bytes, duration)."""
+        try:
+            st = self._conns.get(protocol)
+            if st is None or not st.labelled:
+                st = self._labels(protocol)
+            uid = op.command.AffectedSOPClassUID or ""
+            sop = self._sop_labels.get(uid)
+            if sop is None:
+                sop = self._sop(uid)
+            key = (st.calling, st.called, sop, result.status)
+            v = self._cstore.get(key)
+            if v is None:
+                if self._keys >= self.max_pending:
+                    self._lost(1)
+                    return
+                self._keys += 1
+                v = self._cstore[key] = [0, 0.0] + [0] * _CSTORE_WIDTH
+            d = duration_seconds if duration_seconds > 0.0 else 0.0
+            v[0] += result.bytes_written
+            v[1] += d
+            v[2 + bisect_left(_CSTORE_BOUNDS, d)] += 1
+        except Exception:
+            self._lost(1, "stored")
+
+    def handler_error(self, event_name: str) -> None:
+        """Count a user handler that failed (raised, timed out, unusable answer)."""
+        self._bump(self._handler_errors, event_name)
+
+    def worker_restarted(self, worker: str | int, reason: str) -> None:
+        """Supervisor: count a restart of ``worker`` (a worker id, or "aggregator")."""
+        self._bump(self._restarts, (str(worker), reason))
+
+    # -------------------------------------------------------- storage timings
+
+    def observe_write(self, seconds: float) -> None:
+        """One storage write(2) took ``seconds``. Thread-safe."""
+        if len(self._writes) < _MAX_OBSERVATIONS:
+            self._writes.append(seconds)
+        else:
+            self._lost(1)
+
+    def observe_fsync(self, seconds: float) -> None:
+        """One storage fsync(2) took ``seconds``. Thread-safe."""
+        if len(self._fsyncs) < _MAX_OBSERVATIONS:
+            self._fsyncs.append(seconds)
+        else:
+            self._lost(1)
+
+    def file_ops(self, base: FileOps | None = None) -> FileOps:
+        """``base`` (default: the os functions) with write and fsync timed."""
+        from .storage.config import FileOps
+
+        ops = base if base is not None else FileOps()
+        clock = time.perf_counter
+        write, fsync = ops.write, ops.fsync
+        writes, fsyncs = self._writes, self._fsyncs
+        note_write, note_fsync = writes.append, fsyncs.append
+        lost = self._lost
+
+        # observe_write/observe_fsync inlined: this runs once per data-set fragment.
+        def timed_write(fd: int, data: memoryview) -> int:
+            t = clock()
+            n = write(fd, data)
+            if len(writes) < _MAX_OBSERVATIONS:
+                note_write(clock() - t)
+            else:
+                lost(1)
+            return n
+
+        def timed_fsync(fd: int) -> None:
+            t = clock()
+            fsync(fd)
+            if len(fsyncs) < _MAX_OBSERVATIONS:
+                note_fsync(clock() - t)
+            else:
+                lost(1)
+
+        return dataclasses.replace(ops, write=timed_write, fsync=timed_fsync)
+
+    # ------------------------------------------------------- event handlers
+
+    def _on_conn_open(self, protocol: Any, attrs: dict[str, Any]) -> None:
+        if protocol not in self._conns:
+            self._conns[protocol] = _Conn()
+            self._opened += 1
+
+    def _on_conn_close(self, protocol: Any, attrs: dict[str, Any]) -> None:
+        # Not seen open (telemetry started later): account for all its counters.
+        st = self._conns.pop(protocol, None) or _Conn()
+        self._account(protocol, st)
+
+    def _on_requested(self, protocol: Any, attrs: dict[str, Any]) -> None:
+        st = self._labels(protocol)
+        self._bump(self._assoc, (int(w.Outcome.REQUESTED), st.calling, st.called))
+
+    def _on_accepted(self, protocol: Any, attrs: dict[str, Any]) -> None:
+        st = self._labels(protocol)
+        st.open = True
+        self._bump(self._assoc, (int(w.Outcome.ACCEPTED), st.calling, st.called))
+
+    def _on_established(self, protocol: Any, attrs: dict[str, Any]) -> None:
+        st = self._labels(protocol)
+        if not st.ended:
+            st.open = True
+
+    def _on_rejected(self, protocol: Any, attrs: dict[str, Any]) -> None:
+        st = self._labels(protocol)
+        rj = attrs.get("response")
+        result = int(getattr(rj, "result", -1))
+        source = int(getattr(rj, "source", -1))
+        reason = int(getattr(rj, "reason", -1))
+        st.ended = True
+        self._bump(self._rejected, (st.calling, st.called, result, source, reason))
+
+    def _on_released(self, protocol: Any, attrs: dict[str, Any]) -> None:
+        st = self._labels(protocol)
+        if st.ended:
+            return
+        st.ended = True
+        st.open = False
+        self._bump(self._assoc, (int(w.Outcome.RELEASED), st.calling, st.called))
+
+    def _on_aborted(self, protocol: Any, attrs: dict[str, Any]) -> None:
+        st = self._labels(protocol)
+        if st.ended:
+            return
+        st.ended = True
+        st.open = False
+        source = attrs.get("source")
+        reason = attrs.get("reason")
+        by_peer = attrs.get("by_peer")
+        if by_peer is None:
+            conn = protocol.conn
+            if conn.pdus_received[_ABORT_PDU]:
+                initiator = w.AbortInitiator.PEER
+            elif conn.pdus_sent[_ABORT_PDU]:
+                initiator = w.AbortInitiator.LOCAL
+            else:
+                initiator = w.AbortInitiator.TRANSPORT
+        elif by_peer:
+            # A peer abort without an A-ABORT's fields is the transport closing (AA-4).
+            initiator = w.AbortInitiator.PEER if source is not None else w.AbortInitiator.TRANSPORT
+        else:
+            initiator = w.AbortInitiator.LOCAL
+        key = (
+            st.calling,
+            st.called,
+            int(initiator),
+            -1 if source is None else int(source),
+            -1 if reason is None else int(reason),
+        )
+        self._bump(self._aborted, key)
+
+    def _on_transition(self, protocol: Any, attrs: dict[str, Any]) -> None:
+        key = (
+            str(attrs.get("current_state", "")),
+            str(attrs.get("fsm_event", "")),
+            str(attrs.get("next_state", "")),
+        )
+        self._bump(self._transitions, key)
+
+    # --------------------------------------------------------------- helpers
+
+    def _bump(self, table: dict[Any, int], key: Any, n: int = 1) -> None:
+        have = table.get(key)
+        if have is not None:
+            table[key] = have + n
+        elif self._keys < self.max_pending:
+            self._keys += 1
+            table[key] = n
+        else:
+            self._lost(n)
+
+    def _lost(self, n: int, where: str | None = None) -> None:
+        # From pool threads (storage timings) this may race and miss one: it is a
+        # count of losses, not worth a lock on the hot path.
+        self._dropped += n
+        self.dropped_total += n
+        if where is not None and not self._error_logged:
+            self._error_logged = True
+            log.exception("telemetry: internal error in %s (counted as dropped)", where)
+
+    def _labels(self, protocol: Any) -> _Conn:
+        """The connection's state with its AE-title labels, known once requested."""
+        st = self._conns.get(protocol)
+        if st is None:  # telemetry started after the connection opened
+            st = self._conns[protocol] = _Conn()
+        if not st.labelled:
+            request = getattr(protocol.conn, "request", None)
+            if request is not None:
+                st.calling = self._ae(str(request.calling_ae).strip())
+                st.called = self._ae(str(request.called_ae).strip())
+                st.labelled = True
+            else:
+                st.calling = self._ae(str(protocol.assoc.requestor.ae_title or "").strip())
+        return st
+
+    def _account(self, protocol: Any, st: _Conn) -> None:
+        """Add what the connection's counters grew by since last time."""
+        conn = protocol.conn
+        rx, tx = conn.pdus_received, conn.pdus_sent
+        if rx != st.rx:
+            mine = self._pdus[0]
+            seen = st.rx
+            for i in range(1, 8):
+                d = rx[i] - seen[i]
+                if d:
+                    mine[i] += d
+                    seen[i] = rx[i]
+        if tx != st.tx:
+            mine = self._pdus[1]
+            seen = st.tx
+            for i in range(1, 8):
+                d = tx[i] - seen[i]
+                if d:
+                    mine[i] += d
+                    seen[i] = tx[i]
+        b = conn.bytes_received
+        if b != st.brx:
+            self._bytes[0] += b - st.brx
+            st.brx = b
+        b = conn.bytes_sent
+        if b != st.btx:
+            self._bytes[1] += b - st.btx
+            st.btx = b
+
+    def _drain(self, source: collections.deque[float], op: w.StorageOp) -> None:
+        """Bucket the observations queued since the last tick (sorted, then one bisect
+        per bucket bound: cheaper than one per observation)."""
+        n = len(source)
+        if not n:
+            return
+        pop = source.popleft
+        items = [pop() for _ in range(n)]  # others may append meanwhile: they wait
+        items.sort()
+        v = self._storage.get(op)
+        if v is None:
+            v = self._storage[op] = [0.0] + [0] * _STORAGE_WIDTH
+        prev = bisect_right(items, 0.0)  # negatives (a clock that stepped back) count as 0
+        v[1] += prev
+        for i, bound in enumerate(_STORAGE_BOUNDS):
+            upto = bisect_right(items, bound)  # le: upper-inclusive
+            v[1 + i] += upto - prev
+            prev = upto
+        v[_STORAGE_WIDTH] += n - prev
+        v[0] += sum(s for s in items if s > 0.0) if items[0] < 0.0 else sum(items)
+
+    # ------------------------------------------------------------ batching
+
+    def _collect(self) -> list[w.Record]:
+        """The tables as records (deltas), emptied; snapshots added."""
+        out: list[w.Record] = []
+        if self._hello_due:
+            out.append(w.Hello(self.role, self.name, os.getpid()))
+            self._hello_due = False
+        out.append(w.Process(procstat.cpu_seconds(), procstat.rss_bytes()))
+        if self.role == "worker" or self._conns:
+            per_ae: dict[tuple[str, str], int] = {}
+            for st in self._conns.values():
+                if st.open:
+                    k = (st.calling, st.called)
+                    per_ae[k] = per_ae.get(k, 0) + 1
+            out.append(w.Gauges(len(self._conns), tuple((a, b, n) for (a, b), n in per_ae.items())))
+        if self._opened:
+            out.append(w.Connections(self._opened))
+            self._opened = 0
+        for direction in (0, 1):
+            counts = self._pdus[direction]
+            for pdu_type in range(1, 8):
+                if counts[pdu_type]:
+                    out.append(w.Pdus(direction, pdu_type, counts[pdu_type]))
+                    counts[pdu_type] = 0
+            if self._bytes[direction]:
+                out.append(w.Bytes(direction, self._bytes[direction]))
+                self._bytes[direction] = 0
+        for (direction, cf, status), n in self._dimse.items():
+            out.append(w.Dimse(int(direction), int(cf), int(status), n))
+        for (outcome, calling, called), n in self._assoc.items():
+            out.append(w.Association(outcome, calling, called, n))
+        for (calling, called, result, source, reason), n in self._rejected.items():
+            out.append(w.Rejected(calling, called, result, source, reason, n))
+        for (calling, called, initiator, source, reason), n in self._aborted.items():
+            out.append(w.Aborted(calling, called, initiator, source, reason, n))
+        for (calling, called, sop, status), v in self._cstore.items():
+            out.append(w.CStore(calling, called, sop, int(status), v[0], v[1], tuple(v[2:])))
+        for op, v in self._storage.items():
+            out.append(w.Storage(int(op), v[0], tuple(v[1:])))
+        for (state, event, nxt), n in self._transitions.items():
+            out.append(w.Transition(state, event, nxt, n))
+        for name, n in self._handler_errors.items():
+            out.append(w.HandlerError(name, n))
+        for (worker, why), n in self._restarts.items():
+            out.append(w.Restart(worker, why, n))
+        if self._dropped:
+            out.append(w.Dropped(self._dropped))
+            self._dropped = 0
+        for table in (
+            self._dimse,
+            self._assoc,
+            self._rejected,
+            self._aborted,
+            self._cstore,
+            self._storage,
+            self._transitions,
+            self._handler_errors,
+            self._restarts,
+        ):
+            table.clear()
+        self._keys = 0
+        return out
+
+    def _merge(self, r: w.Record) -> None:
+        """Put back the counts of a record that was not delivered."""
+        if isinstance(r, w.Dimse):
+            self._bump(self._dimse, (r.direction, r.command_field, r.status), r.count)
+        elif isinstance(r, w.Pdus):
+            if 1 <= r.pdu_type <= 7:
+                self._pdus[r.direction][r.pdu_type] += r.count
+        elif isinstance(r, w.Bytes):
+            self._bytes[r.direction] += r.count
+        elif isinstance(r, w.Connections):
+            self._opened += r.opened
+        elif isinstance(r, w.Association):
+            self._bump(self._assoc, (r.outcome, r.calling_ae, r.called_ae), r.count)
+        elif isinstance(r, w.Rejected):
+            self._bump(
+                self._rejected, (r.calling_ae, r.called_ae, r.result, r.source, r.reason), r.count
+            )
+        elif isinstance(r, w.Aborted):
+            self._bump(
+                self._aborted, (r.calling_ae, r.called_ae, r.initiator, r.source, r.reason), r.count
+            )
+        elif isinstance(r, w.CStore):
+            ckey = (r.calling_ae, r.called_ae, r.sop_class, r.status)
+            v = self._cstore.get(ckey)
+            if v is None:
+                if self._keys >= self.max_pending:
+                    self._lost(sum(r.buckets))
+                    return
+                self._keys += 1
+                v = self._cstore[ckey] = [0, 0.0] + [0] * _CSTORE_WIDTH
+            v[0] += r.nbytes
+            v[1] += r.duration_sum
+            for i, n in enumerate(r.buckets):
+                v[2 + i] += n
+        elif isinstance(r, w.Storage):
+            v = self._storage.get(r.op)
+            if v is None:
+                v = self._storage[r.op] = [0.0] + [0] * _STORAGE_WIDTH
+            v[0] += r.duration_sum
+            for i, n in enumerate(r.buckets):
+                v[1 + i] += n
+        elif isinstance(r, w.Transition):
+            self._bump(self._transitions, (r.state, r.event, r.next_state), r.count)
+        elif isinstance(r, w.HandlerError):
+            self._bump(self._handler_errors, r.event, r.count)
+        elif isinstance(r, w.Restart):
+            self._bump(self._restarts, (r.worker, r.reason), r.count)
+        elif isinstance(r, w.Dropped):
+            self._dropped += r.count  # already in dropped_total
+        # Hello, Process, Gauges: snapshots, sent fresh on the next connection/tick.
+
+    def flush(self) -> None:
+        """Read the connection counters and send a batch if the socket is free.
+
+        Called every ``interval`` by the timer; tests call it directly.
+        """
+        self._drain(self._writes, w.StorageOp.WRITE)
+        self._drain(self._fsyncs, w.StorageOp.FSYNC)
+        for protocol, st in self._conns.items():
+            self._account(protocol, st)
+        if self._sock is None:
+            if time.monotonic() < self._retry_at:
+                return
+            self._connect()
+            if self._sock is None:
+                return
+        if self._out:  # the previous batch is still going out: let the counts add up
+            if time.monotonic() - self._progress_at > self.stall_timeout:
+                log.warning("telemetry: aggregator took nothing for %gs", self.stall_timeout)
+                self._disconnect(requeue=True)
+            return
+        batch = self._collect()
+        frames: list[bytes] = []
+        index: list[tuple[int, int, int]] = []
+        end = 0
+        for frame, start, stop in w.encode_frames(batch):
+            frames.append(frame)
+            end += len(frame)
+            index.append((end, start, stop))
+        self._batch = batch
+        self._frames = index
+        self._out = b"".join(frames)
+        self._sent = 0
+        self._progress_at = time.monotonic()
+        self._send()
+
+    # ------------------------------------------------------------ the socket
+
+    def _connect(self) -> None:
+        if self._sock is not None or self._closed:
+            return
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(self.socket_path)
+        except OSError as exc:
+            # Unix sockets connect at once or fail (EAGAIN: the backlog is full).
+            sock.close()
+            self._backoff = min(self.reconnect_max, max(self.interval, self._backoff * 2))
+            self._retry_at = time.monotonic() + self._backoff
+            if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN):
+                log.warning("telemetry: cannot connect to %s: %s", self.socket_path, exc)
+            return
+        self._sock = sock
+        self._hello_due = True
+        self.connects += 1
+        log.debug("telemetry: connected to %s", self.socket_path)
+
+    def _send(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        out = self._out
+        while self._sent < len(out):
+            try:
+                n = sock.send(memoryview(out)[self._sent :], _SEND_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                if not self._writing and self._loop is not None and not self._closed:
+                    self._loop.add_writer(sock.fileno(), self._send)
+                    self._writing = True
+                return
+            except OSError as exc:
+                log.info("telemetry: aggregator connection lost: %s", exc)
+                self._disconnect(requeue=True)
+                return
+            self._sent += n
+            self._progress_at = time.monotonic()
+        # The whole batch is with the kernel.
+        self.frames_sent += len(self._frames)
+        self.records_sent += len(self._batch)
+        self._backoff = 0.0
+        self._out = b""
+        self._sent = 0
+        self._batch = []
+        self._frames = []
+        self._stop_writing()
+
+    def _stop_writing(self) -> None:
+        if self._writing and self._sock is not None and self._loop is not None:
+            try:
+                self._loop.remove_writer(self._sock.fileno())
+            except (ValueError, OSError):
+                pass
+        self._writing = False
+
+    def _disconnect(self, requeue: bool) -> None:
+        """Close the socket; put back the records of frames not completely written."""
+        sock = self._sock
+        if sock is None:
+            return
+        self._stop_writing()
+        self._sock = None
+        sock.close()
+        self.disconnects += 1
+        if self._out:
+            for end, start, stop in self._frames:
+                if end <= self._sent:
+                    self.frames_sent += 1
+                    self.records_sent += stop - start
+                    continue
+                for r in self._batch[start:stop]:
+                    if requeue:
+                        self._merge(r)
+                    elif not isinstance(r, w.Dropped):
+                        self.dropped_total += _weight(r)
+        self._out = b""
+        self._sent = 0
+        self._batch = []
+        self._frames = []
+        if not self._closed:
+            self._backoff = min(self.reconnect_max, max(self.interval, self._backoff * 2))
+            self._retry_at = time.monotonic() + self._backoff
+
+
+def _weight(r: w.Record) -> int:
+    """How many counted things a record stands for."""
+    if isinstance(r, w.CStore | w.Storage):
+        return sum(r.buckets)
+    if isinstance(r, w.Connections):
+        return r.opened
+    count = getattr(r, "count", None)
+    return count if isinstance(count, int) else 0
