@@ -172,6 +172,8 @@ class Supervisor:
         self._last_sweep = 0.0
         self._done: asyncio.Future[int] | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
+        self.telemetry: Any = None  # workers.telemetry.Telemetry once metrics are on
+        self._rotation = 0
 
     # --------------------------------------------------------------- start
 
@@ -230,10 +232,16 @@ class Supervisor:
                 storage,
             )
         self._last_sweep = time.monotonic()
-        self.listener = self._listen()
+        try:
+            self.listener = self._listen()
+        except OSError:
+            # Address in use ...: the caller reports it; do not leave runtime_dir behind.
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+            raise
         address = self.listener.getsockname()[:2]
         if self.cfg.metrics_port:
             self._start_metrics()
+            await self._start_telemetry()
         for index in range(self.cfg.workers):
             self.slots.append(self._spawn(WorkerSlot(index, self.generation)))
         loop.add_reader(self.listener.fileno(), self._on_accept)
@@ -259,6 +267,8 @@ class Supervisor:
             return await self._done
         finally:
             ticker.cancel()
+            if self.telemetry is not None:
+                await self.telemetry.close()
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
     # ------------------------------------------------------------ children
@@ -340,6 +350,8 @@ class Supervisor:
             f" with {lost} open connection(s)" if lost else "",
         )
         slot.restart_at = now + self._backoff(slot.failures)
+        if self.telemetry is not None and not (slot.draining or self.stopping):
+            self.telemetry.worker_restarted(slot.index, describe_exit(code))
         return True
 
     def _on_worker_message(self, slot: WorkerSlot) -> None:
@@ -439,6 +451,13 @@ class Supervisor:
             log.error("cannot start the metrics aggregator: %s", exc)
             self.metrics_proc = None
 
+    async def _start_telemetry(self) -> None:
+        """Report restarts (and our own CPU and memory) to the aggregator."""
+        from workers.telemetry import Telemetry
+
+        self.telemetry = Telemetry(self.metrics_socket, "supervisor", role="supervisor")
+        await self.telemetry.start()
+
     def _check_metrics(self, now: float) -> None:
         if not self.cfg.metrics_port:
             return
@@ -449,6 +468,8 @@ class Supervisor:
                 return
             if not self.stopping:
                 log.error("metrics aggregator %s; restarting it", describe_exit(code))
+                if self.telemetry is not None:
+                    self.telemetry.worker_restarted("aggregator", describe_exit(code))
             quick = now - self.metrics_started < QUICK_DEATH
             self.metrics_failures = self.metrics_failures + 1 if quick else 0
             self.metrics_restart_at = now + self._backoff(self.metrics_failures)
@@ -458,13 +479,21 @@ class Supervisor:
 
     # -------------------------------------------------------------- accept
 
-    def _pick(self) -> WorkerSlot | None:
+    def _pick(self, pending: dict[int, int] | None = None) -> WorkerSlot | None:
+        """The least-loaded live worker; ``pending``: slot index -> connections picked
+        for it in this accept batch and not handed over (not in ``assigned``) yet."""
         best: WorkerSlot | None = None
-        for slot in self.slots:
+        best_load = (0, 0)
+        # Start after the last pick so that equally loaded workers take turns.
+        count = len(self.slots)
+        self._rotation = (self._rotation + 1) % max(count, 1)
+        for i in range(count):
+            slot = self.slots[(self._rotation + i) % count]
             if slot.ctrl is None or slot.draining:
                 continue
-            if best is None or slot.load < best.load:
-                best = slot
+            load = (len(slot.assigned) + (pending or {}).get(slot.index, 0), slot.buffered)
+            if best is None or load < best_load:
+                best, best_load = slot, load
         return best
 
     def _open_total(self) -> int:
@@ -494,7 +523,8 @@ class Supervisor:
             if self.cfg.max_associations_per_ae:
                 self._track(asyncio.ensure_future(self._admit_by_ae(sock)))
                 continue
-            slot = self._pick()
+            # Count this batch's picks too: a burst accepted in one go is spread.
+            slot = self._pick({index: len(b[1]) for index, b in batches.items()})
             if slot is None:
                 self._reject(sock)
                 continue
