@@ -410,3 +410,21 @@ def test_mutated_sessions_never_raise(data: st.DataObject) -> None:
     conn.connection_lost(1000.0)
     drain(conn)
     assert conn.state is State.STA1
+
+
+@pytest.mark.parametrize("max_pdu", [16383, 4097, 9])
+def test_fragments_are_even_for_an_odd_maximum(max_pdu: int) -> None:
+    """DCMTK aborts on odd fragment lengths; an odd Maximum Length must not cause them."""
+    pair = Pair(acceptor_config=EngineConfig(max_pdu_length=max_pdu))
+    pair.associate(policy=acse.AcceptorPolicy(max_pdu_length=max_pdu))
+    pair.requestor.send_dataset(3, b"x" * 40000)
+    wire = wire_bytes(pair.requestor)
+    lengths = []
+    offset = 0
+    while offset < len(wire):
+        pdu_length = int.from_bytes(wire[offset + 2 : offset + 6], "big")
+        assert pdu_length <= max_pdu
+        lengths.append(int.from_bytes(wire[offset + 6 : offset + 10], "big") - 2)
+        offset += 6 + pdu_length
+    assert sum(lengths) == 40000
+    assert all(n % 2 == 0 for n in lengths), lengths

@@ -238,7 +238,7 @@ def _pynetdicom_reassemble(pdus: list[bytes]) -> Any:
     return msg.message_to_primitive()
 
 
-@pytest.mark.parametrize("max_pdu", [0, 7, 40, 16382])
+@pytest.mark.parametrize("max_pdu", [0, 8, 41, 16382])
 @pytest.mark.parametrize(("message", "with_dataset"), _variants())
 def test_pynetdicom_reads_our_pdata(message: str, with_dataset: bool, max_pdu: int) -> None:
     cmd = _expected(message, with_dataset)
@@ -829,10 +829,10 @@ def _check_message(
         assert b"".join(d for _, d in datas) == dataset
     # nothing wasted: every fragment but the last of each kind is as large as allowed
     for group in (commands, datas):
-        assert all(len(d) == limit - 6 for _, d in group[:-1])
+        assert all(len(d) == (limit - 6) & ~1 for _, d in group[:-1])
 
 
-max_pdus = st.sampled_from([0, 7, 8, 9, 13, 64, 1000, 16384, 16390]) | st.integers(7, 5000)
+max_pdus = st.sampled_from([0, 8, 9, 13, 64, 1000, 16383, 16384, 16390]) | st.integers(8, 5000)
 
 
 @settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
@@ -881,7 +881,7 @@ class ShortReader:
         return len(chunk)
 
 
-@pytest.mark.parametrize("max_pdu", [7, 100, 1006, 0])
+@pytest.mark.parametrize("max_pdu", [8, 101, 1006, 0])
 @pytest.mark.parametrize("size", [0, 1, 999, 1000, 1001, 5000])
 def test_reader_edges(max_pdu: int, size: int) -> None:
     """Exact multiples of the fragment size, empty data sets, unlimited with a cap."""
@@ -947,8 +947,12 @@ def test_max_pdu_too_small(max_pdu: int) -> None:
 
 
 def test_max_fragment_length() -> None:
-    assert max_fragment_length(7) == 1
+    assert max_fragment_length(8) == 2
+    assert max_fragment_length(9) == 2  # fragments stay even for an odd maximum
+    assert max_fragment_length(16383) == 16376
     assert max_fragment_length(16384) == 16378
+    with pytest.raises(ValueError, match="even PDV fragment"):
+        max_fragment_length(7)
     assert max_fragment_length(0) == MAX_PDU_CAP - 6
     assert max_fragment_length(2**32 - 1) == MAX_PDU_CAP - 6
     assert max_fragment_length(0, pdu_cap=100) == 94

@@ -586,7 +586,10 @@ class Connection:
         limit = self.peer_max_pdu_length or UNLIMITED_SEND_CAP
         if self.config.max_send_pdu_length:
             limit = min(limit, self.config.max_send_pdu_length)
-        chunk = max(limit - 6, 1)  # the PDV item header takes 6 bytes of the PDU body
+        # The PDV item header takes 6 bytes of the PDU body. Fragments are kept even:
+        # data-set values have even lengths, and DCMTK aborts on an odd fragment when a
+        # peer announces an odd Maximum Length.
+        chunk = max((limit - 6) & ~1, 2)
         total = len(data)
         offset = 0
         while True:

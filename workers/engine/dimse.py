@@ -928,9 +928,10 @@ def max_fragment_length(max_pdu_length: int, pdu_cap: int = MAX_PDU_CAP) -> int:
     if max_pdu_length < 0 or pdu_cap < 0:
         raise ValueError(f"negative maximum length {min(max_pdu_length, pdu_cap)}")
     limit = min(max_pdu_length, pdu_cap) if max_pdu_length else pdu_cap
-    if limit <= _PDV_OVERHEAD:
-        raise ValueError(f"maximum length {limit} cannot carry a single byte of a PDV")
-    return limit - _PDV_OVERHEAD
+    # Even, like the engine's fragments: DCMTK refuses odd fragment lengths.
+    if limit < _PDV_OVERHEAD + 2:
+        raise ValueError(f"maximum length {limit} cannot carry an even PDV fragment")
+    return (limit - _PDV_OVERHEAD) & ~1
 
 
 def iter_fragments(
