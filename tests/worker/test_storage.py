@@ -49,6 +49,7 @@ from workers.storage import (
     sanitize_component,
     sweep_incoming,
 )
+from workers.storage.scanner import MAX_VALUE_LENGTH
 
 IMPLICIT_LE = "1.2.840.10008.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -538,6 +539,161 @@ def test_scanner_malformed_stops_quietly() -> None:
     assert scan(b"\xff\xff\xff", DEFLATED, [1]).result().stop_reason == "malformed"
     stray_delimiter = ITEM_DELIM_LE + _explicit_le(0x0020000D, b"UI", b"1.2\0")
     assert scan(stray_delimiter, EXPLICIT_LE, [100]).result().stop_reason == "malformed"
+
+
+def scan_outcome(scanner: TagScanner) -> tuple[object, ...]:
+    """Everything a scan reports, except where it cannot be split-independent.
+
+    After a malformed header, ``bytes_scanned`` counts the fragments walked before the
+    one that held it, so it depends on the split there (and only there).
+    """
+    r = scanner.result()
+    scanned = None if r.stop_reason == "malformed" else r.bytes_scanned
+    return (
+        r.study_instance_uid,
+        r.series_instance_uid,
+        r.sop_instance_uid,
+        r.patient_id,
+        r.modality,
+        r.stop_reason,
+        scanned,
+    )
+
+
+@given(
+    st.sampled_from([s for s in ALL_SYNTAXES if s != DEFLATED]),
+    st.sampled_from([64 * 1024, 1000, 333, 12]),
+    st.data(),
+)
+@settings(max_examples=300, deadline=None)
+def test_scanner_result_does_not_depend_on_the_split(
+    syntax: str, budget: int, data: st.DataObject
+) -> None:
+    # The whole data set in one buffer takes the in-place walk; split, the same bytes
+    # also take the paths that carry a skip, a value or a header across fragments.
+    # (Deflated is left out: zlib's own errors surface per inflated chunk.)
+    raw = bytearray(encode(SCANNER_DATASETS[syntax], syntax))
+    for _ in range(data.draw(st.integers(0, 4))):
+        pos = data.draw(st.integers(0, len(raw) - 1))
+        raw[pos] = data.draw(st.integers(0, 255))
+    raw = raw[: data.draw(st.integers(0, len(raw)))]
+    whole = scan(bytes(raw), syntax, [max(1, len(raw))], budget)
+    split = scan(bytes(raw), syntax, data.draw(split_sizes), budget)
+    assert scan_outcome(split) == scan_outcome(whole)
+
+
+@pytest.mark.parametrize("syntax", ALL_SYNTAXES)
+@given(sizes=split_sizes)
+@settings(max_examples=30, deadline=None)
+def test_scanner_holds_at_most_a_header_and_a_value(syntax: str, sizes: list[int]) -> None:
+    scanner = TagScanner(syntax)
+    for piece in fragments(encode(SCANNER_DATASETS[syntax], syntax), sizes):
+        done = scanner.feed(memoryview(piece))
+        assert len(scanner._header) < 12
+        assert len(scanner._value) <= MAX_VALUE_LENGTH
+        if done:
+            break
+    assert scanner.result().stop_reason == "complete"
+
+
+def test_scanner_nesting_depth_is_bounded_by_the_budget() -> None:
+    # Ever deeper undefined-length sequences: each open level costs walked bytes.
+    level = _explicit_le(0x00081032, b"SQ", b"", undefined=True) + ITEM_LE + b"\xff\xff\xff\xff"
+    scanner = TagScanner(EXPLICIT_LE, budget=4096)
+    for piece in fragments(level * 1000, [999]):
+        if scanner.feed(piece):
+            break
+        assert len(scanner._stack) <= 1 + scanner.result().bytes_scanned // 8
+    assert scanner.result().stop_reason == "budget"
+    assert len(scanner._stack) == 1  # released
+
+
+def ct_dataset(syntax: str) -> Dataset:
+    """pydicom's CT example (GE private groups, a sequence, ~120 elements before the
+    UIDs), with its pixel data encapsulated for an encapsulated syntax."""
+    ds = pydicom.examples.ct.copy()
+    del ds.file_meta
+    if syntax == JPEG_BASELINE:
+        frame = b"\xff\xd8" + bytes(ds.PixelData) + b"\xff\xd9"
+        ds.PixelData = encapsulate([frame], fragments_per_frame=4)
+        ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True
+    return ds
+
+
+@pytest.mark.parametrize("syntax", ALL_SYNTAXES)
+@pytest.mark.parametrize("size", [1, 7, 16 * 1024, 1 << 20])
+def test_scanner_real_ct_data_set(syntax: str, size: int) -> None:
+    ds = ct_dataset(syntax)
+    data = encode(ds, syntax)
+    result = scan(data, syntax, [size]).result()
+    assert result.stop_reason == "complete"
+    assert result.study_instance_uid == ds.StudyInstanceUID
+    assert result.series_instance_uid == ds.SeriesInstanceUID
+    assert result.sop_instance_uid == ds.SOPInstanceUID
+    assert (result.patient_id, result.modality) == ("1CT1", "CT")
+    if syntax != DEFLATED:
+        # It stopped right after the series UID, long before the pixel data.
+        series_end = data.index(ds.SeriesInstanceUID.encode()) + len(ds.SeriesInstanceUID) + 1
+        assert result.bytes_scanned <= series_end
+
+
+def test_scanner_undefined_length_un_in_big_endian_is_implicit_little_inside() -> None:
+    # PS3.5 6.2.2: Implicit VR *Little* Endian inside, even in Explicit VR Big Endian.
+    un = (
+        struct.pack(">HH2s2xI", 0x0009, 0x1010, b"UN", 0xFFFFFFFF)
+        + ITEM_LE
+        + b"\xff\xff\xff\xff"
+        + _implicit_le(0x00080100, b"CODE")
+        + _implicit_le(0x0040A730, b"", undefined=True)  # nested, still implicit LE
+        + ITEM_LE
+        + struct.pack("<I", 10)  # a defined-length item
+        + _implicit_le(0x00080104, b"XX")
+        + SEQ_DELIM_LE
+        + ITEM_DELIM_LE
+        + SEQ_DELIM_LE
+    )
+    data = (
+        struct.pack(">HH2sH", 0x0009, 0x0010, b"LO", 4)
+        + b"ACME"
+        + un
+        + struct.pack(">HH2sH", 0x0020, 0x000D, b"UI", 4)
+        + b"1.2\0"
+        + struct.pack(">HH2sH", 0x0020, 0x000E, b"UI", 4)
+        + b"1.3\0"
+    )
+    for size in (1, 2, 5, 11, len(data)):
+        result = scan(data, EXPLICIT_BE, [size]).result()
+        assert result.stop_reason == "complete"
+        assert (result.study_instance_uid, result.series_instance_uid) == ("1.2", "1.3")
+
+
+def test_scanner_deflate_sees_all_a_fragment_inflates_to() -> None:
+    # The inflater is asked for bounded steps of output. zlib can stop in the middle of
+    # a match at that bound with all the input taken; the scanner must ask again, or a
+    # fragment that ends right after the series UID leaves the scan waiting for more.
+    uid = b"1.2.826.0.1.3680043.8.498.12345678901234567890123456789012345678"
+    assert len(uid) % 2 == 0
+    for pad in range(1900, 2100, 2):
+        head = (
+            _explicit_le(0x00091001, b"OB", bytes(i * 7 % 251 for i in range(pad)))
+            + _explicit_le(0x0020000D, b"UI", uid)
+            + _explicit_le(0x0020000E, b"UI", uid)  # mostly a back-reference
+        )
+        compressor = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+        tail = _explicit_le(0x7FE00010, b"OB", bytes(3000))
+        compressed = compressor.compress(head + tail) + compressor.flush()
+        # The shortest prefix of the stream that inflates past the series UID.
+        lo, hi = 1, len(compressed)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(zlib.decompressobj(-zlib.MAX_WBITS).decompress(compressed[:mid])) >= len(head):
+                hi = mid
+            else:
+                lo = mid + 1
+        scanner = TagScanner(DEFLATED)
+        assert scanner.feed(compressed[:lo]), pad
+        assert scanner.result().series_instance_uid == uid.decode()
 
 
 # -- store: round trips ------------------------------------------------------------

@@ -29,22 +29,40 @@ same way. A UN element of undefined length holds a sequence encoded in Implicit 
 Little Endian whatever the transfer syntax (PS3.5 6.2.2), so the stack records the
 encoding per level.
 
+Speed: this runs in the worker's event loop for every instance, and a typical data set
+has 100-150 element headers before (0020,000E), so the per-header cost is what counts.
+The walk is one tight loop per level (top level, then open sequences/items) that reads
+each header with a single precompiled ``struct`` call straight from the caller's
+buffer (no copy of the fragment), classifies the VR with one dict lookup, skips values
+by adding their length to an offset, and makes no other call per element (nor creates
+an object beyond the decoded header). The UIDs usually
+arrive in the first fragment, so the common case is a single pass over one buffer;
+only what straddles a fragment boundary takes the slow path: a pending skip (a count),
+a wanted value being collected (at most :data:`MAX_VALUE_LENGTH` bytes), or a split
+header (fewer than 12 bytes), which is completed from the next fragment and decoded on
+its own before the loop resumes in place.
+
 Transfer syntaxes (PS3.5 A.1-A.5): Implicit VR Little Endian; Explicit VR Big Endian;
 the deflated ones (raw deflate, RFC 1951, of an Explicit VR Little Endian data set),
 inflated here with a bounded ``zlib.decompressobj(-15)``; every other syntax
 (uncompressed and all encapsulated/compressed ones) is Explicit VR Little Endian.
+Inflated output is asked for in steps that start at 2 KiB and double, so that a scan
+that completes in the first few KiB does not pay for inflating the rest.
 
 Memory: the scanner copies at most one element header (12 bytes) and one wanted value
 (at most :data:`MAX_VALUE_LENGTH` bytes); with deflate, at most 16 KiB of compressed
 input and ``budget`` bytes of inflated output exist at a time, and only during a call.
+The stack of open undefined-length levels grows by one entry per at least 8 walked
+bytes, so ``budget`` bounds it too.
 """
 
 from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 __all__ = [
     "DEFAULT_SCAN_BUDGET",
@@ -76,9 +94,10 @@ MAX_VALUE_LENGTH = 1024
 StopReason = Literal["scanning", "complete", "budget", "malformed", "end"]
 
 _UNDEFINED = 0xFFFFFFFF
-_ITEM = 0xFFFEE000
-_ITEM_DELIMITER = 0xFFFEE00D
-_SEQUENCE_DELIMITER = 0xFFFEE0DD
+_ITEM_GROUP = 0xFFFE  # items and delimiters (PS3.5 7.5): (FFFE,E000/E00D/E0DD)
+_ITEM = 0xE000
+_ITEM_DELIMITER = 0xE00D
+_SEQUENCE_DELIMITER = 0xE0DD
 
 _SOP_INSTANCE_UID = 0x00080018
 _MODALITY = 0x00080060
@@ -88,47 +107,83 @@ _SERIES_INSTANCE_UID = 0x0020000E
 _WANTED = frozenset(
     {_SOP_INSTANCE_UID, _MODALITY, _PATIENT_ID, _STUDY_INSTANCE_UID, _SERIES_INSTANCE_UID}
 )
+# The top-level loops test these groups with literal compares (cheaper than a lookup).
+assert {tag >> 16 for tag in _WANTED} == {0x0008, 0x0010, 0x0020}
 
-# Explicit VR: these use 2 reserved bytes + a 32-bit length, all others a 16-bit length
-# (PS3.5 Table 7.1-1 and 7.1-2).
-_LONG_VRS = frozenset(
-    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-)
-_SHORT_VRS = frozenset(
-    {
-        b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO",
-        b"LT", b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US",
-    }
+# Explicit VR classes. Short VRs have a 16-bit length; long ones 2 reserved bytes and a
+# 32-bit length (PS3.5 Table 7.1-1 and 7.1-2). Of the long ones, only SQ, UN (PS3.5
+# 6.2.2) and OB/OW (encapsulated Pixel Data, PS3.5 A.4) may have undefined length; an
+# undefined-length UN nests Implicit VR Little Endian.
+_SHORT = 0
+_LONG = 1
+_LONG_NESTS = 2
+_LONG_UN = 3
+_LONG_VRS = (b"OD", b"OF", b"OL", b"OV", b"SV", b"UC", b"UR", b"UT", b"UV")
+_NESTING_VRS = (b"OB", b"OW", b"SQ")
+_SHORT_VRS = (
+    b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO",
+    b"LT", b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US",
 )  # fmt: skip
-# VRs that may legitimately have undefined length: SQ, UN (PS3.5 6.2.2), and OB/OW
-# for encapsulated Pixel Data (PS3.5 A.4).
-_UNDEFINED_OK_VRS = frozenset({b"SQ", b"UN", b"OB", b"OW"})
+
+
+def _vr_classes(byteorder: Literal["little", "big"]) -> dict[int, int]:
+    """VR class keyed by the VR's two bytes read as an unsigned 16-bit integer."""
+    classes = dict.fromkeys(_SHORT_VRS, _SHORT)
+    classes.update(dict.fromkeys(_LONG_VRS, _LONG))
+    classes.update(dict.fromkeys(_NESTING_VRS, _LONG_NESTS))
+    classes[b"UN"] = _LONG_UN
+    return {int.from_bytes(vr, byteorder): cls for vr, cls in classes.items()}
+
+
+class _Codec(NamedTuple):
+    """How one encoding's element headers are read (precompiled)."""
+
+    implicit: bool
+    #: Implicit: (group, element, 32-bit length). Explicit: (group, element, VR as an
+    #: unsigned 16-bit integer, 16-bit length).
+    header: Callable[..., tuple[Any, ...]]
+    u32: Callable[..., tuple[Any, ...]]
+    vr_class: dict[int, int]
+
+
+# Encodings, by index into _CODECS (stack entries record one per level).
+_IMPLICIT_LE = 0
+_EXPLICIT_LE = 1
+_EXPLICIT_BE = 2
+_CODECS = (
+    _Codec(True, struct.Struct("<HHI").unpack_from, struct.Struct("<I").unpack_from, {}),
+    _Codec(
+        False,
+        struct.Struct("<HHHH").unpack_from,
+        struct.Struct("<I").unpack_from,
+        _vr_classes("little"),
+    ),
+    _Codec(
+        False,
+        struct.Struct(">HHHH").unpack_from,
+        struct.Struct(">I").unpack_from,
+        _vr_classes("big"),
+    ),
+)
 
 # Deflate input is handed to zlib in slices this big so that zlib's unconsumed_tail
 # (a copy) stays small even when the caller passes a multi-megabyte fragment.
 _INFLATE_SLICE = 16 * 1024
+# Output is asked for in steps that start here and double (bounded by the budget): the
+# UIDs are usually within the first few KiB, and inflating a whole slice's worth (up to
+# the budget) would cost more than walking the headers in it.
+_INFLATE_FIRST_STEP = 2 * 1024
 
 # Stack entry kinds.
 _DATASET = 0  # top level: elements in ascending order
 _ITEM_OPEN = 1  # inside an undefined-length item: elements until an item delimiter
 _SEQ_OPEN = 2  # inside an undefined-length sequence: items until a sequence delimiter
 
+_Buffer = bytes | bytearray | memoryview
+
 
 class _Malformed(Exception):
     """Internal: the bytes are not a data set; ends the scan."""
-
-
-@dataclass(slots=True, frozen=True)
-class _Encoding:
-    implicit: bool
-    implicit_header: struct.Struct  # tag group, tag element, 32-bit length
-    explicit_header: struct.Struct  # tag group, tag element, VR, 16-bit length
-    u32: struct.Struct
-
-
-_IMPLICIT_LE = _Encoding(True, struct.Struct("<HHI"), struct.Struct("<HH2sH"), struct.Struct("<I"))
-_EXPLICIT_LE = _Encoding(False, struct.Struct("<HHI"), struct.Struct("<HH2sH"), struct.Struct("<I"))
-_EXPLICIT_BE = _Encoding(False, struct.Struct(">HHI"), struct.Struct(">HH2sH"), struct.Struct(">I"))
 
 
 @dataclass(slots=True, frozen=True)
@@ -159,10 +214,12 @@ class TagScanner:
 
     __slots__ = (
         "_budget",
+        "_codec",
         "_found",
         "_header",
         "_in_bytes",
         "_inflater",
+        "_out_step",
         "_pos",
         "_skip",
         "_stack",
@@ -177,8 +234,9 @@ class TagScanner:
         self._stop: StopReason = "scanning"
         self._pos = 0  # data-set bytes walked so far
         self._in_bytes = 0  # compressed bytes consumed (deflate only)
+        self._out_step = _INFLATE_FIRST_STEP  # next inflate output limit (deflate only)
         self._skip = 0  # bytes of the current value still to skip
-        self._header = bytearray()  # a partial element header split across fragments
+        self._header = b""  # a partial element header split across fragments
         self._value = bytearray()  # a wanted value being collected
         self._value_tag = 0  # tag of that value; 0 when not collecting
         self._value_length = 0
@@ -192,7 +250,9 @@ class TagScanner:
             encoding = _EXPLICIT_LE
             if transfer_syntax_uid in DEFLATED_TRANSFER_SYNTAXES:
                 self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-        self._stack: list[tuple[int, _Encoding]] = [(_DATASET, encoding)]
+        self._codec = _CODECS[encoding]  # the top level's
+        # Open levels, innermost last: (kind, encoding). Never empty.
+        self._stack: list[tuple[int, int]] = [(_DATASET, encoding)]
         if self._budget == 0:
             self._stop = "budget"
 
@@ -213,7 +273,9 @@ class TagScanner:
                 self._walk(view)
             else:
                 self._inflate(view)
-        except (_Malformed, struct.error, zlib.error, ValueError, TypeError):
+        except (_Malformed, struct.error, zlib.error, KeyError, ValueError, TypeError):
+            # KeyError: an unknown VR (the VR class lookup). The others: anything else
+            # the bytes could make the decoders or zlib refuse.
             self._stop = "malformed"
             self._release()
         return self._stop != "scanning"
@@ -246,32 +308,41 @@ class TagScanner:
     def _release(self) -> None:
         # Drop every buffer (and zlib's window) as soon as the scan ends: the writer
         # may live for minutes while a large instance streams in.
-        self._header = bytearray()
+        self._header = b""
         self._value = bytearray()
         self._inflater = None
+        del self._stack[1:]
 
     def _inflate(self, view: memoryview) -> None:
-        assert self._inflater is not None
         for start in range(0, len(view), _INFLATE_SLICE):
             chunk: bytes | memoryview = view[start : start + _INFLATE_SLICE]
             self._in_bytes += len(chunk)
-            while chunk:
+            while True:
                 inflater = self._inflater
                 if inflater is None:  # the walk ended the scan
                     return
                 # max_length bounds the output: a deflate bomb cannot make us hold
                 # more than the remaining budget.
-                out = inflater.decompress(chunk, self._budget - self._pos)
+                step = self._out_step
+                room = self._budget - self._pos
+                if step < room:
+                    self._out_step = step * 2
+                else:
+                    step = room
+                out = inflater.decompress(chunk, step)
                 tail = inflater.unconsumed_tail
                 if out:
-                    self._walk(memoryview(out))
-                elif len(tail) == len(chunk):
-                    break  # no progress possible (cannot happen with max_length > 0)
+                    self._walk(out)
                 if self._stop != "scanning":
                     return
                 if inflater.eof:
                     self._finish("end")
                     return
+                # Output that filled the limit may have more behind it even when all
+                # input was taken (zlib can stop in the middle of a match): ask again,
+                # or the end of this fragment's data would wait for the next one.
+                if len(out) < step and (not tail or len(tail) == len(chunk)):
+                    break  # all this slice gives for now (or no progress possible)
                 chunk = tail
             # Stored (uncompressed) deflate blocks expand by a few bytes per 64 KiB at
             # most, so compressed input well past the budget means the output is too.
@@ -279,134 +350,267 @@ class TagScanner:
                 self._finish("budget")
                 return
 
-    def _walk(self, data: memoryview) -> None:
-        """Advance the element walk over ``data`` (uncompressed data-set bytes)."""
-        room = self._budget - self._pos
-        if len(data) >= room:
-            data = data[:room]
+    def _walk(self, data: _Buffer) -> None:
+        """Advance the scan over ``data`` (uncompressed data-set bytes, in place)."""
         n = len(data)
+        room = self._budget - self._pos
+        if n > room:
+            n = room
         i = 0
-        while i < n:
+        # Each step either finishes what the previous fragment left pending or uses up
+        # the buffer; the last one is normally the in-place walk over the rest.
+        while i < n and self._stop == "scanning":
             if self._skip:
-                k = min(self._skip, n - i)
-                self._skip -= k
-                i += k
-                continue
-            if self._value_tag:
-                k = min(self._value_length - len(self._value), n - i)
-                self._value += data[i : i + k]
-                i += k
-                if len(self._value) == self._value_length:
-                    self._take_value()
-                    if self._stop != "scanning":
-                        break
-                continue
-            header = self._header
-            if header:
-                # Finish a header split across fragments: join the saved prefix with
-                # up to 12 more bytes, parse, and consume only what the header used.
-                have = len(header)
-                joined = bytes(header) + bytes(data[i : i + 12 - have])
-                parsed = self._parse_header(joined, 0, len(joined))
-                if parsed is None:
-                    header += data[i:]
+                skip = self._skip
+                if skip >= n - i:
+                    self._skip = skip - (n - i)
                     i = n
-                    break
-                size, tag, vr, length = parsed
-                header.clear()
-                i += size - have
+                else:
+                    self._skip = 0
+                    i += skip
+            elif self._value_tag:
+                i = self._collect(data, i, n)
+            elif self._header:
+                i = self._join_header(data, i, n)
             else:
-                parsed = self._parse_header(data, i, n - i)
-                if parsed is None:
-                    header += data[i:]
-                    i = n
-                    break
-                size, tag, vr, length = parsed
-                i += size
-            self._element(tag, vr, length)
-            if self._stop != "scanning":
-                break
+                i = self._scan(data, i, n)
         self._pos += i
         if self._stop == "scanning" and self._pos >= self._budget:
             self._finish("budget")
 
-    def _parse_header(
-        self, buf: bytes | memoryview, off: int, avail: int
-    ) -> tuple[int, int, bytes | None, int] | None:
-        """Decode one element header at ``buf[off:]``: (size, tag, VR, length).
+    def _scan(self, buf: _Buffer, i: int, n: int) -> int:
+        """Walk complete elements in ``buf[i:n]`` in place, alternating levels.
 
-        Returns ``None`` when ``avail`` bytes are not enough yet.
+        Returns ``n`` once the buffer is used up (leaving a pending skip, value or
+        partial header behind), or where the scan stopped.
         """
-        if avail < 8:
-            return None
-        encoding = self._stack[-1][1]
-        if encoding.implicit:
-            group, elem, length = encoding.implicit_header.unpack_from(buf, off)
-            return 8, (group << 16) | elem, None, length
-        group, elem, vr, length16 = encoding.explicit_header.unpack_from(buf, off)
-        if group == 0xFFFE:
-            # Item and delimiter tags have no VR in any transfer syntax (PS3.5 7.5).
-            (length,) = encoding.u32.unpack_from(buf, off + 4)
-            return 8, (group << 16) | elem, None, length
-        if vr in _LONG_VRS:
-            if avail < 12:
-                return None
-            (length,) = encoding.u32.unpack_from(buf, off + 8)
-            return 12, (group << 16) | elem, vr, length
-        if vr not in _SHORT_VRS:
-            raise _Malformed
-        return 8, (group << 16) | elem, vr, length16
+        stack = self._stack
+        implicit = self._codec.implicit
+        while True:
+            if len(stack) > 1:
+                i = self._walk_nested(buf, i, n)
+                if len(stack) > 1:
+                    return i  # used up
+            if implicit:
+                i = self._walk_top_implicit(buf, i, n)
+            else:
+                i = self._walk_top_explicit(buf, i, n)
+            if len(stack) == 1 or self._stop != "scanning":
+                return i
 
-    def _element(self, tag: int, vr: bytes | None, length: int) -> None:
-        """Act on one decoded element header: skip, collect, or open/close a level."""
-        kind, encoding = self._stack[-1]
-        if kind == _SEQ_OPEN:
-            if tag == _ITEM:
+    # The three loops below are the hot path: locals only, and no call per element but
+    # the header decoder (two for a long-VR header). Each ends by leaving its state for
+    # the next fragment (_pending) unless it stopped or opened/closed a level.
+
+    def _walk_top_explicit(self, buf: _Buffer, i: int, n: int) -> int:
+        _, header, u32, vr_class = self._codec
+        wanted = _WANTED
+        last = n - 8
+        while i <= last:
+            group, elem, vr, length = header(buf, i)
+            cls = vr_class[vr]  # KeyError: not a VR (or an item tag at the top level)
+            if cls:
+                if i + 12 > n:
+                    if group == _ITEM_GROUP:
+                        raise _Malformed
+                    break  # header split across fragments
+                (length,) = u32(buf, i + 8)
+                i += 12
                 if length == _UNDEFINED:
-                    self._stack.append((_ITEM_OPEN, encoding))
-                else:
-                    self._skip = length
-            elif tag == _SEQUENCE_DELIMITER:
-                self._stack.pop()
+                    return self._open_top(group << 16 | elem, cls, i)
             else:
-                raise _Malformed
-            return
-        if tag == _ITEM_DELIMITER and kind == _ITEM_OPEN:
-            self._stack.pop()
-            return
-        if tag >> 16 == 0xFFFE:
-            raise _Malformed  # an item or delimiter where an element belongs
-        if kind == _DATASET and tag > _SERIES_INSTANCE_UID:
-            self._finish("complete")  # ascending order: nothing wanted can follow
-            return
-        if length == _UNDEFINED:
-            if vr == b"UN":
-                self._stack.append((_SEQ_OPEN, _IMPLICIT_LE))
-            elif vr is None or vr in _UNDEFINED_OK_VRS:
-                self._stack.append((_SEQ_OPEN, encoding))
-            else:
-                raise _Malformed
-            return
-        if kind == _DATASET and tag in _WANTED and length <= MAX_VALUE_LENGTH:
-            if length == 0:
-                self._value_tag = tag
-                self._value_length = 0
-                self._take_value()
-            else:
-                self._value_tag = tag
-                self._value_length = length
-            return
-        self._skip = length
+                i += 8
+            # Only groups 0008, 0010 and 0020 hold wanted tags, and the scan ends past
+            # (0020,000E): three int compares spare most elements the tag arithmetic.
+            if group >= 0x0020 or group == 0x0008 or group == 0x0010:
+                tag = group << 16 | elem
+                if tag > 0x0020000E:  # past (0020,000E): nothing wanted can follow
+                    if group == _ITEM_GROUP:
+                        raise _Malformed  # an item or delimiter where an element belongs
+                    self._finish("complete")
+                    return i
+                if tag in wanted and length <= MAX_VALUE_LENGTH:
+                    end = i + length
+                    if end > n:
+                        return self._start_value(tag, length, buf, i, n)
+                    self._take(tag, buf[i:end])
+                    if tag == _SERIES_INSTANCE_UID:
+                        return end
+                    i = end
+                    continue
+            i += length
+        return self._pending(buf, i, n)
 
-    def _take_value(self) -> None:
-        tag = self._value_tag
-        raw = bytes(self._value)
-        self._value.clear()
+    def _walk_top_implicit(self, buf: _Buffer, i: int, n: int) -> int:
+        header = _CODECS[_IMPLICIT_LE].header
+        wanted = _WANTED
+        last = n - 8
+        while i <= last:
+            group, elem, length = header(buf, i)
+            i += 8
+            if length == _UNDEFINED:
+                return self._open_top(group << 16 | elem, _LONG_NESTS, i)
+            if group >= 0x0020 or group == 0x0008 or group == 0x0010:
+                tag = group << 16 | elem
+                if tag > 0x0020000E:
+                    if group == _ITEM_GROUP:
+                        raise _Malformed
+                    self._finish("complete")
+                    return i
+                if tag in wanted and length <= MAX_VALUE_LENGTH:
+                    end = i + length
+                    if end > n:
+                        return self._start_value(tag, length, buf, i, n)
+                    self._take(tag, buf[i:end])
+                    if tag == _SERIES_INSTANCE_UID:
+                        return end
+                    i = end
+                    continue
+            i += length
+        return self._pending(buf, i, n)
+
+    def _walk_nested(self, buf: _Buffer, i: int, n: int) -> int:
+        """Walk inside undefined-length sequences/items until back at the top level."""
+        stack = self._stack
+        kind, encoding = stack[-1]
+        implicit, header, u32, vr_class = _CODECS[encoding]
+        last = n - 8
+        while i <= last:
+            if implicit:
+                group, elem, length = header(buf, i)
+                cls = _LONG_NESTS  # undefined length means a sequence
+                i += 8
+            else:
+                group, elem, vr, length = header(buf, i)
+                if group == _ITEM_GROUP:
+                    # Items and delimiters have no VR in any syntax (PS3.5 7.5).
+                    (length,) = u32(buf, i + 4)
+                    cls = _SHORT
+                    i += 8
+                else:
+                    cls = vr_class[vr]
+                    if cls:
+                        if i + 12 > n:
+                            break
+                        (length,) = u32(buf, i + 8)
+                        i += 12
+                    else:
+                        i += 8
+            if kind == _SEQ_OPEN:
+                if group != _ITEM_GROUP:
+                    raise _Malformed
+                if elem == _ITEM:
+                    if length == _UNDEFINED:
+                        stack.append((_ITEM_OPEN, encoding))
+                        kind = _ITEM_OPEN
+                    else:
+                        i += length  # a defined-length item (or pixel data fragment)
+                elif elem == _SEQUENCE_DELIMITER:
+                    stack.pop()
+                    if len(stack) == 1:
+                        return i
+                    kind, encoding = stack[-1]
+                    implicit, header, u32, vr_class = _CODECS[encoding]
+                else:
+                    raise _Malformed
+            elif group == _ITEM_GROUP:  # in an item
+                if elem != _ITEM_DELIMITER:
+                    raise _Malformed
+                stack.pop()
+                kind = _SEQ_OPEN  # items only open in sequences, same encoding
+            elif length == _UNDEFINED:
+                if cls == _LONG_UN:
+                    stack.append((_SEQ_OPEN, _IMPLICIT_LE))
+                    implicit, header, u32, vr_class = _CODECS[_IMPLICIT_LE]
+                elif cls == _LONG_NESTS:
+                    stack.append((_SEQ_OPEN, encoding))
+                else:
+                    raise _Malformed
+                kind, encoding = stack[-1]
+            else:
+                i += length
+        return self._pending(buf, i, n)
+
+    # -- the slow path: state across fragments ------------------------------------------
+
+    def _pending(self, buf: _Buffer, i: int, n: int) -> int:
+        """The loop ran out of buffer at ``i``: remember what the next fragment continues."""
+        if i > n:
+            self._skip = i - n  # a value that goes on into the next fragment(s)
+        elif i < n:
+            self._header = bytes(buf[i:n])  # fewer than 12 bytes of a header
+        return n
+
+    def _open_top(self, tag: int, cls: int, i: int) -> int:
+        """A top-level element of undefined length: open a sequence level."""
+        if tag >> 16 == _ITEM_GROUP:
+            raise _Malformed
+        if tag > _SERIES_INSTANCE_UID:
+            self._finish("complete")
+        elif cls == _LONG_UN:
+            self._stack.append((_SEQ_OPEN, _IMPLICIT_LE))
+        elif cls == _LONG_NESTS:
+            self._stack.append((_SEQ_OPEN, self._stack[0][1]))
+        else:
+            raise _Malformed
+        return i
+
+    def _start_value(self, tag: int, length: int, buf: _Buffer, i: int, n: int) -> int:
+        """A wanted value that goes on into the next fragment(s): start collecting."""
+        self._value = bytearray(buf[i:n])
+        self._value_tag = tag
+        self._value_length = length
+        return n
+
+    def _collect(self, data: _Buffer, i: int, n: int) -> int:
+        value = self._value
+        k = min(self._value_length - len(value), n - i)
+        value += data[i : i + k]
+        if len(value) == self._value_length:
+            self._take(self._value_tag, value)
+        return i + k
+
+    def _join_header(self, data: _Buffer, i: int, n: int) -> int:
+        """Complete a header split across fragments, then act on it alone."""
+        head = self._header
+        if len(head) < 8:
+            take = min(8 - len(head), n - i)
+            head += data[i : i + take]
+            i += take
+            if len(head) < 8:
+                self._header = head
+                return i
+        size = self._header_size(head)
+        if len(head) < size:
+            take = min(size - len(head), n - i)
+            head += data[i : i + take]
+            i += take
+            if len(head) < size:
+                self._header = head
+                return i
+        self._header = b""
+        # `head` is exactly one header: the walk decodes it and leaves the value (all
+        # of it in `data`) pending as a skip or a value to collect.
+        self._scan(head, 0, size)
+        return i
+
+    def _header_size(self, head: bytes) -> int:
+        implicit, header, _, vr_class = _CODECS[self._stack[-1][1]]
+        if implicit:
+            return 8
+        group, _, vr, _ = header(head, 0)
+        if group == _ITEM_GROUP:
+            return 8
+        return 12 if vr_class[vr] else 8
+
+    def _take(self, tag: int, raw: _Buffer) -> None:
         self._value_tag = 0
         # UI pads with NUL, the text VRs with space; leading/trailing spaces are not
         # significant in LO/CS/UI. ASCII with replacement: these values only ever name
         # files (after sanitising) or get compared with command-set UIDs.
-        text = raw.decode("ascii", "replace").strip(" \0")
+        text = str(raw, "ascii", "replace").strip(" \0")
+        if self._value:
+            self._value = bytearray()
         if text:
             self._found[tag] = text
         if tag == _SERIES_INSTANCE_UID:
