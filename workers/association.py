@@ -152,8 +152,22 @@ class Association:
         return self.registry.get_handlers(event)
 
     def abort(self) -> None:
-        """Abort the association (A-ABORT, service-user source)."""
-        self._protocol.abort_association(p.AbortSource.SERVICE_USER, 0, "aborted by a handler")
+        """Abort the association (A-ABORT, service-user source).
+
+        Safe to call from a handler running in the handler thread pool: the abort is
+        then handed to the event loop, which owns the transport.
+        """
+        proto = self._protocol
+        try:
+            on_loop = asyncio.get_running_loop() is proto.loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            proto.abort_association(p.AbortSource.SERVICE_USER, 0, "aborted by a handler")
+        else:
+            proto.loop.call_soon_threadsafe(
+                proto.abort_association, p.AbortSource.SERVICE_USER, 0, "aborted by a handler"
+            )
 
     def release(self) -> None:
         """Not offered to an acceptor: PS3.8 lets only the requestor release."""
@@ -188,17 +202,28 @@ class Operation:
 class Spool:
     """A C-STORE data set kept in a temp file for a user handler (never in memory)."""
 
-    __slots__ = ("fd", "path", "size")
+    __slots__ = ("error", "fd", "path", "size")
 
     def __init__(self, directory: str) -> None:
         self.fd, self.path = tempfile.mkstemp(dir=directory, suffix=".spool")
         self.size = 0
+        #: the write error (ENOSPC ...) that made the spool give up, if any
+        self.error: OSError | None = None
 
     def write(self, view: memoryview) -> None:
-        while view:
-            n = os.write(self.fd, view)
-            view = view[n:]
-            self.size += n
+        # Called from inside the engine's parser: an exception here would abort the
+        # association. A full disk is the request's failure (0xA700), not the
+        # association's: remember it, free the space at once, drop the rest.
+        if self.error is not None:
+            return
+        try:
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+                self.size += n
+        except OSError as exc:
+            self.error = exc
+            self.close()
 
     def read(self) -> bytes:
         with open(self.path, "rb") as f:
@@ -245,7 +270,9 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self._awaiting: dict[int, asyncio.Future[tuple[dimse.Command, bytes | None]]] = {}
         self._awaiting_data: tuple[int, dimse.Command] | None = None
         self._next_message_id = 0
-        self._tasks: set[asyncio.Future[Any]] = set()
+        self._acse_timer: asyncio.TimerHandle | None = None
+        self._writing_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
         self._trace_data = False
         self.refresh_tracing()
 
@@ -304,11 +331,30 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self._emit(evt.EVT_CONN_CLOSE, {})
         self.server.connection_closed(self)
 
-    def pause_writing(self) -> None:  # the peer reads slower than we answer
-        pass
+    def pause_writing(self) -> None:
+        """The peer reads slower than we answer: operations that produce many
+        messages (C-FIND pending responses, C-GET sub-operations) wait in
+        :meth:`drain` instead of piling them up in the transport's buffer."""
+        self._writing_paused = True
 
     def resume_writing(self) -> None:
-        pass
+        self._writing_paused = False
+        self._wake_drain_waiters()
+
+    def _wake_drain_waiters(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def drain(self) -> asyncio.Future[None] | None:
+        """None when the peer keeps up, else a future done when it caught up (or the
+        connection is gone): ``yield from resolve(proto.drain())`` in a step."""
+        if not self._writing_paused or self._lost:
+            return None
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        self._drain_waiters.append(waiter)
+        return waiter
 
     # ----------------------------------------------------------- the engine
 
@@ -392,8 +438,13 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         if not timeout or self._lost or not self.conn.is_established:
             return
         now = self.loop.time()
-        if now < self._last_rx + timeout or self._outstanding:
-            # Still alive, or we are the slow side (a handler or fsync is running).
+        # We are the slow side when a handler or an fsync is running, or when we paused
+        # reading. A request whose data set is still arriving is not ours to wait for:
+        # a peer that stalls halfway through an instance must time out too.
+        busy = self._reading_paused or any(
+            op is not self._receiving for op in self._outstanding.values()
+        )
+        if now < self._last_rx + timeout or busy:
             self._idle = self.loop.call_at(max(self._last_rx + timeout, now + 1.0), self._on_idle)
             return
         log.warning(
@@ -454,6 +505,27 @@ class AssociationProtocol(asyncio.BufferedProtocol):
             self._answer_association(refusal)
             return
         self._start(self._negotiate(rq), self._negotiated)
+        timeout = self.config.acse_timeout
+        if self.conn.state is State.STA3 and timeout:
+            # Extended negotiation handlers are still deciding: bound the whole answer
+            # by acse_timeout (a late answer is ignored by _answer_association).
+            self._acse_timer = self.loop.call_later(timeout, self._acse_expired)
+
+    def _acse_expired(self) -> None:
+        self._acse_timer = None
+        if self.conn.state is not State.STA3 or self._lost:
+            return
+        log.warning(
+            "%s: no answer to the association request within %g s: rejecting",
+            self.assoc.name,
+            self.config.acse_timeout,
+        )
+        self._answer_association(
+            p.AssociateRJ(
+                p.RejectResult.TRANSIENT, p.RejectSource.SERVICE_USER, p.RejectReason.NO_REASON
+            )
+        )
+        self._run()
 
     def _negotiate(self, rq: p.AssociateRQ) -> Step[p.AssociateAC | p.AssociateRJ]:
         from .engine import acse
@@ -548,6 +620,9 @@ class AssociationProtocol(asyncio.BufferedProtocol):
             value = limit if value == 0 else min(value, limit)  # 0 is "unlimited"
             return value if asked == 0 else min(value, asked)
 
+        # PS3.7 D.3.3.3: the AC carries the negotiated values, each no larger than the
+        # proposed one (as dcm4che reads it too): invoked is how many requests the
+        # requestor may have outstanding with us, performed how many we may invoke.
         return p.AsyncOpsWindow(
             bound(wanted[0], proposed.invoked), bound(wanted[1], proposed.performed)
         )
@@ -563,6 +638,9 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self._answer_association(result)
 
     def _answer_association(self, answer: p.AssociateAC | p.AssociateRJ) -> None:
+        if self._acse_timer is not None:
+            self._acse_timer.cancel()
+            self._acse_timer = None
         if self.conn.state is not State.STA3:
             return  # the peer aborted or left while we were deciding
         assoc = self.assoc
@@ -587,8 +665,8 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         if ui.async_ops is not None:
             assoc.async_ops = (ui.async_ops.invoked or 65535, ui.async_ops.performed or 65535)
         # The window we enforce is what the requestor may have outstanding with us: the
-        # number of operations we said we can perform.
-        self._window = assoc.async_ops[1]
+        # negotiated Maximum Number Operations Invoked.
+        self._window = assoc.async_ops[0]
         roles = {r.sop_class_uid: r for r in ui.roles}
         assoc.accepted_contexts = []
         for ctx in self.conn.contexts.values():
@@ -650,6 +728,9 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         if op is None:
             return
         op.data = ev.data
+        if op.spool is not None and op.spool.error is not None and op.status is None:
+            log.error("%s: cannot spool C-STORE data set: %s", self.assoc.name, op.spool.error)
+            op.status = _STATUS_OUT_OF_RESOURCES
         self._dispatch_operation(op)
 
     def _on_release(self, ev: ReleaseRequested) -> None:
@@ -700,9 +781,14 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         )
 
     def _association_ended(self, aborted: bool) -> None:
+        self.assoc.is_established = False  # as the contract's Association says after it
         if aborted and not self.assoc.is_aborted:
             self.assoc.is_aborted = True
             self._emit(evt.EVT_ABORTED, {})
+        # Free the association's slot now: after an A-ABORT or A-RELEASE-RP the
+        # connection may linger in Sta13 until the peer closes or ARTIM expires, and
+        # must not count against max_associations meanwhile.
+        self.server.association_ended(self)
         self._drop_operations()
 
     def _drop_operations(self) -> None:
@@ -716,16 +802,17 @@ class AssociationProtocol(asyncio.BufferedProtocol):
             if not future.done():
                 future.set_exception(ConnectionError("association ended"))
         self._awaiting.clear()
+        self._wake_drain_waiters()  # their next send fails with ConnectionError
 
     def _cleanup(self) -> None:
-        for handle in (self._artim, self._idle):
+        # Running operations are not cancelled: a user handler that got a complete
+        # data set finishes its work (its response then goes nowhere), bounded by
+        # handler_timeout; AssociationServer.close() cancels what is left.
+        for handle in (self._artim, self._idle, self._acse_timer):
             if handle is not None:
                 handle.cancel()
-        self._artim = self._idle = None
+        self._artim = self._idle = self._acse_timer = None
         self._drop_operations()
-        for task in list(self._tasks):
-            task.cancel()
-        self.conn = self.conn  # keep for inspection
 
     # ------------------------------------------------------- operations
 
@@ -749,7 +836,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
             if not synchronous[0] and not self._lost:
                 self._run()
 
-        if not drive(step, finish):
+        if not drive(step, finish, self.server.track):
             synchronous[0] = False
 
     def _dispatch_operation(self, op: Operation) -> None:
@@ -758,7 +845,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self._start(services.serve(self, op), lambda result, error: self._operation_done(op, error))
 
     def _operation_done(self, op: Operation, error: BaseException | None) -> None:
-        if error is not None and not isinstance(error, ConnectionError):
+        if error is not None and not isinstance(error, ConnectionError | asyncio.CancelledError):
             log.error("%s: %s failed: %r", self.assoc.name, _label(op.command), error)
         self._outstanding.pop(op.message_id, None)
         self._cancelled.discard(op.message_id)
@@ -775,6 +862,12 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         if found is None:  # the engine only delivers messages on accepted contexts
             raise LookupError(context_id)
         return found
+
+    @property
+    def can_send(self) -> bool:
+        """False once the association is over: long operations (C-FIND matches,
+        C-GET/C-MOVE sub-operations) stop instead of producing answers for no one."""
+        return not self._lost and self.conn.is_established
 
     def send(self, context_id: int, command: dimse.Command, dataset: bytes | None = None) -> None:
         """Send a DIMSE message now (responses, sub-operation requests)."""

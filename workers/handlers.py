@@ -184,13 +184,18 @@ async def _anext_or_done(iterator: Any) -> Any:
         return DONE
 
 
-def drive(step: Step[T], done: Callable[[T | None, BaseException | None], None]) -> bool:
+def drive(
+    step: Step[T],
+    done: Callable[[T | None, BaseException | None], None],
+    track: Callable[[asyncio.Future[Any]], None] | None = None,
+) -> bool:
     """Run ``step`` until it finishes, calling ``done(result, error)``.
 
     Returns True when it finished synchronously; otherwise it continues in a task as
-    the awaitables it yields complete.
+    the awaitables it yields complete. ``track`` is given each future awaited (so
+    that a server can cancel what is still running when it shuts down).
     """
-    return _advance(step, done, None, None)
+    return _advance(step, done, None, None, track)
 
 
 def _advance(
@@ -198,6 +203,7 @@ def _advance(
     done: Callable[[T | None, BaseException | None], None],
     value: Any,
     error: BaseException | None,
+    track: Callable[[asyncio.Future[Any]], None] | None,
 ) -> bool:
     while True:
         try:
@@ -205,25 +211,32 @@ def _advance(
         except StopIteration as stop:
             done(stop.value, None)
             return True
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:
+            # CancelledError too (a BaseException): a step cancelled at shutdown must
+            # still end through ``done``, or its operation would never be finished.
             done(None, exc)
             return True
         if not inspect.isawaitable(awaitable):
             value, error = awaitable, None  # a plain value: hand it straight back
             continue
         future = asyncio.ensure_future(awaitable)
-        future.add_done_callback(lambda f: _resume(step, done, f))
+        if track is not None:
+            track(future)
+        future.add_done_callback(lambda f: _resume(step, done, f, track))
         return False
 
 
 def _resume(
-    step: Step[T], done: Callable[[T | None, BaseException | None], None], future: Any
+    step: Step[T],
+    done: Callable[[T | None, BaseException | None], None],
+    future: Any,
+    track: Callable[[asyncio.Future[Any]], None] | None,
 ) -> None:
     if future.cancelled():
-        _advance(step, done, None, asyncio.CancelledError())
+        _advance(step, done, None, asyncio.CancelledError(), track)
         return
     error = future.exception()
-    _advance(step, done, None if error else future.result(), error)
+    _advance(step, done, None if error else future.result(), error, track)
 
 
 def resolve(value: Any) -> Step[Any]:

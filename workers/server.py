@@ -62,6 +62,9 @@ class AssociationServer:
         self.protocols: set[AssociationProtocol] = set()
         self.established: set[AssociationProtocol] = set()
         self._per_ae: collections.Counter[str] = collections.Counter()
+        #: futures that operations of any association are waiting on (handlers,
+        #: commits, sub-operations), cancelled by close() if they outlive it
+        self.tasks: set[asyncio.Future[Any]] = set()
         self._servers: list[asyncio.Server] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self.accepting = True
@@ -155,14 +158,24 @@ class AssociationServer:
         self.established.add(proto)
         self._per_ae[proto.assoc.requestor.ae_title] += 1
 
-    def connection_closed(self, proto: AssociationProtocol) -> None:
-        self.protocols.discard(proto)
+    def association_ended(self, proto: AssociationProtocol) -> None:
+        """Released or aborted: the association no longer counts against the limits,
+        even if its connection lingers until the peer closes it. Idempotent."""
         if proto in self.established:
             self.established.discard(proto)
             ae = proto.assoc.requestor.ae_title
             self._per_ae[ae] -= 1
             if self._per_ae[ae] <= 0:
                 del self._per_ae[ae]
+
+    def connection_closed(self, proto: AssociationProtocol) -> None:
+        self.protocols.discard(proto)
+        self.association_ended(proto)
+
+    def track(self, future: asyncio.Future[Any]) -> None:
+        """Remember a future an operation waits on until it is done (see close())."""
+        self.tasks.add(future)
+        future.add_done_callback(self.tasks.discard)
 
     def instance_stored(
         self, proto: AssociationProtocol, op: Operation, result: StoreResult
@@ -207,6 +220,14 @@ class AssociationServer:
             )
         while self.protocols and loop.time() < deadline + 2.0:
             await asyncio.sleep(0.05)
+        # Operations whose association is gone may still run (a slow handler, a
+        # commit): give them what is left of the grace period, then cancel them.
+        while self.tasks and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=1.0)
         for server in self._servers:
             await server.wait_closed()
         self.caller.shutdown()

@@ -37,6 +37,8 @@ PENDING = (0xFF00, 0xFF01)
 CANCEL = 0xFE00
 #: Sub-operations complete, one or more failures or warnings (PS3.4 C.4.2.1.4, C.4.3)
 SUBOPS_WARNING = 0xB000
+#: Refused: Out of Resources - Unable to perform sub-operations (PS3.4 C.4.2.1.4)
+SUBOPS_FAILED = 0xA702
 MOVE_DESTINATION_UNKNOWN = 0xA801
 #: Response fields a handler's status Dataset may carry into the response.
 _STATUS_FIELDS = ("ErrorComment", "ErrorID", "OffendingElement", "AttributeIdentifierList")
@@ -215,6 +217,8 @@ def _c_find(proto: AssociationProtocol, op: Operation, event: evt.InterventionEv
     try:
         iterator = yield from _call(proto, _event(proto, op, event))
         while True:
+            if not proto.can_send:
+                return None  # the association is gone: stop pulling matches
             if proto.is_cancelled(op.message_id):
                 _respond(proto, op, CANCEL)
                 return None
@@ -229,6 +233,9 @@ def _c_find(proto: AssociationProtocol, op: Operation, event: evt.InterventionEv
             status, fields = status_of(item[0], failure)
             if status in PENDING:
                 _respond(proto, op, status, _encode(proto, op, item[1]), **fields)
+                # A peer that reads slowly holds the handler back instead of letting
+                # its matches pile up in our write buffer.
+                yield from resolve(proto.drain())
                 continue
             _respond(proto, op, status, **fields)  # a final status ends it
             return None
@@ -273,7 +280,14 @@ class _SubOps:
 
     def final(self, proto: AssociationProtocol, op: Operation, status: int | None = None) -> None:
         if status is None:
-            status = 0x0000 if not (self.failed or self.warning) else SUBOPS_WARNING
+            if self.failed and not (self.completed or self.warning):
+                # Every sub-operation failed: a failure, not "complete with failures"
+                # (PS3.4 C.4.2.3.1, C.4.3.3.1; the contract's 0xA702 too).
+                status = SUBOPS_FAILED
+            elif self.failed or self.warning:
+                status = SUBOPS_WARNING
+            else:
+                status = 0x0000
         data = None
         if self.failed_uids and status != 0x0000:
             from pydicom import Dataset
@@ -312,6 +326,8 @@ def _retrieve(
             )
         counts = _SubOps(total)
         while True:
+            if not proto.can_send:
+                return None  # the association is gone: no more sub-operations
             if proto.is_cancelled(op.message_id):
                 counts.final(proto, op, CANCEL)
                 return None
@@ -333,6 +349,10 @@ def _retrieve(
                 sub_status = yield from _get_substore(proto, op, ds)
             counts.record(sub_status, uid)
             _respond(proto, op, 0xFF00, **counts.fields())
+            yield from resolve(proto.drain())
+    except _DestinationUnreachable:
+        _respond(proto, op, MOVE_DESTINATION_UNKNOWN)
+        return None
     except Exception as exc:
         log.error("%s: %s failed: %r", proto.assoc.name, event.name, exc)
         if counts is not None:
@@ -374,6 +394,14 @@ def _context_for_substore(proto: AssociationProtocol, sop_class_uid: str) -> Con
     return None
 
 
+#: pynetdicom ``AE.associate`` keyword -> ``workers.scu.associate`` keyword
+_ASSOCIATE_KWARGS = {"ae_title": "called_ae", "max_pdu": "max_pdu_length"}
+
+
+class _DestinationUnreachable(Exception):
+    """No association with the C-MOVE destination could be opened."""
+
+
 class _MoveSender:
     """The associations a C-MOVE opens to its destination, one per SOP class seen,
     opened lazily so the handler's data sets are never all held at once."""
@@ -391,7 +419,8 @@ class _MoveSender:
         self.host = host
         self.port = port
         self.kwargs = kwargs
-        self.open: dict[str, Any] = {}
+        self.open: dict[tuple[str, str], Any] = {}
+        self.ever_opened = False
 
     def store(self, ds: Any) -> Step[int]:
         from .engine import acse
@@ -401,18 +430,38 @@ class _MoveSender:
         transfer_syntax = str(
             getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or ""
         )
-        assoc = self.open.get(sop_class)
+        # Uncompressed data can be encoded in whichever uncompressed syntax the
+        # destination accepts; compressed (encapsulated) pixel data cannot be
+        # transcoded here, so it needs a context with its own transfer syntax.
+        compressed = bool(transfer_syntax) and transfer_syntax not in (
+            *acse.UNCOMPRESSED_TRANSFER_SYNTAXES,
+            acse.DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+        )
+        key = (sop_class, transfer_syntax if compressed else "")
+        assoc = self.open.get(key)
         if assoc is None:
             proposals = [transfer_syntax] if transfer_syntax else []
-            proposals += [ts for ts in acse.UNCOMPRESSED_TRANSFER_SYNTAXES if ts not in proposals]
+            if not compressed:
+                proposals += [
+                    ts for ts in acse.UNCOMPRESSED_TRANSFER_SYNTAXES if ts not in proposals
+                ]
+            config = self.proto.config
+            options: dict[str, Any] = {
+                "called_ae": self.op.command.MoveDestination or "ANY-SCP",
+                "calling_ae": config.ae_title,
+                "acse_timeout": config.acse_timeout,
+                "network_timeout": config.network_timeout,
+            }
+            # The handler's third item holds keyword arguments for the association;
+            # the contract's names (pynetdicom's AE.associate) are translated.
+            for name, value in self.kwargs.items():
+                options[_ASSOCIATE_KWARGS.get(name, name)] = value
             try:
                 assoc = yield associate(
                     self.host,
                     self.port,
-                    called_ae=self.op.command.MoveDestination or "ANY-SCP",
-                    calling_ae=self.proto.config.ae_title,
                     contexts=[acse.Requested(sop_class, tuple(proposals))],
-                    **self.kwargs,
+                    **options,
                 )
             except Exception as exc:
                 log.warning(
@@ -422,9 +471,19 @@ class _MoveSender:
                     self.port,
                     exc,
                 )
+                if not self.ever_opened:
+                    # The destination cannot be reached at all: the whole C-MOVE is
+                    # refused (0xA801), as the contract does, rather than every
+                    # sub-operation failing one by one.
+                    raise _DestinationUnreachable(str(exc)) from exc
                 return 0xA801 if isinstance(exc, OSError) else 0xA702
-            self.open[sop_class] = assoc
-        ctx = assoc.context_for(sop_class)
+            self.open[key] = assoc
+            self.ever_opened = True
+        try:
+            ctx = assoc.context_for(sop_class, transfer_syntax if compressed else None)
+        except ValueError as exc:  # the destination did not accept this SOP class / syntax
+            log.warning("%s: C-MOVE sub-operation not possible: %s", self.proto.assoc.name, exc)
+            return 0x0122  # Refused: SOP Class not supported
         data = encode_dataset(ds, ctx.transfer_syntax)
         rsp = yield assoc.send_c_store(
             data,
