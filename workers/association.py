@@ -186,10 +186,21 @@ class Association:
 class Operation:
     """One DIMSE request being served."""
 
-    __slots__ = ("command", "context_id", "data", "message_id", "spool", "status", "writer")
+    __slots__ = (
+        "command",
+        "context_id",
+        "data",
+        "message_id",
+        "spool",
+        "started",
+        "status",
+        "writer",
+    )
 
-    def __init__(self, context_id: int, command: dimse.Command) -> None:
+    def __init__(self, context_id: int, command: dimse.Command, started: float = 0.0) -> None:
         self.context_id = context_id
+        #: loop time the command set arrived (C-STORE duration metrics)
+        self.started = started
         self.command = command
         self.message_id = command.MessageID or 0
         self.data: bytes | None = None
@@ -467,7 +478,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
             return
         log.info("%s: aborting: %s", self.assoc.name, detail)
         self.conn.abort(source, reason)
-        self._association_ended(aborted=True)
+        self._association_ended(aborted=True, source=source, reason=reason, by_peer=False)
         if flush:
             self._flush()
         transport = self.transport
@@ -689,6 +700,9 @@ class AssociationProtocol(asyncio.BufferedProtocol):
 
     def _on_command(self, ev: CommandReceived) -> None:
         cmd = ev.command
+        telemetry = self.server.telemetry
+        if telemetry is not None:
+            telemetry.dimse(0, cmd.CommandField, None if cmd.is_request else cmd.Status)
         if self.registry.has_notification(evt.EVT_DIMSE_RECV):
             self._emit(evt.EVT_DIMSE_RECV, {"message": cmd})
         cf = cmd.CommandField
@@ -706,7 +720,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
                 f"request beyond the asynchronous operations window of {self._window}",
             )
             return
-        op = Operation(ev.context_id, cmd)
+        op = Operation(ev.context_id, cmd, self.loop.time())
         self._outstanding[op.message_id] = op
         if cf == dimse.CommandField.C_STORE_RQ:
             self._begin_store(op)
@@ -756,7 +770,9 @@ class AssociationProtocol(asyncio.BufferedProtocol):
             log.info("%s: aborted by the peer: %s", self.assoc.name, ev.detail)
         else:
             log.warning("%s: protocol error, A-ABORT sent: %s", self.assoc.name, ev.detail)
-        self._association_ended(aborted=True)
+        self._association_ended(
+            aborted=True, source=ev.source, reason=ev.reason, by_peer=ev.by_peer
+        )
 
     def _on_rejected(self, ev: AssociateRejected) -> None:
         self.assoc.is_rejected = True
@@ -780,11 +796,17 @@ class AssociationProtocol(asyncio.BufferedProtocol):
             },
         )
 
-    def _association_ended(self, aborted: bool) -> None:
+    def _association_ended(
+        self,
+        aborted: bool,
+        source: int | None = None,
+        reason: int | None = None,
+        by_peer: bool = False,
+    ) -> None:
         self.assoc.is_established = False  # as the contract's Association says after it
         if aborted and not self.assoc.is_aborted:
             self.assoc.is_aborted = True
-            self._emit(evt.EVT_ABORTED, {})
+            self._emit(evt.EVT_ABORTED, {"source": source, "reason": reason, "by_peer": by_peer})
         # Free the association's slot now: after an A-ABORT or A-RELEASE-RP the
         # connection may linger in Sta13 until the peer closes or ARTIM expires, and
         # must not count against max_associations meanwhile.
@@ -874,6 +896,9 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         if self._lost or not self.conn.is_established:
             raise ConnectionError("association is no longer established")
         self.conn.send_message(context_id, command, dataset)
+        telemetry = self.server.telemetry
+        if telemetry is not None:
+            telemetry.dimse(1, command.CommandField, None if command.is_request else command.Status)
         if self.registry.has_notification(evt.EVT_DIMSE_SENT):
             self._emit(evt.EVT_DIMSE_SENT, {"message": command})
         self._flush()
@@ -952,8 +977,19 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         result = yield self.loop.run_in_executor(self.server.io_pool, writer.commit)
         return result
 
-    def store_done(self, op: Operation, result: StoreResult) -> None:
-        self.server.instance_stored(self, op, result)
+    def store_done(self, op: Operation, result: Any) -> None:
+        """A C-STORE was answered: ``result`` has ``status`` and ``bytes_written``."""
+        telemetry = self.server.telemetry
+        if telemetry is not None:
+            telemetry.stored(self, op, result, self.loop.time() - op.started)
+        if isinstance(result, StoreResult):
+            self.server.instance_stored(self, op, result)
+
+    def handler_failed(self, event: evt.InterventionEvent) -> None:
+        """A user handler raised, timed out or answered something unusable."""
+        telemetry = self.server.telemetry
+        if telemetry is not None:
+            telemetry.handler_error(event.name)
 
 
 def _label(cmd: dimse.Command) -> str:

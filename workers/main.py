@@ -233,6 +233,7 @@ async def _amain(worker_id: int, ctrl_fd: int) -> int:
         cfg,
         evt_handlers=parse_bindings(handlers),
         telemetry=telemetry,
+        store_ops=telemetry.file_ops() if telemetry is not None else None,
         graceful_timeout=float(extra.get("graceful_timeout", 30.0)),
     )
     ctrl = socket.socket(fileno=ctrl_fd)

@@ -32,11 +32,19 @@ log = logging.getLogger("workers.server")
 
 
 class Telemetry(Protocol):
-    """Receives notification events for the metrics channel (see metrics/)."""
+    """Receives what the metrics channel counts (see workers/telemetry.py)."""
 
     def record(
         self, event: evt.NotificationEvent, protocol: AssociationProtocol, attrs: dict[str, Any]
     ) -> None: ...
+
+    def dimse(self, direction: int, command_field: int, status: int | None = None) -> None: ...
+
+    def stored(
+        self, protocol: AssociationProtocol, op: Operation, result: Any, duration_seconds: float
+    ) -> None: ...
+
+    def handler_error(self, event_name: str) -> None: ...
 
 
 class AssociationServer:

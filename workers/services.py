@@ -76,6 +76,8 @@ def serve(proto: AssociationProtocol, op: Operation) -> Step[None]:
         return None
     if op.status is not None:
         _respond(proto, op, op.status)
+        if cf == CF.C_STORE_RQ:
+            proto.store_done(op, StoreOutcome(op.status, 0))
         return None
     service = _SERVICES[event]
     return (yield from service(proto, op, event))
@@ -174,8 +176,11 @@ def _simple(proto: AssociationProtocol, op: Operation, event: evt.InterventionEv
         status, fields = status_of(result, failure)
     except Exception as exc:
         log.error("%s: %s handler failed: %r", proto.assoc.name, event.name, exc)
+        proto.handler_failed(event)
         status, fields = failure, {}
     _respond(proto, op, status, **fields)
+    if event is evt.EVT_C_STORE:
+        proto.store_done(op, StoreOutcome(status, op.spool.size if op.spool else 0))
     return None
 
 
@@ -198,6 +203,7 @@ def _n_service(
         )
     except Exception as exc:
         log.error("%s: %s handler failed: %r", proto.assoc.name, event.name, exc)
+        proto.handler_failed(event)
         status, data, ds = failure, None, None
     if event is evt.EVT_N_CREATE and op.command.AffectedSOPInstanceUID is None and ds is not None:
         created = getattr(ds, "SOPInstanceUID", None)
@@ -241,6 +247,7 @@ def _c_find(proto: AssociationProtocol, op: Operation, event: evt.InterventionEv
             return None
     except Exception as exc:
         log.error("%s: C-FIND handler failed: %r", proto.assoc.name, exc)
+        proto.handler_failed(event)
         _respond(proto, op, failure)
         return None
     _respond(proto, op, 0x0000)
@@ -355,6 +362,7 @@ def _retrieve(
         return None
     except Exception as exc:
         log.error("%s: %s failed: %r", proto.assoc.name, event.name, exc)
+        proto.handler_failed(event)
         if counts is not None:
             counts.final(proto, op, failure)
         else:
@@ -505,6 +513,16 @@ class _MoveSender:
 
 
 # ------------------------------------------------------------------- C-STORE
+
+
+class StoreOutcome:
+    """How a C-STORE not stored by the built-in store was answered (for metrics)."""
+
+    __slots__ = ("bytes_written", "status")
+
+    def __init__(self, status: int, bytes_written: int) -> None:
+        self.status = status
+        self.bytes_written = bytes_written
 
 
 def builtin_store(proto: AssociationProtocol, op: Operation) -> Step[None]:
