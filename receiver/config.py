@@ -58,6 +58,10 @@ class ReceiverConfig:
     log_format: str = "text"
     config: str | None = None
     backlog: int = 4096
+    #: the [identity] table of the config file (user identity policy), as read
+    identity: dict[str, Any] | None = None
+    #: directory relative paths in the config file are resolved against
+    config_dir: str | None = None
 
     def check(self) -> None:
         """Raise :class:`ConfigError` for the first value that cannot be used."""
@@ -118,6 +122,13 @@ class ReceiverConfig:
             )
         except ValueError as exc:
             raise ConfigError(f"--layout: {exc}") from None
+        if self.identity is not None:
+            from workers.identity import IdentityConfigError, IdentityPolicy
+
+            try:
+                IdentityPolicy.from_settings(self.identity_settings())
+            except (IdentityConfigError, OSError) as exc:
+                raise ConfigError(f"--config [identity]: {exc}") from None
         if self.handlers:
             from workers.handlers import parse_bindings
 
@@ -125,6 +136,14 @@ class ReceiverConfig:
                 parse_bindings(self.handlers)
             except (ValueError, ImportError, AttributeError) as exc:
                 raise ConfigError(f"--handler: {exc}") from None
+
+    def identity_settings(self) -> Any:
+        """The [identity] table as workers.identity.IdentitySettings (None if absent)."""
+        if self.identity is None:
+            return None
+        from workers.identity import IdentitySettings
+
+        return IdentitySettings.from_mapping(self.identity, base_dir=self.config_dir)
 
     def syntaxes(self) -> dict[str, tuple[str, ...]]:
         """The acceptor's abstract -> transfer syntax policy."""
@@ -167,12 +186,17 @@ def load_toml(path: str) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"--config: {path} is not valid TOML: {exc}") from None
     section = data.get("receiver", data)
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"config_dir": os.path.dirname(os.path.abspath(path))}
+    identity = data.get("identity", section.get("identity"))
+    if identity is not None:
+        if not isinstance(identity, dict):
+            raise ConfigError(f"--config: {path}: [identity] must be a table")
+        out["identity"] = identity
     for key, value in section.items():
-        if key == "receiver" and isinstance(value, dict):
+        if key in ("receiver", "identity") and isinstance(value, dict):
             continue
         name = key.replace("-", "_")
-        if name not in _FIELDS or name == "config":
+        if name not in _FIELDS or name in ("config", "config_dir"):
             raise ConfigError(f"--config: {path}: unknown setting {key!r}")
         out[name] = value
     return out
@@ -198,6 +222,8 @@ def build(file_values: dict[str, Any], flag_values: dict[str, Any]) -> ReceiverC
 
 
 def _coerce(default: Any, value: Any) -> Any:
+    if isinstance(value, dict):  # a table ([identity]) is kept as it is
+        return value
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value

@@ -125,9 +125,12 @@ class Rejector(asyncio.Protocol):
         while (ev := self.conn.next_event()) is not NEED_DATA:
             if isinstance(ev, AssociateIndication):
                 log.warning(
-                    "rejecting association from %r to %r: local limit exceeded",
+                    "rejecting association from %r to %r: %s",
                     ev.request.calling_ae,
                     ev.request.called_ae,
+                    "temporary congestion"
+                    if self.rj.reason == p.RejectReason.TEMPORARY_CONGESTION
+                    else "local limit exceeded",
                 )
                 self.conn.reject(self.rj)
         out = self.conn.data_to_send()
@@ -201,6 +204,7 @@ class Supervisor:
             "handler_timeout": cfg.dimse_timeout,
             "max_async_ops": cfg.max_async_ops,
             "handlers": list(cfg.handlers),
+            "identity": cfg.identity_settings().to_dict() if cfg.identity else None,
             "extra": {
                 "graceful_timeout": cfg.graceful_timeout,
                 "metrics_socket": self.metrics_socket if cfg.metrics_port else None,
@@ -367,11 +371,7 @@ class Supervisor:
                 kind, message = None, None
             if kind is None:
                 # The worker is gone (or closed its channel); _tick reaps it.
-                assert self.loop is not None
-                try:
-                    self.loop.remove_reader(ctrl.fileno())
-                except (ValueError, OSError):
-                    pass
+                self._channel_lost(slot)
                 return
             if message is None:
                 continue
@@ -385,6 +385,21 @@ class Supervisor:
                     ae = slot.assigned.pop(connection_id, None)
                     if ae is not None:
                         self._ae_closed(ae)
+
+    def _channel_lost(self, slot: WorkerSlot) -> None:
+        """The worker's end of its control channel closed: it died or is exiting.
+        Stop handing it connections at once (in the up to TICK seconds before _tick
+        reaps it, every connection would otherwise go to it and be refused); its
+        assigned connections stay counted until it is reaped."""
+        ctrl, slot.ctrl = slot.ctrl, None
+        if ctrl is None:
+            return
+        assert self.loop is not None
+        try:
+            self.loop.remove_reader(ctrl.fileno())
+        except (ValueError, OSError):
+            pass
+        ctrl.close()
 
     def _ae_closed(self, ae: str) -> None:
         if ae:
@@ -537,23 +552,33 @@ class Supervisor:
     def _hand_off(
         self, slot: WorkerSlot, socks: list[socket.socket], ids: list[int], aes: list[str]
     ) -> None:
-        ctrl = slot.ctrl
         for start in range(0, len(socks), control.MAX_FDS_PER_MESSAGE):
             part = socks[start : start + control.MAX_FDS_PER_MESSAGE]
             part_ids = ids[start : start + control.MAX_FDS_PER_MESSAGE]
+            part_aes = aes[start : start + control.MAX_FDS_PER_MESSAGE]
             try:
+                ctrl = slot.ctrl
                 if ctrl is None:
-                    raise OSError("worker channel closed")
+                    raise ConnectionResetError("worker channel closed")
                 control.send_connections(ctrl, [s.fileno() for s in part], part_ids)
             except OSError as exc:
-                # The worker is gone or its channel is full: answer these ourselves.
+                if not isinstance(exc, BlockingIOError):
+                    # EPIPE ...: the worker died and is not reaped yet. Another one
+                    # serves these (each failure closes a channel: this ends).
+                    self._channel_lost(slot)
+                    other = self._pick()
+                    if other is not None:
+                        self._hand_off(other, part, part_ids, part_aes)
+                        continue
+                # The channel is full, or no worker is left: answer these ourselves.
                 log.warning(
                     "cannot hand %d connection(s) to worker %d: %s", len(part), slot.index, exc
                 )
-                for sock in part:
+                for sock, ae in zip(part, part_aes, strict=False):
+                    self._ae_closed(ae)  # counted by _admit_by_ae, never assigned
                     self._reject(sock, transient_reason=p.RejectReason.TEMPORARY_CONGESTION)
                 continue
-            for sock, connection_id, ae in zip(part, part_ids, aes[start:], strict=False):
+            for sock, connection_id, ae in zip(part, part_ids, part_aes, strict=False):
                 slot.assigned[connection_id] = ae
                 sock.close()
 

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .engine import acse
 from .engine.connection import EngineConfig
 from .storage.config import StorageConfig
+
+if TYPE_CHECKING:
+    from .identity import IdentitySettings
 
 
 @dataclass(slots=True)
@@ -51,6 +55,8 @@ class WorkerConfig:
     read_high_water: int = 8 * 1024 * 1024
     #: largest asynchronous operations window granted (invoked, performed)
     max_async_ops: int = 1
+    #: the built-in user identity policy (EVT_USER_ID); None: identity not checked
+    identity: IdentitySettings | None = None
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(

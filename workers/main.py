@@ -42,7 +42,12 @@ def worker_config_from_json(text: str) -> tuple[WorkerConfig, list[str], dict[st
     extra = data.pop("extra", {})
     syntaxes = {k: tuple(v) for k, v in data.pop("syntaxes").items()}
     allowed = data.pop("allowed_calling_aes", None)
+    identity = data.pop("identity", None)
     cfg = WorkerConfig(storage=storage, syntaxes=syntaxes, **data)
+    if identity is not None:
+        from .identity import IdentitySettings
+
+        cfg.identity = IdentitySettings.from_mapping(identity)
     if allowed is not None:
         cfg.allowed_calling_aes = frozenset(allowed)
     return cfg, handlers, extra

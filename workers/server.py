@@ -23,6 +23,7 @@ from .engine import acse
 from .engine import events as evt
 from .engine import pdu as p
 from .handlers import HandlerCaller, HandlerRegistry
+from .identity import IdentityPolicy
 from .storage.store import Store, StoreResult
 
 if TYPE_CHECKING:
@@ -62,6 +63,12 @@ class AssociationServer:
         self.config = config
         self.policy = config.acceptor_policy()
         self.registry = HandlerRegistry()
+        self.identity: IdentityPolicy | None = None
+        if config.identity is not None:
+            # Bound first, so that a user's own EVT_USER_ID handler replaces it. Not
+            # inline: each check derives a key on purpose (~50 ms), in the pool.
+            self.identity = IdentityPolicy.from_settings(config.identity)
+            self.registry.bind(evt.EVT_USER_ID, self.identity.handler)
         self.registry.bind_all(evt_handlers)
         self.caller = HandlerCaller(config.handler_timeout, config.handler_threads)
         self.store = Store(config.storage, ops=store_ops)
@@ -142,6 +149,12 @@ class AssociationServer:
         cfg = self.config
         if not self.accepting:
             return acse.reject_local_limit()
+        if self.identity is not None:
+            # Checked here, whoever handles EVT_USER_ID: a calling AE that must
+            # identify itself and sends no user identity item is refused outright.
+            refusal = self.identity.missing_identity(rq)
+            if refusal is not None:
+                return refusal
         if cfg.max_associations and len(self.established) >= cfg.max_associations:
             log.warning(
                 "association limit %d reached: rejecting %r", cfg.max_associations, rq.calling_ae
