@@ -21,6 +21,7 @@ from workers.engine.primitives import (
     AssociateRejected,
     CommandReceived,
     DataSetReceived,
+    PDUReceived,
     Released,
     ReleaseRequested,
 )
@@ -428,3 +429,24 @@ def test_fragments_are_even_for_an_odd_maximum(max_pdu: int) -> None:
         offset += 6 + pdu_length
     assert sum(lengths) == 40000
     assert all(n % 2 == 0 for n in lengths), lengths
+
+
+def test_traced_pdata_is_reported_whole() -> None:
+    """With PDU tracing on (a bound EVT_PDU_RECV), a streamed P-DATA-TF is still
+    reported as the decoded PDU once it has gone through."""
+    conn = established_acceptor(EngineConfig(trace_pdus=True))
+    drain(conn)
+    wire = pdata((1, 1, ECHO_RAW[:10]), (1, 3, ECHO_RAW[10:]))
+    for i in range(len(wire)):  # byte by byte, to cross every boundary
+        conn.receive_data(wire[i : i + 1])
+    events = drain(conn)
+    traced = [e for e in events if isinstance(e, PDUReceived)]
+    assert len(traced) == 1 and isinstance(traced[0].pdu, p.PDataTF)
+    assert [pdv.data for pdv in traced[0].pdu.pdvs] == [ECHO_RAW[:10], ECHO_RAW[10:]]
+    assert any(isinstance(e, CommandReceived) for e in events)
+
+
+def test_command_set_for_pynetdicom_style_handlers() -> None:
+    cmd = dimse.Command(dimse.CommandField.C_ECHO_RQ, MessageID=5, AffectedSOPClassUID=VERIFICATION)
+    assert cmd.command_set.MessageID == 5
+    assert cmd.command_set.AffectedSOPClassUID == VERIFICATION

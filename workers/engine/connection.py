@@ -169,6 +169,8 @@ class Connection:
         self._pdv_command = False
         self._pdv_last = False
         self._ignore_pdata = False  # AA-6: a P-DATA-TF in Sta13 is skipped
+        self._trace_body: bytearray | None = None  # P-DATA body copy, only when tracing
+        self._trace_length = 0
 
         self._msg_context = 0  # context of the message being received, 0 if none
         self._command_buf = bytearray()
@@ -662,7 +664,10 @@ class Connection:
                 self._start += 6
                 self.pdus_received[pdu_type] += 1
                 if self.config.trace_pdus:
-                    events.append(PDUReceived(pdu_type, length, None))
+                    # Only while someone listens: keep a copy of the body so that the
+                    # whole PDU can be reported once it has streamed through.
+                    self._trace_body = bytearray()
+                    self._trace_length = length
                 self._fire(Event.EVT10, length=length)
                 continue
             event = _CONTROL_PDU_EVENTS.get(pdu_type)
@@ -714,6 +719,8 @@ class Connection:
             )
             return
         item_length, context_id, control = _PDV_HEADER.unpack_from(self._buf, self._start)
+        if self._trace_body is not None:
+            self._trace_body += self._buf[self._start : self._start + 6]
         self._start += 6
         self._pdata_left -= 6
         if item_length < 2 or item_length - 2 > self._pdata_left:
@@ -760,6 +767,8 @@ class Connection:
     def _fragment(self, start: int, n: int) -> bool:
         """Hand on ``n`` fragment bytes at ``start`` of the buffer, without copying them
         when a sink takes them. False when that was a protocol fault."""
+        if self._trace_body is not None:
+            self._trace_body += self._buf[start : start + n]
         if self._ignore_pdata:
             return True
         view = memoryview(self._buf)[start : start + n]
@@ -791,6 +800,13 @@ class Connection:
         ignored = self._ignore_pdata
         if self._pdata_left == 0:
             self._ignore_pdata = False
+            if self._trace_body is not None:
+                body, self._trace_body = bytes(self._trace_body), None
+                try:
+                    traced: p.PDU | None = p.decode(p.PDUType.P_DATA_TF, body)
+                except Exception:  # reported as it came; the PDVs were checked already
+                    traced = None
+                self._events.append(PDUReceived(p.PDUType.P_DATA_TF, self._trace_length, traced))
         if not self._pdv_last or ignored or self._msg_context == 0:
             return
         context_id = self._msg_context

@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import IntEnum
 from operator import attrgetter
-from typing import Protocol
+from typing import Any, Protocol
 
 __all__ = [
     "CONTROL_COMMAND",
@@ -160,6 +160,18 @@ class Command:
     MoveOriginatorMessageID: int | None = None
     #: group-0000 elements this codec does not know: tag -> raw value, kept in order
     extra: dict[int, bytes] = field(default_factory=dict)
+
+    @property
+    def command_set(self) -> Any:
+        """The command set as a pydicom Dataset, built on demand: pynetdicom's
+        ``message.command_set``, for handlers of EVT_DIMSE_RECV/SENT written for it."""
+        from io import BytesIO
+
+        from pydicom.filereader import read_dataset
+
+        return read_dataset(
+            BytesIO(encode_command(self)), is_implicit_VR=True, is_little_endian=True
+        )
 
     @property
     def has_dataset(self) -> bool:
