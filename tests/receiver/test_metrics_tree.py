@@ -19,9 +19,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydicom import examples
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from tests.receiver.conftest import dcmtk
+
+# DCMTK's own binaries, not pynetdicom's apps of the same names in .venv/bin.
+STORESCU = dcmtk("storescu")
+ECHOSCU = dcmtk("echoscu")
 pytestmark = pytest.mark.skipif(
-    not any(os.access(os.path.join(d, "storescu"), os.X_OK) for d in os.environ["PATH"].split(":")),
-    reason="DCMTK storescu is not installed (make test installs it)",
+    STORESCU is None or ECHOSCU is None,
+    reason="DCMTK storescu/echoscu are not installed (make test installs them)",
 )
 
 BIN = Path(sys.executable).parent
@@ -109,7 +114,7 @@ def receiver(tmp_path: Path):  # type: ignore[no-untyped-def]
         wait_for(
             lambda: (
                 subprocess.run(
-                    ["echoscu", "127.0.0.1", str(port)], capture_output=True, timeout=10
+                    [str(ECHOSCU), "127.0.0.1", str(port)], capture_output=True, timeout=10
                 ).returncode
                 == 0
             ),
@@ -130,7 +135,7 @@ def receiver(tmp_path: Path):  # type: ignore[no-untyped-def]
 def storescu(port: int, files: list[Path]) -> None:
     env = dict(os.environ, TCP_NODELAY="1")
     result = subprocess.run(
-        ["storescu", "127.0.0.1", str(port), *map(str, files)],
+        [str(STORESCU), "127.0.0.1", str(port), *map(str, files)],
         capture_output=True,
         timeout=60,
         env=env,
@@ -170,7 +175,7 @@ def test_counts_are_exact_across_workers(  # type: ignore[no-untyped-def]
     for _ in range(2):
         pair = [
             subprocess.Popen(
-                ["storescu", "127.0.0.1", str(port), *map(str, files)],
+                [str(STORESCU), "127.0.0.1", str(port), *map(str, files)],
                 env=dict(os.environ, TCP_NODELAY="1"),
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
