@@ -73,6 +73,32 @@ _STATUS_CANNOT_UNDERSTAND = 0xC000
 _STATUS_OUT_OF_RESOURCES = 0xA700
 
 
+class _BorrowedSocket(socket.socket):
+    """A socket object over the transport's fd that never closes it.
+
+    uvloop's ``get_extra_info("socket")`` hands out a pseudo-socket whose every
+    ``setsockopt`` builds a throwaway ``socket.socket`` (a ``getsockname`` syscall and
+    an object per call); re-arming TCP_QUICKACK after each read through it cost more
+    than the ``setsockopt`` itself. This one is made once per connection and detached
+    (never closed: the fd is the transport's) when the connection ends or the object
+    is collected.
+    """
+
+    def __del__(self) -> None:
+        self.detach()
+
+
+def _quickack_socket(sock: Any) -> Any:
+    """What to re-arm TCP_QUICKACK on: ``sock`` itself unless it is uvloop's
+    pseudo-socket, then a :class:`_BorrowedSocket` over its fd."""
+    if sock is None or isinstance(sock, socket.socket) or not hasattr(sock, "_make_sock"):
+        return sock
+    try:
+        return _BorrowedSocket(sock.family, sock.type, sock.proto, sock.fileno())
+    except (OSError, AttributeError, ValueError):
+        return sock
+
+
 class ServiceUser:
     """One end of the association, as handlers see it (``assoc.requestor``,
     ``assoc.acceptor``), with pynetdicom's attribute names."""
@@ -216,7 +242,11 @@ class Spool:
     __slots__ = ("error", "fd", "path", "size")
 
     def __init__(self, directory: str) -> None:
-        self.fd, self.path = tempfile.mkstemp(dir=directory, suffix=".spool")
+        # "<pid>-..." like the store's temp files: the sweep of a dead worker's files
+        # (workers/storage/sweep.py) must recognise a live worker's spool as owned.
+        self.fd, self.path = tempfile.mkstemp(
+            dir=directory, prefix=f"{os.getpid()}-", suffix=".spool"
+        )
         self.size = 0
         #: the write error (ENOSPC ...) that made the spool give up, if any
         self.error: OSError | None = None
@@ -266,6 +296,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self.assoc = Association(self, self.registry)
         self.transport: asyncio.Transport | None = None
         self._sock: Any = None
+        self._quickack_sock: Any = None
         self._reading_paused = False
         self._closing = False
         self._lost = False
@@ -298,6 +329,8 @@ class AssociationProtocol(asyncio.BufferedProtocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
+            if _QUICKACK is not None:
+                self._quickack_sock = _quickack_socket(sock)
         peer = transport.get_extra_info("peername") or ("", 0)
         local = transport.get_extra_info("sockname") or ("", 0)
         self.assoc.requestor.address, self.assoc.requestor.port = str(peer[0]), int(peer[1])
@@ -320,9 +353,10 @@ class AssociationProtocol(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         self.conn.buffer_updated(nbytes)
         self._last_rx = self.loop.time()
-        if _QUICKACK is not None and self._sock is not None:
+        qsock = self._quickack_sock
+        if qsock is not None:
             try:
-                self._sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+                qsock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
             except OSError:
                 pass
         if self._trace_data:
@@ -336,11 +370,17 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         if self._lost:
             return
         self._lost = True
+        self._release_quickack_socket()
         self.conn.connection_lost(self.loop.time())
         self._run()
         self._cleanup()
         self._emit(evt.EVT_CONN_CLOSE, {})
         self.server.connection_closed(self)
+
+    def _release_quickack_socket(self) -> None:
+        qsock, self._quickack_sock = self._quickack_sock, None
+        if isinstance(qsock, _BorrowedSocket):
+            qsock.detach()
 
     def pause_writing(self) -> None:
         """The peer reads slower than we answer: operations that produce many

@@ -1416,3 +1416,21 @@ def test_status_codes() -> None:
     assert StoreStatus.DUPLICATE_REJECTED == 0x0111
     assert StoreStatus.INVALID_OBJECT_INSTANCE == 0x0117
     assert StoreStatus.OUT_OF_RESOURCES == 0xA700
+
+
+def test_sweep_keeps_live_owners_spool_and_removes_dead_ones(tmp_path: Path) -> None:
+    """A user-handler spool of a live worker survives a sweep run when another worker
+    died; the dead worker's go."""
+    from workers.association import Spool
+    from workers.storage.sweep import sweep_incoming
+
+    incoming = tmp_path / ".incoming"
+    incoming.mkdir()
+    live = Spool(str(incoming))
+    dead = incoming / "999999999-abc.spool"  # no such pid
+    dead.write_bytes(b"x")
+    try:
+        assert sweep_incoming(tmp_path, 0) == 1
+        assert os.path.exists(live.path) and not dead.exists()
+    finally:
+        live.close()
