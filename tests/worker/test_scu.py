@@ -16,7 +16,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -441,6 +441,143 @@ def test_store_large_file_in_small_pdus(scp: PynetdicomSCP, tmp_path: Path) -> N
     run(main)
     (received,) = scp.received
     assert received.data == raw
+
+
+def _buffers(raw: bytes, block: int) -> list[bytes | bytearray | memoryview]:
+    """``raw`` as several buffers of every kind: a head copy, an empty buffer, views
+    of ``raw`` (one of 16-bit items), a bytearray; all but maybe the last even."""
+    view = memoryview(raw)
+    head = 1024
+    parts: list[bytes | bytearray | memoryview] = [bytes(raw[:head]), b""]
+    offset = head
+    kinds = 0
+    while offset < len(raw):
+        end = min(offset + block, len(raw))
+        piece = view[offset:end]
+        if kinds % 3 == 1 and end < len(raw):
+            parts.append(piece.cast("H"))  # len() counts items, nbytes the bytes
+        elif kinds % 3 == 2:
+            parts.append(bytearray(piece))
+        else:
+            parts.append(piece)
+        offset = end
+        kinds += 1
+    return parts
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_store_buffers_as_one_data_set(scp: PynetdicomSCP, loop: str) -> None:
+    """A data set given as a sequence of buffers arrives as their concatenation, also
+    when the transport pauses between them (6 MiB in 16 KiB PDUs); the association
+    goes on normally after it."""
+    scp.received.clear()
+    big = encode(make_dataset(EXPLICIT_LE, n=60, pixel_bytes=6 * 1024 * 1024), EXPLICIT_LE)
+    small = encode(make_dataset(IMPLICIT_LE, n=61), IMPLICIT_LE)
+    sent: dict[str, tuple[str, Sequence[bytes | bytearray | memoryview]]] = {
+        "1.2.826.0.1.60": (EXPLICIT_LE, _buffers(big, 1024 * 1024)),
+        "1.2.826.0.1.61": (IMPLICIT_LE, _buffers(small, 100)),
+        "1.2.826.0.1.62": (EXPLICIT_LE, (b"\x08\x00" * 8, b"odd")),  # the last may be odd
+        "1.2.826.0.1.63": (EXPLICIT_LE, [small]),  # one buffer
+        "1.2.826.0.1.64": (EXPLICIT_LE, [b"", memoryview(small), b""]),
+    }
+
+    async def main() -> None:
+        async with await _associate(scp.port, [*STORE_CONTEXTS, Requested(VERIFICATION)]) as assoc:
+            for uid, (ts, parts) in sent.items():
+                rsp = await assoc.send_c_store(
+                    parts, sop_class_uid=SC_IMAGE, sop_instance_uid=uid, transfer_syntax=ts
+                )
+                assert rsp.Status == 0x0000
+                assert rsp.AffectedSOPInstanceUID == uid
+                assert assoc.outstanding == 0
+            assert await assoc.send_c_echo() == 0x0000
+
+    run(main, loop)
+    got = {r.sop_instance: r for r in scp.received}
+    assert set(got) == set(sent)
+    for uid, (ts, parts) in sent.items():
+        assert got[uid].data == b"".join(bytes(p) for p in parts)
+        assert got[uid].transfer_syntax == ts
+    assert got["1.2.826.0.1.60"].data == big
+
+
+def test_store_buffers_odd_length_rule(scp: PynetdicomSCP) -> None:
+    """Every buffer but the last must have an even length (fragments stay even; odd
+    buffers are not coalesced): otherwise ValueError before anything is sent."""
+    scp.received.clear()
+    uid = "1.2.826.0.1.70"
+    kw: dict[str, Any] = {
+        "sop_class_uid": SC_IMAGE,
+        "sop_instance_uid": uid,
+        "transfer_syntax": EXPLICIT_LE,
+    }
+
+    async def main() -> None:
+        async with await _associate(scp.port, [*STORE_CONTEXTS, Requested(VERIFICATION)]) as assoc:
+            for parts in (
+                [b"abc", b"de"],
+                (b"ab", memoryview(b"xyz"), b"cd"),
+                [b"abc", b"", b"de"],  # empty buffers do not hide an odd one
+            ):
+                with pytest.raises(ValueError, match="has an odd length"):
+                    await assoc.send_c_store_nowait(parts, **kw)
+                assert assoc.outstanding == 0
+            with pytest.raises(TypeError, match="not bytes-like"):
+                await assoc.send_c_store([b"ab", "cd"], **kw)  # type: ignore[list-item]
+            with pytest.raises(ValueError, match="required"):
+                await assoc.send_c_store([b"ab", b"cd"], sop_class_uid=SC_IMAGE)
+            # nothing went out: the association is intact, and an odd last buffer is fine
+            assert assoc.is_established
+            assert await assoc.send_c_echo() == 0x0000
+            assert (await assoc.send_c_store([b"ab", b"cde", b""], **kw)).Status == 0x0000
+
+    run(main)
+    (received,) = scp.received
+    assert received.data == b"abcde"
+
+
+def test_store_buffers_are_never_interleaved_with_other_messages() -> None:
+    """While a multi-buffer data set waits for the transport to drain, concurrent
+    requests (the window allows them) wait for its end: the peer sees each message
+    whole, or its engine would abort the association."""
+    window = 4
+    got: dict[str, bytes] = {}
+
+    def store(conn: EngineSCPConnection, command: dimse.Command, data: Any, ctx: int) -> None:
+        got[str(command.AffectedSOPInstanceUID)] = bytes(data)
+        conn.send(ctx, dimse.c_store_rsp(command, 0x0000))
+
+    big = os.urandom(16 * 1024 * 1024)
+    parts: list[bytes | memoryview] = [
+        big[:1000],
+        *(memoryview(big)[i : i + (3 << 20)] for i in range(1000, len(big), 3 << 20)),
+    ]
+    small = encode(make_dataset(), EXPLICIT_LE)
+
+    async def main() -> None:
+        async with EngineSCP(store, grant=AsyncOpsWindow(window, 1)) as peer:
+            async with await associate(
+                "127.0.0.1",
+                peer.port,
+                contexts=[Requested(SC_IMAGE, (EXPLICIT_LE,))],
+                async_ops=AsyncOpsWindow(window, 1),
+            ) as assoc:
+                kw: dict[str, Any] = {"sop_class_uid": SC_IMAGE, "transfer_syntax": EXPLICIT_LE}
+                big_task = asyncio.create_task(
+                    assoc.send_c_store(parts, sop_instance_uid="1.2.3.0", **kw)
+                )
+                await asyncio.sleep(0)  # the big one starts and pauses mid-message
+                assert assoc._stream_done is not None
+                smalls = [
+                    assoc.send_c_store(small, sop_instance_uid=f"1.2.3.{i}", **kw)
+                    for i in range(1, 6)
+                ]
+                statuses = [r.Status for r in await asyncio.gather(big_task, *smalls)]
+                assert statuses == [0] * 6
+
+    run(main)
+    assert got["1.2.3.0"] == big
+    assert all(got[f"1.2.3.{i}"] == small for i in range(1, 6))
 
 
 # ------------------------------------------------------------ C-FIND/GET/MOVE

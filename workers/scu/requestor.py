@@ -19,7 +19,10 @@ Messages are never interleaved on the wire (PS3.8 9.3.5: one message's fragments
 contiguous). Small messages are queued whole in one synchronous step, so they cannot
 be split. A Part 10 file larger than one read is streamed with awaits between chunks;
 while it is, ``_stream_done`` is set, new requests wait for it, and responses we owe
-the peer (C-GET sub-operations) are held back in ``_deferred`` until it is sent.
+the peer (C-GET sub-operations) are held back in ``_deferred`` until it is sent. A
+data set given as a sequence of buffers is queued by reference, one ``send_dataset``
+call per buffer; it holds the message open the same way only if the transport pauses
+before its last buffer is queued.
 
 Failures end every waiter: a peer A-ABORT, a closed transport, an ARTIM expiry and
 the DIMSE timeout all set ``_error`` and fail every pending future, slot waiter and
@@ -98,7 +101,11 @@ StoreHandler: TypeAlias = "Callable[[dimse.Command, bytes, PresentationContext],
 EventReportHandler: TypeAlias = (
     "Callable[[dimse.Command, bytes | None, PresentationContext], StatusResult]"
 )
-StoreSource: TypeAlias = "bytes | bytearray | memoryview | str | os.PathLike[str] | Dataset"
+Buffer: TypeAlias = "bytes | bytearray | memoryview"
+StoreSource: TypeAlias = (
+    "bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview]"
+    " | str | os.PathLike[str] | Dataset"
+)
 
 
 # -------------------------------------------------------------------- requestor
@@ -296,6 +303,16 @@ class Requestor:
 
         * bytes-like: an encoded data set, sent as is; ``sop_class_uid``,
           ``sop_instance_uid`` and ``transfer_syntax`` are required;
+        * a sequence (list, tuple...) of bytes-like buffers: one encoded data set
+          given in pieces (e.g. a patched header plus views of a shared pixel
+          block), sent as consecutive P-DATA fragments of the one message *by
+          reference*, without joining them; the UIDs and transfer syntax are required
+          as for bytes. Every buffer but the last must have an even length
+          (``ValueError`` otherwise, before anything is sent): fragments must be
+          even (DCMTK aborts on an odd one), and the buffers are not coalesced, as
+          that would copy. Empty buffers are skipped. The buffers must stay
+          unchanged until sent (the transport may hold them until the kernel took
+          them): immutable ``bytes`` and views of them are safe;
         * a path: a DICOM Part 10 file. Its meta information gives the UIDs and the
           transfer syntax (arguments given anyway must agree); the data set is sent
           as stored, streamed from the file when large so memory stays bounded;
@@ -342,6 +359,23 @@ class Requestor:
                 )
             context = self.context_for(sop_class_uid, transfer_syntax)
             return await self._store(context, sop_class_uid, sop_instance_uid, data, *options)
+        if isinstance(data, list | tuple) or (
+            isinstance(data, Sequence) and not isinstance(data, str)
+        ):
+            if sop_class_uid is None or sop_instance_uid is None or transfer_syntax is None:
+                raise ValueError(
+                    "sop_class_uid, sop_instance_uid and transfer_syntax are required "
+                    "when the data set is given as buffers"
+                )
+            parts = _even_parts(data)
+            context = self.context_for(sop_class_uid, transfer_syntax)
+            if len(parts) <= 1:  # one message queued whole: the plain path
+                whole = parts[0] if parts else b""
+                return await self._store(context, sop_class_uid, sop_instance_uid, whole, *options)
+            command = dimse.c_store_rq(0, sop_class_uid, sop_instance_uid, *options)
+            op = self._new_single(context, with_data=False)
+            await self._send_parts(context, command, parts, op)
+            return op.future
         if isinstance(data, str | os.PathLike):
             path = os.fspath(data)
             with store.open_part10(path, sop_class_uid, sop_instance_uid, transfer_syntax) as src:
@@ -357,7 +391,9 @@ class Requestor:
         from pydicom.dataset import Dataset  # only on this convenience path
 
         if not isinstance(data, Dataset):
-            raise TypeError(f"cannot C-STORE a {type(data).__name__}: bytes, path or Dataset")
+            raise TypeError(
+                f"cannot C-STORE a {type(data).__name__}: bytes, buffers, path or Dataset"
+            )
         sop_class_uid = sop_class_uid or str(data.SOPClassUID)
         sop_instance_uid = sop_instance_uid or str(data.SOPInstanceUID)
         context = store.dataset_context(
@@ -393,6 +429,68 @@ class Requestor:
         op = self._new_single(context, with_data=False)
         await self._request(context, build, data, op)
         return op.future
+
+    async def _send_parts(
+        self,
+        context: PresentationContext,
+        command: dimse.Command,
+        parts: Sequence[Buffer],
+        op: _Single,
+    ) -> None:
+        """Send ``command``, then ``parts`` as the consecutive fragments of its data set.
+
+        Each part goes to the engine by reference (``send_dataset(..., last=False)``
+        but for the last part). While nothing pauses the transport the whole message
+        is queued in one synchronous step, like :meth:`_request`. When it pauses
+        between parts, the message is held open as in :meth:`_stream`:
+        ``_stream_done`` is set so that no other request, and no response we owe the
+        peer, is interleaved into it (PS3.8 9.3.5), until the last part is queued and
+        drained; the DIMSE timeout counts from the end of sending. A failure in the
+        middle of the message aborts the association (it is cut short on the wire).
+        """
+        if (
+            self._stream_done is not None
+            or len(self._pending) >= self._window
+            or self._error is not None
+            or self._releasing
+        ):
+            await self._ready_to_send()
+        # No await from the readiness check to the first drain: nothing can slip in.
+        loop = self._loop
+        protocol = self._protocol
+        conn = self._conn
+        message_id = self._next_message_id()
+        command.MessageID = message_id
+        raw = dimse.encode_command(command)  # may raise: nothing registered or sent yet
+        self._register(message_id, op)
+        done: asyncio.Future[None] | None = None
+        last = len(parts) - 1
+        sent = -1  # index of the last part queued
+        try:
+            conn.send_command(context.id, raw)
+            for i, part in enumerate(parts):
+                conn.send_dataset(context.id, part, last=i == last)
+                sent = i
+                protocol.flush()
+                if protocol.paused:
+                    if done is None and i < last:
+                        # Mid-message: nobody else may queue PDUs until the end is in.
+                        done = loop.create_future()
+                        self._stream_done = done
+                    await self._drain()
+            if done is not None:
+                self._progress_at = loop.time()  # the DIMSE timeout starts now
+        except BaseException as exc:
+            _orphan(op)
+            if sent < last and self._error is None:
+                # The message is cut short on the wire: the association cannot go on.
+                self._abort(AssociationAborted(f"aborted: C-STORE failed while sending: {exc!r}"))
+            raise
+        finally:
+            if done is not None:
+                self._stream_done = None
+                done.set_result(None)
+                self._flush_deferred()
 
     async def _stream(
         self,
@@ -1049,6 +1147,34 @@ def _handler_status(result: object) -> int:
         return status
     log.error("handler returned %r, not a status", result)
     return int(dimse.Status.HANDLER_STATUS_INVALID)
+
+
+def _even_parts(data: Sequence[object]) -> list[Buffer]:
+    """The non-empty buffers of ``data``, checked: each is bytes-like, and all but the
+    last have an even length (the engine sends each as whole, even fragments)."""
+    parts: list[Buffer] = []
+    odd = -1  # index (in ``data``) of the last odd-length buffer seen
+    for i, part in enumerate(data):
+        if isinstance(part, bytes | bytearray):
+            n = len(part)
+        elif isinstance(part, memoryview):
+            n = part.nbytes
+        else:
+            raise TypeError(
+                f"data set buffer {i} is a {type(part).__name__}, not bytes-like "
+                "(bytes, bytearray or memoryview)"
+            )
+        if n:
+            if odd >= 0:  # an odd buffer followed by more data
+                raise ValueError(
+                    "every data set buffer but the last must have an even length (P-DATA "
+                    f"fragments are kept even; join odd buffers first): buffer {odd} "
+                    "has an odd length"
+                )
+            if n & 1:
+                odd = i
+            parts.append(part)
+    return parts
 
 
 def _encode(data: Dataset | bytes | bytearray | memoryview, context: PresentationContext) -> bytes:
