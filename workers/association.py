@@ -66,6 +66,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("workers.association")
 
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+#: workers.services, imported on first use (it imports this module's types)
+_services: Any = None
 _STATUS_PROCESSING_FAILURE = 0x0110
 _STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 _STATUS_INVALID_OBJECT_INSTANCE = 0x0117
@@ -89,9 +91,10 @@ class _BorrowedSocket(socket.socket):
 
 
 def _quickack_socket(sock: Any) -> Any:
-    """What to re-arm TCP_QUICKACK on: ``sock`` itself unless it is uvloop's
-    pseudo-socket, then a :class:`_BorrowedSocket` over its fd."""
-    if sock is None or isinstance(sock, socket.socket) or not hasattr(sock, "_make_sock"):
+    """What to re-arm TCP_QUICKACK on: ``sock`` itself when it is a real socket,
+    else (uvloop's pseudo-socket, asyncio's TransportSocket) a
+    :class:`_BorrowedSocket` over its fd."""
+    if sock is None or isinstance(sock, socket.socket):
         return sock
     try:
         return _BorrowedSocket(sock.family, sock.type, sock.proto, sock.fileno())
@@ -902,8 +905,28 @@ class AssociationProtocol(asyncio.BufferedProtocol):
             synchronous[0] = False
 
     def _dispatch_operation(self, op: Operation) -> None:
-        from . import services
+        global _services
+        services = _services
+        if services is None:
+            from . import services as _imported
 
+            services = _services = _imported
+        writer = op.writer
+        if writer is not None and self.server.store.config.fsync == "never":
+            # The built-in C-STORE with a synchronous commit: what services.serve ->
+            # builtin_store would do through drive(), without a generator, closures
+            # and a list per instance (same order: commit, answer, then done).
+            error: BaseException | None = None
+            try:
+                services.answer_store(self, op, writer.commit())
+            except Exception as exc:
+                error = exc
+            try:
+                self._operation_done(op, error)
+            except Exception:
+                log.exception("%s: internal error after an operation", self.assoc.name)
+                self.abort_association(p.AbortSource.SERVICE_PROVIDER, 0, "internal error")
+            return
         self._start(services.serve(self, op), lambda result, error: self._operation_done(op, error))
 
     def _operation_done(self, op: Operation, error: BaseException | None) -> None:

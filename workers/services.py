@@ -30,6 +30,7 @@ from .handlers import DONE, Step, resolve
 
 if TYPE_CHECKING:
     from .association import AssociationProtocol, ContextInfo, Operation
+    from .storage.store import StoreResult
 
 log = logging.getLogger("workers.services")
 
@@ -529,12 +530,18 @@ def builtin_store(proto: AssociationProtocol, op: Operation) -> Step[None]:
     """The default C-STORE: commit the streamed temp file, then answer."""
     assert op.writer is not None
     result = yield from proto.commit_store(op)
-    fields = {}
-    if result.comment and not result.ok:
-        fields["ErrorComment"] = result.comment[:64]
-    _respond(proto, op, result.status, **fields)
-    proto.store_done(op, result)
+    answer_store(proto, op, result)
     return None
+
+
+def answer_store(proto: AssociationProtocol, op: Operation, result: StoreResult) -> None:
+    """Answer a committed built-in C-STORE (the last part of :func:`builtin_store`;
+    called directly when the commit is synchronous, see ``AssociationProtocol``)."""
+    if result.comment and not result.ok:
+        _respond(proto, op, result.status, ErrorComment=result.comment[:64])
+    else:
+        _respond(proto, op, result.status)
+    proto.store_done(op, result)
 
 
 _SERVICES: dict[evt.InterventionEvent, Callable[..., Step[None]]] = {

@@ -97,6 +97,16 @@ log = logging.getLogger(__name__)
 # One sequence for every Store in the process: temp names are <pid>-<n>.part, unique
 # across processes (pid) and within one (n). next() on a count is atomic in CPython.
 _temp_seq = itertools.count()
+# The pid part, kept current across fork() (a getpid syscall per instance otherwise).
+_temp_prefix = f"{os.getpid()}-"
+
+
+def _reset_temp_prefix() -> None:
+    global _temp_prefix
+    _temp_prefix = f"{os.getpid()}-"
+
+
+os.register_at_fork(after_in_child=_reset_temp_prefix)
 
 
 class StoreStatus(IntEnum):
@@ -202,9 +212,9 @@ class Store:
 
     def _open_temp(self) -> tuple[int, str]:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        pid = os.getpid()
+        base = self._incoming + os.sep + _temp_prefix
         for _ in range(8):
-            path = os.path.join(self._incoming, f"{pid}-{next(_temp_seq)}{TEMP_SUFFIX}")
+            path = f"{base}{next(_temp_seq)}{TEMP_SUFFIX}"
             try:
                 return self._ops.open(path, flags, self.config.file_mode), path
             except FileExistsError:
