@@ -25,6 +25,10 @@ the flag names, e.g.:
   storage = "/var/lib/dicom"
   workers = 4
   handlers = ["EVT_C_ECHO=mypackage.hooks:on_echo"]
+  allow-ip = ["10.0.0.0/8", "192.168.1.20"]
+
+  [ae-sources]          # calling AE title -> addresses/networks it may connect from
+  MODALITY = ["10.1.2.3", "10.1.3.0/24"]
 
 Signals: SIGTERM/SIGINT stop gracefully (open associations get --graceful-timeout
 seconds); SIGHUP re-reads --config and replaces the workers without dropping open
@@ -137,6 +141,18 @@ def make_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--calling-aes", help="comma-separated calling AE titles allowed (default: any)")
     g.add_argument(
+        "--allow-ip",
+        metavar="ADDRESSES",
+        help="comma-separated addresses or CIDR networks (IPv4/IPv6) that may connect; "
+        "any other peer is refused with A-ASSOCIATE-RJ (default: any)",
+    )
+    g.add_argument(
+        "--deny-ip",
+        metavar="ADDRESSES",
+        help="comma-separated addresses or CIDR networks refused with A-ASSOCIATE-RJ; "
+        "wins over --allow-ip. Per calling AE source addresses: [ae-sources] in --config",
+    )
+    g.add_argument(
         "--sop-classes",
         help="comma-separated SOP Class UIDs accepted (default: any; Verification always)",
     )
@@ -149,6 +165,35 @@ def make_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="EVT_NAME=MODULE:FUNCTION",
         help="bind a handler (repeatable), e.g. EVT_C_STORE=mypackage.hooks:on_store",
+    )
+
+    g = ap.add_argument_group(
+        "DICOM TLS (PS3.15 secure transport; the handshake runs in the worker)"
+    )
+    g.add_argument("--tls-cert", metavar="FILE", help="server certificate (PEM); turns TLS on")
+    g.add_argument(
+        "--tls-key", metavar="FILE", help="private key of --tls-cert (PEM; default: --tls-cert)"
+    )
+    g.add_argument(
+        "--tls-ca", metavar="FILE", help="CA bundle (PEM) client certificates are verified with"
+    )
+    g.add_argument(
+        "--tls-verify-client",
+        action="store_true",
+        default=None,
+        help="mutual TLS: refuse clients without a certificate --tls-ca vouches for",
+    )
+    g.add_argument(
+        "--tls-profile",
+        choices=("bcp195", "bcp195-nd", "bcp195-extended"),
+        help="'bcp195' (default): TLS 1.2+, BCP 195 cipher suites; 'bcp195-nd': "
+        "non-downgrading, TLS 1.2+ ECDHE/AEAD only; 'bcp195-extended': TLS 1.3 only",
+    )
+    g.add_argument(
+        "--tls-handshake-timeout",
+        type=float,
+        help=f"seconds a client gets to complete the handshake (default "
+        f"{d.tls_handshake_timeout:g})",
     )
 
     g = ap.add_argument_group("configuration and logs")

@@ -17,6 +17,8 @@ from typing import Any
 
 from workers.engine import acse
 
+from .access import AccessPolicy, parse_networks
+
 
 class ConfigError(ValueError):
     """A configuration value that cannot be used; the message says which and why."""
@@ -50,6 +52,11 @@ class ReceiverConfig:
     # who may associate and what they may send
     require_called_ae: bool = False
     calling_aes: list[str] = field(default_factory=list)
+    #: peer addresses or networks, checked by the acceptor; deny wins
+    allow_ip: list[str] = field(default_factory=list)
+    deny_ip: list[str] = field(default_factory=list)
+    #: the [ae-sources] table: calling AE title -> addresses/networks it may use
+    ae_sources: dict[str, list[str]] = field(default_factory=dict)
     sop_classes: list[str] = field(default_factory=list)
     transfer_syntaxes: list[str] = field(default_factory=list)
     # user handlers: "EVT_NAME=package.module:function"
@@ -58,6 +65,13 @@ class ReceiverConfig:
     log_format: str = "text"
     config: str | None = None
     backlog: int = 4096
+    # DICOM TLS (workers/tls.py): on when tls_cert is set
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    tls_verify_client: bool = False
+    tls_profile: str = "bcp195"
+    tls_handshake_timeout: float = 10.0
     #: the [identity] table of the config file (user identity policy), as read
     identity: dict[str, Any] | None = None
     #: directory relative paths in the config file are resolved against
@@ -68,6 +82,7 @@ class ReceiverConfig:
         _check_ae("ae-title", self.ae_title)
         for ae in self.calling_aes:
             _check_ae("calling-aes", ae)
+        self.access_policy()  # raises ConfigError on a bad address or network
         try:
             ipaddress.ip_address(self.host)
         except ValueError:
@@ -129,6 +144,7 @@ class ReceiverConfig:
                 IdentityPolicy.from_settings(self.identity_settings())
             except (IdentityConfigError, OSError) as exc:
                 raise ConfigError(f"--config [identity]: {exc}") from None
+        self._check_tls()
         if self.handlers:
             from workers.handlers import parse_bindings
 
@@ -136,6 +152,87 @@ class ReceiverConfig:
                 parse_bindings(self.handlers)
             except (ValueError, ImportError, AttributeError) as exc:
                 raise ConfigError(f"--handler: {exc}") from None
+
+    def access_policy(self) -> AccessPolicy:
+        """--allow-ip, --deny-ip and [ae-sources], parsed; ConfigError if unusable."""
+        for flag, values in (("allow-ip", self.allow_ip), ("deny-ip", self.deny_ip)):
+            try:
+                parse_networks(values)
+            except ValueError as exc:
+                raise ConfigError(f"--{flag}: {exc}") from None
+        if not isinstance(self.ae_sources, dict):
+            raise ConfigError("--config [ae-sources]: must be a table of AE title = [addresses]")
+        for ae, nets in self.ae_sources.items():
+            _check_ae("config [ae-sources]", str(ae))
+            if isinstance(nets, str) or not isinstance(nets, list):
+                raise ConfigError(
+                    f"--config [ae-sources]: {ae}: {nets!r} is not a list of addresses"
+                )
+            try:
+                parse_networks(nets)
+            except ValueError as exc:
+                raise ConfigError(f"--config [ae-sources]: {ae}: {exc}") from None
+        return AccessPolicy.build(self.allow_ip, self.deny_ip, self.ae_sources)
+
+    def _check_tls(self) -> None:
+        from workers.tls import PROFILES
+
+        if self.tls_profile not in PROFILES:
+            raise ConfigError(
+                f"--tls-profile: {self.tls_profile!r} is not one of {', '.join(PROFILES)}"
+            )
+        if not self.tls_handshake_timeout > 0:
+            raise ConfigError(
+                f"--tls-handshake-timeout: {self.tls_handshake_timeout} is not a positive "
+                "number of seconds"
+            )
+        if not self.tls_cert:
+            for flag, value in (
+                ("tls-key", self.tls_key),
+                ("tls-ca", self.tls_ca),
+                ("tls-verify-client", self.tls_verify_client),
+            ):
+                if value:
+                    raise ConfigError(f"--{flag}: needs --tls-cert (and --tls-key)")
+            return
+        if getattr(self, "ae_sources", None):
+            raise ConfigError(
+                "--config [ae-sources]: cannot be used with --tls-cert (the acceptor does "
+                "not see the calling AE title inside TLS)"
+            )
+        if self.tls_verify_client and not self.tls_ca:
+            raise ConfigError("--tls-verify-client: needs --tls-ca, the CA bundle to verify with")
+        for flag, path in (
+            ("tls-cert", self.tls_cert),
+            ("tls-key", self.tls_key or self.tls_cert),
+            ("tls-ca", self.tls_ca),
+        ):
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"--{flag}: {path}: no such file")
+        from workers.tls import server_context
+
+        try:
+            server_context(self.tls_settings())
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+            raise ConfigError(
+                f"--tls-cert/--tls-key/--tls-ca: cannot load {self.tls_cert}: {reason}"
+            ) from None
+
+    def tls_settings(self) -> Any:
+        """workers.tls.TlsSettings (absolute paths), or None without --tls-cert."""
+        if not self.tls_cert:
+            return None
+        from workers.tls import TlsSettings
+
+        return TlsSettings(
+            cert=os.path.abspath(self.tls_cert),
+            key=os.path.abspath(self.tls_key or self.tls_cert),
+            ca=os.path.abspath(self.tls_ca) if self.tls_ca else None,
+            verify_client=self.tls_verify_client,
+            profile=self.tls_profile,
+            handshake_timeout=self.tls_handshake_timeout,
+        )
 
     def identity_settings(self) -> Any:
         """The [identity] table as workers.identity.IdentitySettings (None if absent)."""
@@ -187,17 +284,24 @@ def load_toml(path: str) -> dict[str, Any]:
         raise ConfigError(f"--config: {path} is not valid TOML: {exc}") from None
     section = data.get("receiver", data)
     out: dict[str, Any] = {"config_dir": os.path.dirname(os.path.abspath(path))}
+    ae_sources = data.get("ae-sources", section.get("ae-sources"))
+    if ae_sources is not None:
+        if not isinstance(ae_sources, dict):
+            raise ConfigError(f"--config: {path}: [ae-sources] must be a table")
+        out["ae_sources"] = ae_sources
     identity = data.get("identity", section.get("identity"))
     if identity is not None:
         if not isinstance(identity, dict):
             raise ConfigError(f"--config: {path}: [identity] must be a table")
         out["identity"] = identity
     for key, value in section.items():
-        if key in ("receiver", "identity") and isinstance(value, dict):
+        if key in ("receiver", "identity", "ae-sources") and isinstance(value, dict):
             continue
         name = key.replace("-", "_")
         if name not in _FIELDS or name in ("config", "config_dir"):
             raise ConfigError(f"--config: {path}: unknown setting {key!r}")
+        if name in ("tls_cert", "tls_key", "tls_ca") and isinstance(value, str):
+            value = os.path.join(out["config_dir"], value)  # relative to the file
         out[name] = value
     return out
 
@@ -222,7 +326,7 @@ def build(file_values: dict[str, Any], flag_values: dict[str, Any]) -> ReceiverC
 
 
 def _coerce(default: Any, value: Any) -> Any:
-    if isinstance(value, dict):  # a table ([identity]) is kept as it is
+    if isinstance(value, dict):  # a table ([identity], [ae-sources]) is kept as it is
         return value
     if isinstance(default, bool):
         if isinstance(value, bool):

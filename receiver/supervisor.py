@@ -14,6 +14,10 @@ One uvloop event loop does four things:
   acceptor answers the association itself with A-ASSOCIATE-RJ (rejected-transient,
   service-provider presentation, local-limit-exceeded), using the same engine as
   the workers: the peer gets a protocol answer, never a silent close.
+* **who may connect**: ``--deny-ip`` / ``--allow-ip`` are applied to the peer address
+  at accept, ``[ae-sources]`` (calling AE -> source addresses) after the peek; a
+  refused peer gets A-ASSOCIATE-RJ (rejected-permanent, service-user, reason 1
+  no-reason-given or 3 calling-AE-title-not-recognized) the same way.
 * **supervise** (gunicorn's arbiter): workers and the metrics aggregator are child
   processes; one that exits is reaped, its exit named, and respawned with back-off
   so that a crash loop does not spin; a worker whose heartbeat (sent from its own
@@ -105,17 +109,38 @@ class WorkerSlot:
 
 
 class Rejector(asyncio.Protocol):
-    """Reads one A-ASSOCIATE-RQ and answers it with an A-ASSOCIATE-RJ."""
+    """Reads one A-ASSOCIATE-RQ and answers it with ``rj``; logs one line (peer,
+    AE titles, ``why``) and counts the RJ in ``telemetry`` (when metrics are on)."""
 
-    def __init__(self, rj: p.AssociateRJ, timeout: float) -> None:
+    def __init__(
+        self,
+        rj: p.AssociateRJ,
+        timeout: float,
+        why: str | None = None,
+        telemetry: Any = None,
+    ) -> None:
         self.rj = rj
         self.timeout = timeout
+        if why is None:
+            transient = rj.result == p.RejectResult.TRANSIENT
+            why = (
+                "temporary congestion"
+                if transient and rj.reason == p.RejectReason.TEMPORARY_CONGESTION
+                else "local limit exceeded"
+            )
+        self.why = why
+        self.telemetry = telemetry
+        self.peer = "?"
+        self.answered = False
         self.conn = Connection(Role.ACCEPTOR, EngineConfig(max_control_pdu_length=256 * 1024))
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in str(peer[0]) else f"{peer[0]}:{peer[1]}"
         loop = asyncio.get_running_loop()
         self.conn.connection_made(loop.time())
         self.timer = loop.call_later(self.timeout, transport.close)
@@ -123,16 +148,22 @@ class Rejector(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.conn.receive_data(data)
         while (ev := self.conn.next_event()) is not NEED_DATA:
-            if isinstance(ev, AssociateIndication):
+            if isinstance(ev, AssociateIndication) and not self.answered:
+                self.answered = True
+                calling, called = str(ev.request.calling_ae), str(ev.request.called_ae)
                 log.warning(
-                    "rejecting association from %r to %r: %s",
-                    ev.request.calling_ae,
-                    ev.request.called_ae,
-                    "temporary congestion"
-                    if self.rj.reason == p.RejectReason.TEMPORARY_CONGESTION
-                    else "local limit exceeded",
+                    "rejecting association from %r to %r (peer %s): %s",
+                    calling,
+                    called,
+                    self.peer,
+                    self.why,
                 )
                 self.conn.reject(self.rj)
+                if self.telemetry is not None:
+                    rj = self.rj
+                    self.telemetry.association_rejected(
+                        calling, called, int(rj.result), int(rj.source), int(rj.reason)
+                    )
         out = self.conn.data_to_send()
         if self.transport is not None:
             if out:
@@ -143,6 +174,10 @@ class Rejector(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:
             self.timer.cancel()
+        if not self.answered:
+            log.warning(
+                "refused connection from %s (%s): no A-ASSOCIATE-RQ came", self.peer, self.why
+            )
 
 
 class Supervisor:
@@ -155,6 +190,7 @@ class Supervisor:
         on_ready: Callable[[tuple[str, int]], None] | None = None,
     ) -> None:
         self.cfg = cfg
+        self.access = cfg.access_policy()
         self.reload_config = reload_config
         self.on_ready = on_ready
         self.slots: list[WorkerSlot] = []
@@ -205,6 +241,10 @@ class Supervisor:
             "max_async_ops": cfg.max_async_ops,
             "handlers": list(cfg.handlers),
             "identity": cfg.identity_settings().to_dict() if cfg.identity else None,
+            "tls": cfg.tls_settings().to_dict() if cfg.tls_cert else None,
+            # The acceptor cannot peek the calling AE title in TLS traffic: with TLS
+            # the per-AE limit is each worker's (after the handshake).
+            "max_associations_per_ae": cfg.max_associations_per_ae if cfg.tls_cert else 0,
             "extra": {
                 "graceful_timeout": cfg.graceful_timeout,
                 "metrics_socket": self.metrics_socket if cfg.metrics_port else None,
@@ -354,6 +394,13 @@ class Supervisor:
             f" with {lost} open connection(s)" if lost else "",
         )
         slot.restart_at = now + self._backoff(slot.failures)
+        if code != 0:
+            # A worker killed mid-write leaves its temp files: remove them now (only
+            # files of dead processes go; the other workers' are kept).
+            try:
+                sweep_incoming(os.path.abspath(self.cfg.storage), 0)
+            except OSError as exc:
+                log.warning("could not sweep the temp directory: %s", exc)
         if self.telemetry is not None and not (slot.draining or self.stopping):
             self.telemetry.worker_restarted(slot.index, describe_exit(code))
         return True
@@ -521,7 +568,7 @@ class Supervisor:
         batches: dict[int, tuple[WorkerSlot, list[socket.socket], list[int]]] = {}
         for _ in range(ACCEPT_BATCH):
             try:
-                sock, _addr = listener.accept()
+                sock, addr = listener.accept()
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
@@ -531,12 +578,18 @@ class Supervisor:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
+            if not self.access.address_allowed(addr[0]):
+                # Before any limit: a refused peer takes no one's place.
+                self._refuse(
+                    sock, p.RejectReason.NO_REASON, "address refused by --deny-ip/--allow-ip"
+                )
+                continue
             limit = self.cfg.max_associations
             if limit and self._open_total() + sum(len(b[1]) for b in batches.values()) >= limit:
                 self._reject(sock)
                 continue
-            if self.cfg.max_associations_per_ae:
-                self._track(asyncio.ensure_future(self._admit_by_ae(sock)))
+            if self.cfg.max_associations_per_ae or self.access.ae_sources:
+                self._track(asyncio.ensure_future(self._admit_by_ae(sock, addr[0])))
                 continue
             # Count this batch's picks too: a burst accepted in one go is spread.
             slot = self._pick({index: len(b[1]) for index, b in batches.items()})
@@ -582,11 +635,26 @@ class Supervisor:
                 slot.assigned[connection_id] = ae
                 sock.close()
 
-    async def _admit_by_ae(self, sock: socket.socket) -> None:
-        """Peek the calling AE title of the A-ASSOCIATE-RQ and apply the per-AE limit."""
+    async def _admit_by_ae(self, sock: socket.socket, host: str) -> None:
+        """Peek the calling AE title of the A-ASSOCIATE-RQ; apply [ae-sources] and the
+        per-AE limit, then (again: others were admitted during the peek) the total."""
         assert self.loop is not None
         ae = await self._peek_calling_ae(sock)
-        if ae is not None and self.per_ae[ae] >= self.cfg.max_associations_per_ae:
+        # Fail closed: an AE title that could not be read might be a restricted one.
+        if self.access.ae_sources and (ae is None or not self.access.ae_source_allowed(ae, host)):
+            why = (
+                "calling AE title could not be read"
+                if ae is None
+                else f"calling AE {ae!r} not allowed from {host} by [ae-sources]"
+            )
+            self._refuse(sock, p.RejectReason.CALLING_AE_NOT_RECOGNIZED, why)
+            return
+        limit_per_ae = self.cfg.max_associations_per_ae
+        if limit_per_ae and ae is not None and self.per_ae[ae] >= limit_per_ae:
+            self._reject(sock)
+            return
+        limit = self.cfg.max_associations
+        if limit and self._open_total() >= limit:
             self._reject(sock)
             return
         slot = self._pick()
@@ -601,6 +669,8 @@ class Supervisor:
         """The Calling AE Title (bytes 26..42 of an A-ASSOCIATE-RQ), read with MSG_PEEK
         so the worker still receives the whole PDU; None if it does not come in time."""
         assert self.loop is not None
+        if self.cfg.tls_cert:
+            return None  # a TLS ClientHello: the AE title is the workers' to see
         deadline = self.loop.time() + PEEK_TIMEOUT
         sock.setblocking(False)
         while self.loop.time() < deadline:
@@ -631,20 +701,51 @@ class Supervisor:
         return None
 
     def _reject(
-        self, sock: socket.socket, transient_reason: int = p.RejectReason.LOCAL_LIMIT_EXCEEDED
+        self,
+        sock: socket.socket,
+        transient_reason: int = p.RejectReason.LOCAL_LIMIT_EXCEEDED,
+        *,
+        rj: p.AssociateRJ | None = None,
+        why: str | None = None,
     ) -> None:
+        """Answer ``sock``'s A-ASSOCIATE-RQ with ``rj`` (default: rejected-transient,
+        service-provider presentation, ``transient_reason``) instead of a worker."""
         self.rejected += 1
-        rj = p.AssociateRJ(
-            p.RejectResult.TRANSIENT, p.RejectSource.SERVICE_PROVIDER_PRESENTATION, transient_reason
-        )
+        if self.cfg.tls_cert:
+            # The acceptor does not speak TLS (the handshake is the workers'): an
+            # A-ASSOCIATE-RJ in clear text would be garbage to the client. Close.
+            try:
+                host, port = sock.getpeername()[:2]
+                peer = f"{host}:{port}"
+            except OSError:
+                peer = "?"
+            log.info("refusing a TLS connection from %s by closing it (%s)", peer, why or "limit")
+            sock.close()
+            return
+        if rj is None:
+            rj = p.AssociateRJ(
+                p.RejectResult.TRANSIENT,
+                p.RejectSource.SERVICE_PROVIDER_PRESENTATION,
+                transient_reason,
+            )
+        answer = rj
         assert self.loop is not None
         sock.setblocking(False)
         timeout = self.cfg.artim_timeout
+        telemetry = self.telemetry
         self._track(
             asyncio.ensure_future(
-                self.loop.connect_accepted_socket(lambda: Rejector(rj, timeout), sock)
+                self.loop.connect_accepted_socket(
+                    lambda: Rejector(answer, timeout, why, telemetry), sock
+                )
             )
         )
+
+    def _refuse(self, sock: socket.socket, reason: int, why: str) -> None:
+        """Who may connect: PS3.8 Table 9-21 rejected-permanent (1), source
+        service-user (1), ``reason`` 1 no-reason-given or 3 calling-AE-not-recognized."""
+        rj = p.AssociateRJ(p.RejectResult.PERMANENT, p.RejectSource.SERVICE_USER, reason)
+        self._reject(sock, rj=rj, why=why)
 
     def _track(self, task: asyncio.Future[Any]) -> None:
         # Keep a reference until done: the loop only holds weak references to tasks.
@@ -728,6 +829,7 @@ class Supervisor:
             self.cfg.metrics_host,
         )
         self.cfg = new
+        self.access = new.access_policy()
         self.generation += 1
         log.info("SIGHUP: configuration reloaded; replacing %d worker(s)", len(self.slots))
         old, self.slots = self.slots, []

@@ -12,6 +12,7 @@ from .storage.config import StorageConfig
 
 if TYPE_CHECKING:
     from .identity import IdentitySettings
+    from .tls import TlsSettings
 
 
 @dataclass(slots=True)
@@ -57,6 +58,8 @@ class WorkerConfig:
     max_async_ops: int = 1
     #: the built-in user identity policy (EVT_USER_ID); None: identity not checked
     identity: IdentitySettings | None = None
+    #: DICOM TLS (workers/tls.py): the handshake runs here, not in the acceptor
+    tls: TlsSettings | None = None
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(

@@ -43,11 +43,16 @@ def worker_config_from_json(text: str) -> tuple[WorkerConfig, list[str], dict[st
     syntaxes = {k: tuple(v) for k, v in data.pop("syntaxes").items()}
     allowed = data.pop("allowed_calling_aes", None)
     identity = data.pop("identity", None)
+    tls = data.pop("tls", None)
     cfg = WorkerConfig(storage=storage, syntaxes=syntaxes, **data)
     if identity is not None:
         from .identity import IdentitySettings
 
         cfg.identity = IdentitySettings.from_mapping(identity)
+    if tls is not None:
+        from .tls import TlsSettings
+
+        cfg.tls = TlsSettings.from_mapping(tls)
     if allowed is not None:
         cfg.allowed_calling_aes = frozenset(allowed)
     return cfg, handlers, extra
@@ -142,11 +147,17 @@ class Worker:
         if self.stopping is not None and self.stopping.done():
             sock.close()
             return
+        peer = _peername(sock)
         task = asyncio.ensure_future(self.server.adopt(sock))
 
         def adopted(t: asyncio.Future[AssociationProtocol]) -> None:
-            if t.cancelled() or t.exception() is not None:
-                log.warning("worker %d: could not adopt a connection: %r", self.id, t.exception())
+            exc = None if t.cancelled() else t.exception()
+            if t.cancelled() or exc is not None:
+                if self.server.ssl_context is not None:
+                    # A peer fault (wrong certificate, no TLS, too slow): one line.
+                    log.warning("worker %d: TLS handshake with %s failed: %s", self.id, peer, exc)
+                else:
+                    log.warning("worker %d: could not adopt a connection: %r", self.id, exc)
                 sock.close()
                 if connection_id is not None:
                     self.server.closed_ids.append(connection_id)
@@ -184,6 +195,14 @@ class Worker:
         )
         loop = asyncio.get_running_loop()
         self._heartbeat_handle = loop.call_later(HEARTBEAT_INTERVAL, self._heartbeat)
+
+
+def _peername(sock: socket.socket) -> str:
+    try:
+        host, port = sock.getpeername()[:2]
+    except (OSError, ValueError):
+        return "?"
+    return f"{host}:{port}"
 
 
 def setup_logging(level: str, fmt: str, worker_id: int | None = None) -> None:

@@ -13,6 +13,7 @@ import asyncio
 import collections
 import logging
 import socket
+import ssl
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol
@@ -25,6 +26,7 @@ from .engine import pdu as p
 from .handlers import HandlerCaller, HandlerRegistry
 from .identity import IdentityPolicy
 from .storage.store import Store, StoreResult
+from .tls import server_context
 
 if TYPE_CHECKING:
     from .storage.config import FileOps
@@ -72,6 +74,10 @@ class AssociationServer:
         self.registry.bind_all(evt_handlers)
         self.caller = HandlerCaller(config.handler_timeout, config.handler_threads)
         self.store = Store(config.storage, ops=store_ops)
+        #: DICOM TLS: every connection is wrapped; None: plain TCP
+        self.ssl_context: ssl.SSLContext | None = (
+            server_context(config.tls) if config.tls is not None else None
+        )
         self.io_pool = ThreadPoolExecutor(io_threads, thread_name_prefix="store")
         self.telemetry = telemetry
         self.protocols: set[AssociationProtocol] = set()
@@ -127,7 +133,7 @@ class AssociationServer:
         """Listen on ``host:port``; returns the address bound (port 0 picks one)."""
         self._loop = asyncio.get_running_loop()
         server = await self._loop.create_server(
-            self._factory, host, port, backlog=backlog, reuse_address=True
+            self._factory, host, port, backlog=backlog, reuse_address=True, **self._tls_kwargs()
         )
         self._servers.append(server)
         sockname = server.sockets[0].getsockname()
@@ -135,11 +141,32 @@ class AssociationServer:
         return str(sockname[0]), int(sockname[1])
 
     async def adopt(self, sock: socket.socket) -> AssociationProtocol:
-        """Serve a connection accepted elsewhere (the acceptor's fd hand-off)."""
+        """Serve a connection accepted elsewhere (the acceptor's fd hand-off).
+
+        With TLS this returns once the handshake is done, and raises if it fails or
+        does not finish within the handshake timeout (the socket is then closed)."""
         self._loop = asyncio.get_running_loop()
         sock.setblocking(False)
-        _, proto = await self._loop.connect_accepted_socket(self._factory, sock)
-        return proto
+        made: list[AssociationProtocol] = []
+
+        def factory() -> AssociationProtocol:
+            made.append(self._factory())
+            return made[0]
+
+        # Not the protocol connect_accepted_socket returns: with ssl=, uvloop returns
+        # its SSLProtocol wrapper there, asyncio the application protocol.
+        await self._loop.connect_accepted_socket(factory, sock, **self._tls_kwargs())
+        return made[0]
+
+    def _tls_kwargs(self) -> dict[str, Any]:
+        """With TLS, the handshake runs on this loop with its own timeout; the
+        protocol only sees the connection (connection_made, ARTIM) once it is done."""
+        if self.ssl_context is None or self.config.tls is None:
+            return {}
+        return {
+            "ssl": self.ssl_context,
+            "ssl_handshake_timeout": self.config.tls.handshake_timeout,
+        }
 
     # ------------------------------------------------------------ admission
 

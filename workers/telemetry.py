@@ -362,6 +362,14 @@ class Telemetry:
         """Supervisor: count a restart of ``worker`` (a worker id, or "aggregator")."""
         self._bump(self._restarts, (str(worker), reason))
 
+    def association_rejected(
+        self, calling_ae: str, called_ae: str, result: int, source: int, reason: int
+    ) -> None:
+        """Acceptor: count an A-ASSOCIATE-RJ it sent itself (limits, --allow-ip ...);
+        the AE titles are those of the A-ASSOCIATE-RQ, "" when it never came."""
+        key = (self._ae(calling_ae.strip()), self._ae(called_ae.strip()), result, source, reason)
+        self._bump(self._rejected, key)
+
     # -------------------------------------------------------- storage timings
 
     def observe_write(self, seconds: float) -> None:

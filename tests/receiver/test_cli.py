@@ -18,8 +18,9 @@ from receiver.config import ReceiverConfig
 from .conftest import PACS_RECEIVER
 
 TIMEOUT = 30
-#: ReceiverConfig fields that are not flags: TOML tables, values derived from --config
-FILE_ONLY = {"identity", "config_dir"}
+#: ReceiverConfig fields that are not flags: TOML tables ([identity], [ae-sources]),
+#: values derived from --config
+FILE_ONLY = {"identity", "config_dir", "ae_sources"}
 
 
 def run(

@@ -171,6 +171,18 @@ def test_sigkill_worker_under_load_loses_nothing_acknowledged(
     assert respawned_pid != victim_pid
     assert after[1] == [survivor_pid]  # the other worker was left alone
     rx.wait_log(rf"worker 0 ready \(pid {respawned_pid}\)", 30)
+    # Whatever the killed worker was writing is gone from the temp directory: the
+    # supervisor sweeps dead workers' temp files when it reaps them.
+    wait_for(
+        lambda: (
+            not [
+                p
+                for p in (rx.storage / ".incoming").iterdir()
+                if p.name.startswith(f"{victim_pid}-")
+            ]
+        ),
+        10,
+    )
     # Connections that reached the acceptor while the dead worker was not reaped yet
     # went to the live one, not refused.
     assert "cannot hand" not in rx.log()
