@@ -25,7 +25,9 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 
 
-def start(storage: Path, metrics_port: int, workers: int) -> tuple[subprocess.Popen[bytes], int, Path]:
+def start(
+    storage: Path, metrics_port: int, workers: int
+) -> tuple[subprocess.Popen[bytes], int, Path]:
     log = storage.parent / f"{storage.name}.log"
     proc = subprocess.Popen(
         [
@@ -94,7 +96,9 @@ def drive(port: int, args: argparse.Namespace, out: Path) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--size", default="8k")
     ap.add_argument("--associations", type=int, default=4)
     ap.add_argument("--count", type=int, default=6000)
@@ -115,8 +119,9 @@ def main() -> int:
                 print(f"run {i + 1} metrics {mode}: {rates[mode][-1]:.0f} instances/s", flush=True)
     off, on = statistics.median(rates["off"]), statistics.median(rates["on"])
     print(
-        f"{args.size} x {args.associations} associations, {args.count} instances, median of {args.repeat}: "
-        f"metrics off {off:.0f}/s, on {on:.0f}/s: cost {100 * (1 - on / off):+.1f}%"
+        f"{args.size} x {args.associations} associations, {args.count} instances, "
+        f"median of {args.repeat}: metrics off {off:.0f}/s, on {on:.0f}/s: "
+        f"cost {100 * (1 - on / off):+.1f}%"
     )
     return 0
 

@@ -56,6 +56,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loadtest.compare import dcmtk_binary
+from loadtest.proctree import children
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = 1024
 SAMPLE_INTERVAL = 0.05
@@ -70,30 +73,7 @@ SIZES_KB = {"8": 8, "512": 512}
 
 def dcmtk(name: str) -> str | None:
     """The DCMTK binary ``name``: ELF only (the venv's bin has pynetdicom namesakes)."""
-    for d in [*os.environ.get("PATH", "").split(os.pathsep), "/usr/bin", "/usr/local/bin"]:
-        candidate = os.path.join(d, name)
-        try:
-            with open(candidate, "rb") as fh:
-                if fh.read(4) == b"\x7fELF" and os.access(candidate, os.X_OK):
-                    return candidate
-        except OSError:
-            continue
-    return None
-
-
-def children(pid: int) -> list[int]:
-    out: list[int] = []
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as fh:
-                out += [int(x) for x in fh.read().split()]
-        except OSError:
-            continue
-    return out
+    return dcmtk_binary(name)
 
 
 def tree(root: int) -> list[int]:

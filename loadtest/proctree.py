@@ -23,7 +23,8 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (every thread's), from /proc."""
     out: list[int] = []
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
@@ -43,7 +44,7 @@ def tree_pids(root: int) -> list[int]:
     seen = [root]
     i = 0
     while i < len(seen):
-        for child in _children(seen[i]):
+        for child in children(seen[i]):
             if child not in seen:
                 seen.append(child)
         i += 1

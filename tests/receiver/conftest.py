@@ -32,6 +32,9 @@ from pydicom.uid import UID, generate_uid
 from pynetdicom import AE, _config, evt
 from pynetdicom.pdu import A_ASSOCIATE_RJ
 
+from loadtest.compare import dcmtk_binary
+from loadtest.proctree import children
+
 REPO = Path(__file__).resolve().parents[2]
 PACS_RECEIVER = str(Path(sys.executable).with_name("pacs-receiver"))
 PID_FILE_ENV = "PACSRX_TEST_PID_FILE"
@@ -55,16 +58,7 @@ STOP_TIMEOUT = 20.0
 
 def dcmtk(name: str) -> str | None:
     """The DCMTK binary ``name`` on PATH (ELF only: not pynetdicom's namesake apps)."""
-    dirs = [*os.environ.get("PATH", "").split(os.pathsep), "/usr/bin", "/usr/local/bin"]
-    for d in dirs:
-        candidate = os.path.join(d, name)
-        try:
-            with open(candidate, "rb") as fh:
-                if fh.read(4) == b"\x7fELF" and os.access(candidate, os.X_OK):
-                    return candidate
-        except OSError:
-            continue
-    return None
+    return dcmtk_binary(name)
 
 
 STORESCU = dcmtk("storescu")
@@ -75,22 +69,6 @@ needs_dcmtk = pytest.mark.skipif(
 
 
 # ------------------------------------------------------------------- processes
-
-
-def children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (all its threads), from /proc."""
-    out: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as fh:
-                out += [int(x) for x in fh.read().split()]
-        except OSError:
-            continue
-    return out
 
 
 def alive(pid: int) -> bool:
