@@ -311,6 +311,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self._outstanding: dict[int, Operation] = {}
         self._window = 1
         self._release_pending = False
+        self._idle_grace_rx: float | None = None
         self._cancelled: set[int] = set()
         self._awaiting: dict[int, asyncio.Future[tuple[dimse.Command, bytes | None]]] = {}
         self._awaiting_data: tuple[int, dimse.Command] | None = None
@@ -484,6 +485,9 @@ class AssociationProtocol(asyncio.BufferedProtocol):
     def _start_idle_timer(self) -> None:
         timeout = self.config.network_timeout
         if timeout:
+            # Established now: time spent deciding (user identity handlers ...) was
+            # ours, not the peer's silence.
+            self._last_rx = self.loop.time()
             self._idle = self.loop.call_at(self._last_rx + timeout, self._on_idle)
 
     def _on_idle(self) -> None:
@@ -499,7 +503,14 @@ class AssociationProtocol(asyncio.BufferedProtocol):
             op is not self._receiving for op in self._outstanding.values()
         )
         if now < self._last_rx + timeout or busy:
+            self._idle_grace_rx = None
             self._idle = self.loop.call_at(max(self._last_rx + timeout, now + 1.0), self._on_idle)
+            return
+        if self._idle_grace_rx != self._last_rx:
+            # One short grace before blaming the peer: after our own loop stalled, the
+            # timer can run before the reads that were waiting meanwhile.
+            self._idle_grace_rx = self._last_rx
+            self._idle = self.loop.call_at(now + 0.25, self._on_idle)
             return
         log.warning(
             "%s: no data from the peer for %.0f s; aborting", self.assoc.name, now - self._last_rx
@@ -791,6 +802,21 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self._dispatch_operation(op)
 
     def _on_release(self, ev: ReleaseRequested) -> None:
+        receiving = self._receiving
+        if receiving is not None:
+            # A release in the middle of a data set: that request can never complete
+            # (PS3.7 9.3.1.1), so it is abandoned, its partial data dropped.
+            log.warning(
+                "%s: A-RELEASE-RQ before the data set of message %d was complete",
+                self.assoc.name,
+                receiving.message_id,
+            )
+            self._receiving = None
+            if receiving.writer is not None:
+                receiving.writer.discard()
+            if receiving.spool is not None:
+                receiving.spool.close()
+            self._outstanding.pop(receiving.message_id, None)
         if self._outstanding:
             self._release_pending = True  # answer once the outstanding requests are done
             return

@@ -507,6 +507,9 @@ def run_dimse_decode(raw: bytes) -> dimse.Command | None:
         again = dimse.encode_command(cmd)
     except dimse.DIMSEError:
         return cmd
+    strings = [v for v in dataclasses.astuple(cmd) if isinstance(v, str)]
+    if not all(v.isascii() for v in strings):
+        return cmd  # a stray byte is encoded as "?" on purpose (lossy, but answerable)
     # The encoder normalises "a data set follows" to 0x0000 (any value but 0x0101).
     expected = dataclasses.replace(
         cmd, CommandDataSetType=dimse.DATASET_PRESENT if cmd.has_dataset else dimse.NO_DATASET

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import struct
 
-import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -102,13 +101,6 @@ def test_acceptor_generated_pdus(data: bytes, splits: list[int], config: int) ->
     h.run_acceptor(data, splits, config_choice=config)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: acse.negotiate echoes every role selection item and adds its own "
-    "sub-items; the A-ASSOCIATE-AC's user information then exceeds 64 KiB and "
-    "Connection.accept() raises ValueError from pdu.encode (peer bytes make the "
-    "engine raise; the worker logs an internal error and sends A-ABORT (2, 0))",
-)
 def test_many_role_selections_get_an_answer() -> None:
     session = h.run_acceptor(h.many_role_selections_rq(), [0])
     assert isinstance(session.sent[0], p.AssociateAC | p.AssociateRJ)

@@ -267,12 +267,6 @@ def test_unacceptable_requests_are_rejected(
     linger(name, peer)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: ~2000 repeated role selection items: the A-ASSOCIATE-AC built for them "
-    "does not fit its 64 KiB user information item, Connection.accept() raises "
-    "ValueError, the worker logs an internal error and sends A-ABORT (2, 0)",
-)
 def test_request_full_of_role_selections_gets_an_answer(rx: Receiver) -> None:
     from tests.fuzz.harness import many_role_selections_rq
 
@@ -468,12 +462,6 @@ def test_path_characters_in_data_set_uids_stay_inside_the_store(rx: Receiver) ->
         assert "escape" not in str(found)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a non-ASCII byte in AffectedSOPInstanceUID: the worker refuses the "
-    "store (0x0117) but response_for() echoes the U+FFFD-decoded UID, encode fails and "
-    "NO response is sent; only the 2 s network timeout ends the association",
-)
 def test_store_with_non_ascii_uid_gets_a_failure_status(rx: Receiver) -> None:
     raw = w.raw_command(
         w.element(0x0002, w.ui(CT_IMAGE.encode())),
@@ -493,11 +481,6 @@ def test_store_with_non_ascii_uid_gets_a_failure_status(rx: Receiver) -> None:
     assert answer.elapsed < PROMPT
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a request without MessageID: response_for() raises DIMSEError, the "
-    "worker neither answers nor aborts; only the 2 s network timeout ends it",
-)
 def test_echo_without_message_id_gets_an_answer(rx: Receiver) -> None:
     raw = w.raw_command(
         w.element(0x0002, w.ui(VERIFICATION.encode())),
@@ -545,12 +528,6 @@ def test_data_set_ending_early_then_close_leaves_no_partial_file(rx: Receiver) -
     assert not [f for f in stored_files(rx.storage) if f.stem == uid]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: A-RELEASE-RQ while a data set is incomplete: the worker defers the "
-    "release until the C-STORE completes, which it never can (no P-DATA may follow a "
-    "release request); the peer waits for the network timeout's A-ABORT",
-)
 def test_data_set_ending_early_then_release_is_answered_promptly(rx: Receiver) -> None:
     uid = "1.2.826.0.1.3680043.10.1415.7.6"
     data = w.explicit_dataset(uid)

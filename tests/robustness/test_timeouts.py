@@ -59,12 +59,6 @@ def test_quick_negotiation_then_echo(lag_rx: Receiver) -> None:
         assert rsp is not None and rsp.Status == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the network-timeout clock starts at the A-ASSOCIATE-RQ's arrival, so an "
-    "association whose negotiation (EVT_USER_ID, bounded by acse_timeout) took longer "
-    "than network_timeout is aborted right after its A-ASSOCIATE-AC",
-)
 def test_slow_negotiation_is_not_the_peers_silence(lag_rx: Receiver) -> None:
     rq = acse.build_request(
         "PACSRX",
@@ -85,12 +79,6 @@ def test_slow_negotiation_is_not_the_peers_silence(lag_rx: Receiver) -> None:
     assert rsp is not None and rsp.Status == 0, response  # today: A-ABORT (2, 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: after the worker's event loop was held up, the idle timer runs before "
-    "the pending reads (uvloop runs due timers first) and aborts a peer whose request "
-    "has been waiting in the socket for less than network_timeout",
-)
 def test_loop_lag_is_not_the_peers_silence(lag_rx: Receiver) -> None:
     with Peer(lag_rx.port) as victim, Peer(lag_rx.port) as lagger:
         victim.send(w.rq_bytes(calling="VICTIM"))

@@ -162,9 +162,13 @@ def negotiate_roles(
     accepted_ids = {c.id for c in contexts if c.result == p.ContextResult.ACCEPTANCE}
     accepted_classes = {c.abstract_syntax for c in rq.contexts if c.id in accepted_ids}
     out = []
+    answered: set[str] = set()
     for item in rq.user_info.roles:
-        if item.sop_class_uid not in accepted_classes:
+        # One answer per SOP class (PS3.7 D.3.3.4 allows one item per class): a request
+        # repeating an item thousands of times must not make our answer overflow.
+        if item.sop_class_uid not in accepted_classes or item.sop_class_uid in answered:
             continue
+        answered.add(item.sop_class_uid)
         allowed = policy.role_selection is None or item.sop_class_uid in policy.role_selection
         out.append(
             p.RoleSelection(

@@ -361,11 +361,13 @@ def _encode_value(kind: int, value: object) -> bytes:
     """The value field of one element (padded to even length), without its header."""
     if kind in (_US, _CDST):
         return _U16.pack(value)
+    # Strings are ASCII; a peer's stray byte (decoded as U+FFFD) echoed in a response
+    # becomes "?" rather than leaving the request unanswered.
     if kind == _UI:
-        raw = value.encode("ascii")  # type: ignore[attr-defined]
+        raw = value.encode("ascii", "replace")  # type: ignore[attr-defined]
         return raw + b"\x00" if len(raw) & 1 else raw
     if kind in (_AE, _LO):
-        raw = value.encode("ascii")  # type: ignore[attr-defined]
+        raw = value.encode("ascii", "replace")  # type: ignore[attr-defined]
         return raw + b" " if len(raw) & 1 else raw
     if kind == _AT:
         return b"".join(_AT_PAIR.pack(tag >> 16, tag & 0xFFFF) for tag in value)  # type: ignore[attr-defined]
@@ -692,16 +694,15 @@ def response_for(rq: Command, status: int, **fields: object) -> Command:
     and override the echoed ones, e.g. ``CommandDataSetType=DATASET_PRESENT`` for a
     pending C-FIND response or ``ErrorComment="..."``. No data set by default.
     Raises :class:`DIMSEError` when ``rq`` is not a request that has a response
-    (C-CANCEL-RQ has none) or has no MessageID.
+    (C-CANCEL-RQ has none). A request without a MessageID (invalid, PS3.7 9.1) still
+    gets its failure response, answering Message ID 0: the peer learns it was refused.
     """
     echoed = _ECHOED.get(rq.CommandField)
     if echoed is None:
         raise DIMSEError(f"{_label(rq.CommandField)} has no response")
-    if rq.MessageID is None:
-        raise DIMSEError(f"{_label(rq.CommandField)} has no MessageID to respond to")
     values: dict[str, object] = {
         "CommandField": _COMMAND_FIELDS[rq.CommandField | 0x8000],
-        "MessageIDBeingRespondedTo": rq.MessageID,
+        "MessageIDBeingRespondedTo": rq.MessageID if rq.MessageID is not None else 0,
         "Status": status,
     }
     for target, source in echoed:
