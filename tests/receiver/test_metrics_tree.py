@@ -241,4 +241,15 @@ def test_killed_aggregator_comes_back_and_reception_goes_on(  # type: ignore[no-
         "more stores",
     )
     assert total(samples, "pacs_cstore_instances_total") == 15
+    # The supervisor's own channel reconnects with back-off after the aggregator died:
+    # its restart count arrives within a few seconds, and exactly once.
+    samples = wait_for(
+        lambda: (
+            (s := scrape(metrics_port))
+            and total(s, "pacs_worker_restarts_total", worker="aggregator") >= 1
+            and s
+        ),
+        20,
+        "the aggregator restart to be counted",
+    )
     assert total(samples, "pacs_worker_restarts_total", worker="aggregator") == 1
