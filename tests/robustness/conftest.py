@@ -30,6 +30,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, generate_uid
 from pynetdicom import AE
 
+from loadtest.proctree import children
 from workers.engine import pdu as p
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,21 +52,6 @@ logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
 
 
 # ------------------------------------------------------------------ the receiver
-
-
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as fh:
-                out += [int(x) for x in fh.read().split()]
-        except OSError:
-            continue
-    return out
 
 
 def alive(pid: int) -> bool:
@@ -163,7 +149,7 @@ class Receiver:
 
     def worker_pids(self) -> set[int]:
         assert self.proc is not None
-        return {pid for pid in _children(self.proc.pid) if alive(pid)}
+        return {pid for pid in children(self.proc.pid) if alive(pid)}
 
     def assert_alive(self) -> None:
         """The supervisor and the very same workers still run (none died, none was
