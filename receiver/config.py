@@ -8,7 +8,6 @@ stops the program with one clear line and exit status 2 (:class:`ConfigError`).
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import os
 import tomllib
@@ -249,13 +248,6 @@ class ReceiverConfig:
             return {acse.ANY: transfer}
         # Verification is always accepted so that echo works whatever the policy.
         return {uid: transfer for uid in [*self.sop_classes, "1.2.840.10008.1.1"]}
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ReceiverConfig:
-        return cls(**data)
 
 
 def _check_ae(flag: str, value: str) -> None:

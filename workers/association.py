@@ -38,6 +38,7 @@ import tempfile
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from . import services
 from .engine import dimse
 from .engine import events as evt
 from .engine import pdu as p
@@ -66,8 +67,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("workers.association")
 
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)
-#: workers.services, imported on first use (it imports this module's types)
-_services: Any = None
 _STATUS_PROCESSING_FAILURE = 0x0110
 _STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 _STATUS_INVALID_OBJECT_INSTANCE = 0x0117
@@ -931,12 +930,6 @@ class AssociationProtocol(asyncio.BufferedProtocol):
             synchronous[0] = False
 
     def _dispatch_operation(self, op: Operation) -> None:
-        global _services
-        services = _services
-        if services is None:
-            from . import services as _imported
-
-            services = _services = _imported
         writer = op.writer
         if writer is not None and self.server.store.config.fsync == "never":
             # The built-in C-STORE with a synchronous commit: what services.serve ->
@@ -1058,11 +1051,10 @@ class AssociationProtocol(asyncio.BufferedProtocol):
             self.conn.set_dataset_sink(op.spool.write)
 
     def commit_store(self, op: Operation) -> Step[StoreResult]:
-        """Commit a built-in store: inline without fsync, in the I/O pool with it."""
+        """Commit a built-in store in the I/O pool (it fsyncs); without fsync the
+        commit runs inline in :meth:`_dispatch_operation` and never comes here."""
         writer = op.writer
         assert writer is not None
-        if self.server.store.config.fsync == "never":
-            return writer.commit()
         result = yield self.loop.run_in_executor(self.server.io_pool, writer.commit)
         return result
 
