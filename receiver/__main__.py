@@ -111,6 +111,13 @@ def make_parser() -> argparse.ArgumentParser:
         help=f"no data from an associated peer: abort (default {d.network_timeout:g})",
     )
     g.add_argument(
+        "--min-receive-rate",
+        type=int,
+        metavar="BYTES",
+        help="in the middle of a PDU or message, fewer bytes a second than this over "
+        f"--network-timeout seconds: abort; 0 = no minimum (default {d.min_receive_rate})",
+    )
+    g.add_argument(
         "--artim-timeout",
         type=float,
         help="waiting for the A-ASSOCIATE-RQ, or for the peer to close "

@@ -41,6 +41,8 @@ class ReceiverConfig:
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
+    #: bytes/s a peer must keep up in the middle of a message (0: no minimum)
+    min_receive_rate: int = 1024
     artim_timeout: float = 30.0
     graceful_timeout: float = 30.0
     # limits
@@ -109,7 +111,7 @@ class ReceiverConfig:
                 )
         if self.max_pdu != 0 and not 4096 <= self.max_pdu <= 1 << 30:
             raise ConfigError(f"--max-pdu: {self.max_pdu} is not 0 (no limit) or 4096..{1 << 30}")
-        for name in ("max_associations", "max_associations_per_ae"):
+        for name in ("max_associations", "max_associations_per_ae", "min_receive_rate"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be 0 (no limit) or more")
         if not 1 <= self.max_async_ops <= 65535:

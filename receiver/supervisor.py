@@ -237,6 +237,7 @@ class Supervisor:
             "artim_timeout": cfg.artim_timeout,
             "acse_timeout": cfg.acse_timeout,
             "network_timeout": cfg.network_timeout,
+            "min_receive_rate": cfg.min_receive_rate,
             "handler_timeout": cfg.dimse_timeout,
             "max_async_ops": cfg.max_async_ops,
             "handlers": list(cfg.handlers),

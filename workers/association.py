@@ -311,6 +311,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self._window = 1
         self._release_pending = False
         self._idle_grace_rx: float | None = None
+        self._rate_mark: tuple[float, int] | None = None  # (time, bytes) of the rate window
         self._cancelled: set[int] = set()
         self._awaiting: dict[int, asyncio.Future[tuple[dimse.Command, bytes | None]]] = {}
         self._awaiting_data: tuple[int, dimse.Command] | None = None
@@ -490,6 +491,10 @@ class AssociationProtocol(asyncio.BufferedProtocol):
             self._idle = self.loop.call_at(self._last_rx + timeout, self._on_idle)
 
     def _on_idle(self) -> None:
+        """The network timer: no byte at all for ``network_timeout`` aborts, and so
+        does a peer that, in the middle of a PDU or a message, sends fewer than
+        ``min_receive_rate`` bytes a second over a ``network_timeout`` window (one
+        byte a second would otherwise hold the association open for ever)."""
         self._idle = None
         timeout = self.config.network_timeout
         if not timeout or self._lost or not self.conn.is_established:
@@ -501,22 +506,60 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         busy = self._reading_paused or any(
             op is not self._receiving for op in self._outstanding.values()
         )
-        if now < self._last_rx + timeout or busy:
+        if busy:
+            self._rate_mark = None
             self._idle_grace_rx = None
             self._idle = self.loop.call_at(max(self._last_rx + timeout, now + 1.0), self._on_idle)
             return
-        if self._idle_grace_rx != self._last_rx:
-            # One short grace before blaming the peer: after our own loop stalled, the
-            # timer can run before the reads that were waiting meanwhile.
-            self._idle_grace_rx = self._last_rx
-            self._idle = self.loop.call_at(now + 0.25, self._on_idle)
+        if now >= self._last_rx + timeout:
+            if self._idle_grace_rx != self._last_rx:
+                # One short grace before blaming the peer: after our own loop stalled,
+                # the timer can run before the reads that were waiting meanwhile.
+                self._idle_grace_rx = self._last_rx
+                self._idle = self.loop.call_at(now + 0.25, self._on_idle)
+                return
+            log.warning(
+                "%s: no data from the peer for %.0f s; aborting",
+                self.assoc.name,
+                now - self._last_rx,
+            )
+            self.abort_association(
+                p.AbortSource.SERVICE_PROVIDER,
+                0,
+                f"network timeout ({timeout:g} s)",
+                hard_close=True,
+            )
             return
-        log.warning(
-            "%s: no data from the peer for %.0f s; aborting", self.assoc.name, now - self._last_rx
-        )
-        self.abort_association(
-            p.AbortSource.SERVICE_PROVIDER, 0, f"network timeout ({timeout:g} s)", hard_close=True
-        )
+        self._idle_grace_rx = None
+        next_check = self._last_rx + timeout
+        rate = self.config.min_receive_rate
+        if rate and self.conn.mid_message:
+            received = self.conn.bytes_received
+            mark = self._rate_mark
+            if mark is None:
+                self._rate_mark = mark = (now, received)
+            elif now - mark[0] >= timeout:
+                got = (received - mark[1]) / (now - mark[0])
+                if got < rate:
+                    log.warning(
+                        "%s: the peer sends %.1f bytes/s in the middle of a message "
+                        "(minimum %d); aborting",
+                        self.assoc.name,
+                        got,
+                        rate,
+                    )
+                    self.abort_association(
+                        p.AbortSource.SERVICE_PROVIDER,
+                        0,
+                        f"receive rate {got:.1f} bytes/s below {rate}",
+                        hard_close=True,
+                    )
+                    return
+                self._rate_mark = mark = (now, received)
+            next_check = min(next_check, mark[0] + timeout)
+        else:
+            self._rate_mark = None
+        self._idle = self.loop.call_at(max(next_check, now + 0.5), self._on_idle)
 
     def abort_association(
         self,

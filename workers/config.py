@@ -48,6 +48,9 @@ class WorkerConfig:
     acse_timeout: float | None = 30.0
     #: no byte from the peer for this long while the association is open: abort
     network_timeout: float | None = 60.0
+    #: in the middle of a PDU or a message, fewer bytes a second than this, averaged
+    #: over a ``network_timeout`` window, abort the association; 0: no minimum
+    min_receive_rate: int = 1024
     #: a DIMSE handler that runs longer gets its failure status
     handler_timeout: float | None = 60.0
     #: threads for user handlers that are plain functions

@@ -75,6 +75,7 @@ def test_help_documents_every_option() -> None:
         (["--duplicates", "maybe"], "--duplicates"),
         (["--calling-aes", "OK,WAY_TOO_LONG_AE_TITLE"], "--calling-aes"),
         (["--graceful-timeout", "-1"], "--graceful-timeout"),
+        (["--min-receive-rate", "-5"], "--min-receive-rate"),
         (["--handler", "EVT_C_ECHO=no.such.module:f"], "--handler"),
         (["--handler", "EVT_NO_SUCH_EVENT=tests.receiver.hooks:record_pid"], "--handler"),
         (["--config", "/nonexistent/pacsrx.toml"], "--config"),

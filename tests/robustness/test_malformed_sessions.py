@@ -33,6 +33,7 @@ from .conftest import (
     ARTIM_TIMEOUT,
     CT_IMAGE,
     EXPLICIT_LE,
+    NETWORK_TIMEOUT,
     PROMPT,
     VERIFICATION,
     Answer,
@@ -574,6 +575,82 @@ def test_silence_after_association_is_cut_by_the_network_timeout(rx: Receiver) -
     assert isinstance(answers[0].pdu, p.Abort), answers
     assert answers[0].pdu.source == PROVIDER
     assert 1.5 <= answers[0].elapsed < ANSWER_BOUND, answers
+
+
+def _trickle(peer: Peer, data: bytes, bound: float) -> tuple[bool, float]:
+    """Send ``data`` one byte a second until the receiver cuts the connection or
+    ``bound`` seconds pass: (cut, seconds until then)."""
+    start = time.monotonic()
+    for byte in data:
+        if time.monotonic() - start > bound:
+            break
+        try:
+            peer.send(bytes([byte]))
+        except OSError:
+            return True, time.monotonic() - start
+        peer.sock.settimeout(1.0)
+        try:
+            peer.sock.recv(1024)  # its A-ABORT, or b"" when it closed: either way cut
+            return True, time.monotonic() - start
+        except TimeoutError:
+            continue
+        except OSError:
+            return True, time.monotonic() - start
+    return False, time.monotonic() - start
+
+
+# The minimum receive rate (1024 bytes/s by default) is judged over a network-timeout
+# window that starts at the first check that finds a message under way: a trickle is
+# cut within two network timeouts, plus the timer's granularity.
+TRICKLE_BOUND = 2 * NETWORK_TIMEOUT + 3.0
+
+
+def test_data_set_trickled_one_byte_per_second_is_cut(rx: Receiver) -> None:
+    """After association, a data set sent one byte a second: each byte would reset a
+    plain idle timer, the minimum receive rate aborts it; nothing partial is left."""
+    uid = "1.2.826.0.1.3680043.10.1415.7.30"
+    data = w.explicit_dataset(uid)
+    with Peer(rx.port) as peer:
+        associate(peer)
+        peer.send(w.command(w.STORE_CTX, w.store_rq(30, uid)) + w.dataset(w.STORE_CTX, data)[:20])
+        cut, elapsed = _trickle(peer, w.dataset(w.STORE_CTX, data)[20:], TRICKLE_BOUND + 2)
+    assert cut, "a data set trickled one byte a second was never cut off"
+    assert elapsed < TRICKLE_BOUND, elapsed
+    assert wait_until(lambda: not incoming(rx.storage), 5.0), incoming(rx.storage)
+    assert not [f for f in stored_files(rx.storage) if f.stem == uid]
+
+
+def test_slow_sender_above_the_minimum_rate_is_not_cut(rx: Receiver) -> None:
+    """The other side of the rule: a peer that was idle (just under the network
+    timeout), then sends a data set at about twice the minimum rate for three network
+    timeouts, is served: the rate is judged from when the message is under way."""
+    uid = "1.2.826.0.1.3680043.10.1415.7.32"
+    data = w.explicit_dataset(uid, pixels=6 * 1024)
+    chunk = 512  # every 0.25 s: 2 KiB/s against the 1 KiB/s minimum
+    with Peer(rx.port) as peer:
+        associate(peer)
+        time.sleep(NETWORK_TIMEOUT * 0.75)
+        stream = w.command(w.STORE_CTX, w.store_rq(32, uid)) + w.dataset(w.STORE_CTX, data)
+        for offset in range(0, len(stream), chunk):  # bounded: about 13 chunks
+            peer.send(stream[offset : offset + chunk])
+            time.sleep(0.25)
+        rsp = w.decode_response(peer.read_pdu().pdu)
+        assert rsp is not None and rsp.Status == 0, rsp
+        GOOD_UIDS.add(uid)
+        peer.send(p.encode(p.ReleaseRQ()))
+        assert isinstance(peer.read_pdu().pdu, p.ReleaseRP)
+
+
+def test_pdu_header_trickled_one_byte_per_second_is_cut(rx: Receiver) -> None:
+    """The same for a PDU whose bytes (header first) come one a second."""
+    uid = "1.2.826.0.1.3680043.10.1415.7.31"
+    with Peer(rx.port) as peer:
+        associate(peer)
+        cut, elapsed = _trickle(
+            peer, w.command(w.STORE_CTX, w.store_rq(31, uid)), TRICKLE_BOUND + 2
+        )
+    assert cut, "a PDU trickled one byte a second was never cut off"
+    assert elapsed < TRICKLE_BOUND, elapsed
 
 
 def test_truncated_pdata_then_close_leaves_no_partial_file(rx: Receiver) -> None:

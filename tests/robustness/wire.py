@@ -111,9 +111,10 @@ def store_rq(message_id: int, sop_instance_uid: str, **fields: object) -> dimse.
 
 
 def explicit_dataset(
-    sop_instance_uid: str, study: str = "1.2.3.5", series: str = "1.2.3.6"
+    sop_instance_uid: str, study: str = "1.2.3.5", series: str = "1.2.3.6", pixels: int = 0
 ) -> bytes:
-    """A minimal CT data set, Explicit VR Little Endian."""
+    """A minimal CT data set, Explicit VR Little Endian; ``pixels`` bytes of Pixel
+    Data (OB) at the end when asked for."""
 
     def el(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
         if len(value) & 1:
@@ -128,6 +129,9 @@ def explicit_dataset(
             el(0x0010, 0x0020, b"LO", b"ROBUST"),
             el(0x0020, 0x000D, b"UI", study.encode("latin-1")),
             el(0x0020, 0x000E, b"UI", series.encode("latin-1")),
+            struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OB", 0, pixels) + bytes(pixels)
+            if pixels
+            else b"",
         ]
     )
 

@@ -230,6 +230,14 @@ class Connection:
         """Received bytes not yet parsed; a reader pauses the socket when this grows."""
         return self._end - self._start
 
+    @property
+    def mid_message(self) -> bool:
+        """True while a PDU or a DIMSE message (command set and data set) has begun
+        to arrive and is not complete: the peer owes us bytes."""
+        return bool(
+            self._end > self._start or self._pdata_left or self._skip_left or self._msg_context
+        )
+
     def connection_made(self, now: float) -> None:
         """The transport is open: Evt5 for an acceptor, Evt2 for a requestor."""
         self._now = now
