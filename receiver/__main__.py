@@ -141,6 +141,14 @@ def make_parser() -> argparse.ArgumentParser:
         help="largest asynchronous operations window granted (default 1)",
     )
     g.add_argument(
+        "--max-dataset-memory",
+        type=int,
+        metavar="BYTES",
+        help="data sets held in memory by one worker, all associations together "
+        "(C-FIND identifiers, N-* lists; C-STORE data sets go to files); the "
+        f"association that would pass it is aborted (default {d.max_dataset_memory})",
+    )
+    g.add_argument(
         "--require-called-ae",
         action="store_true",
         default=None,

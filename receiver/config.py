@@ -50,6 +50,8 @@ class ReceiverConfig:
     max_associations: int = 0
     max_associations_per_ae: int = 0
     max_async_ops: int = 1
+    #: bytes of data sets held in memory by one worker, all associations together
+    max_dataset_memory: int = 256 * 1024 * 1024
     # who may associate and what they may send
     require_called_ae: bool = False
     calling_aes: list[str] = field(default_factory=list)
@@ -114,6 +116,10 @@ class ReceiverConfig:
         for name in ("max_associations", "max_associations_per_ae", "min_receive_rate"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be 0 (no limit) or more")
+        if self.max_dataset_memory < 64 * 1024:
+            raise ConfigError(
+                f"--max-dataset-memory: {self.max_dataset_memory} is less than 65536 bytes"
+            )
         if not 1 <= self.max_async_ops <= 65535:
             raise ConfigError(f"--max-async-ops: {self.max_async_ops} is not between 1 and 65535")
         from workers.storage.uids import is_valid_uid

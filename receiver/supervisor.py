@@ -240,6 +240,7 @@ class Supervisor:
             "min_receive_rate": cfg.min_receive_rate,
             "handler_timeout": cfg.dimse_timeout,
             "max_async_ops": cfg.max_async_ops,
+            "max_dataset_memory": cfg.max_dataset_memory,
             "handlers": list(cfg.handlers),
             "identity": cfg.identity_settings().to_dict() if cfg.identity else None,
             "tls": cfg.tls_settings().to_dict() if cfg.tls_cert else None,

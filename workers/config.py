@@ -34,8 +34,11 @@ class WorkerConfig:
     max_pdu_length: int = 1024 * 1024
     #: largest association-control PDU (A-ASSOCIATE-RQ ...) accepted
     max_control_pdu_length: int = 1024 * 1024
-    #: largest data set held in memory (C-FIND identifiers, N-* lists ...)
+    #: largest data set held in memory (C-FIND identifiers, N-* lists ...) per association
     max_dataset_in_memory: int = 64 * 1024 * 1024
+    #: all data sets being received into memory by this worker together (C-STORE data
+    #: sets stream to files and do not count); beyond it, the association is aborted
+    max_dataset_memory: int = 256 * 1024 * 1024
     max_contexts: int = acse.MAX_CONTEXTS
     #: associations open at once in this worker; 0: unlimited
     max_associations: int = 0

@@ -23,6 +23,7 @@ from .config import WorkerConfig
 from .engine import acse
 from .engine import events as evt
 from .engine import pdu as p
+from .engine.connection import MemoryBudget
 from .handlers import HandlerCaller, HandlerRegistry
 from .identity import IdentityPolicy
 from .storage.store import Store, StoreResult
@@ -64,6 +65,7 @@ class AssociationServer:
     ) -> None:
         self.config = config
         self.policy = config.acceptor_policy()
+        self.memory_budget = MemoryBudget(config.max_dataset_memory)
         self.registry = HandlerRegistry()
         self.identity: IdentityPolicy | None = None
         if config.identity is not None:
@@ -101,8 +103,11 @@ class AssociationServer:
 
     @property
     def engine_config(self) -> Any:
-        # One per connection: tracing switches are per association.
-        return self.config.engine_config()
+        # One per connection: tracing switches are per association. The memory
+        # budget is the server's, shared by all of them.
+        engine = self.config.engine_config()
+        engine.memory_budget = self.memory_budget
+        return engine
 
     # ------------------------------------------------------------ handlers
 

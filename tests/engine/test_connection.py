@@ -12,7 +12,13 @@ from hypothesis import strategies as st
 from tests.engine.pair import CT_IMAGE_STORAGE, VERIFICATION, Pair, drain, wire_bytes
 from workers.engine import acse, dimse
 from workers.engine import pdu as p
-from workers.engine.connection import Connection, EngineConfig, LocalProtocolError, Role
+from workers.engine.connection import (
+    Connection,
+    EngineConfig,
+    LocalProtocolError,
+    MemoryBudget,
+    Role,
+)
 from workers.engine.fsm import State
 from workers.engine.primitives import (
     Aborted,
@@ -330,6 +336,60 @@ def test_dataset_in_memory_limit() -> None:
     conn.receive_data(pdata((3, 3, STORE_RAW), (3, 2, b"x" * 1001)))
     events = drain(conn)
     assert isinstance(events[-1], Aborted) and "1000 bytes in memory" in events[-1].detail
+
+
+def test_memory_budget_bounds_all_connections_together() -> None:
+    """Each association may hold up to max_dataset_in_memory, but the connections of a
+    process share one budget: the one that would pass it is aborted, the others go on,
+    and what a connection held is given back when its data set is delivered or its
+    transport closes."""
+    budget = MemoryBudget(10_000)
+    a, b, c = (established_acceptor(EngineConfig(memory_budget=budget)) for _ in range(3))
+    a.receive_data(pdata((3, 3, STORE_RAW), (3, 0, b"a" * 6000)))
+    assert [type(e) for e in drain(a)] == [CommandReceived]
+    assert budget.used == 6000
+    b.receive_data(pdata((3, 3, STORE_RAW), (3, 0, b"b" * 6000)))
+    events = drain(b)
+    assert isinstance(events[-1], Aborted) and "6000 of 10000 bytes" in events[-1].detail
+    assert abort_of(b) == p.Abort(2, p.AbortReason.NOT_SPECIFIED)
+    assert budget.used == 6000  # b's refused fragment was never counted
+    a.receive_data(pdata((3, 2, b"a" * 1000)))
+    (done,) = drain(a)
+    assert isinstance(done, DataSetReceived) and done.data == b"a" * 7000
+    assert budget.used == 0
+    c.receive_data(pdata((3, 3, STORE_RAW), (3, 0, b"c" * 9000)))
+    assert [type(e) for e in drain(c)] == [CommandReceived]
+    assert budget.used == 9000
+    c.connection_lost(1.0)  # the peer went away halfway: its bytes are given back
+    drain(c)
+    assert budget.used == 0
+
+
+def test_read_buffer_shrinks_after_a_large_control_pdu() -> None:
+    """A 60 KiB A-ASSOCIATE-RQ grows the receive buffer; once parsed, the next read
+    gets a buffer of the configured size again."""
+    conn = Connection(Role.ACCEPTOR, EngineConfig(read_buffer_size=4096))
+    conn.connection_made(0.0)
+    identity = p.UserIdentityRQ(1, False, b"u" * 60_000, b"")
+    rq = acse.build_request("A", "B", [acse.Requested(VERIFICATION)], user_identity=identity)
+    conn.receive_data(p.encode(rq))
+    (event,) = drain(conn)
+    assert isinstance(event, AssociateIndication)
+    assert len(conn.get_buffer()) == 4096
+
+
+def test_mid_message_tells_when_the_peer_owes_bytes() -> None:
+    conn = established_acceptor()
+    assert not conn.mid_message
+    wire = pdata((3, 3, STORE_RAW), (3, 2, b"x" * 100))
+    conn.receive_data(wire[:3])  # half a PDU header
+    assert conn.mid_message
+    conn.receive_data(wire[3:40])  # the command is not complete yet
+    drain(conn)
+    assert conn.mid_message
+    conn.receive_data(wire[40:])
+    drain(conn)
+    assert not conn.mid_message
 
 
 def test_sink_only_right_after_command() -> None:

@@ -65,7 +65,14 @@ from .primitives import (
     _NeedData,
 )
 
-__all__ = ["Connection", "EngineConfig", "LocalProtocolError", "PresentationContext", "Role"]
+__all__ = [
+    "Connection",
+    "EngineConfig",
+    "LocalProtocolError",
+    "MemoryBudget",
+    "PresentationContext",
+    "Role",
+]
 
 _PDU_HEADER = struct.Struct(">BxL")
 _PDV_HEADER = struct.Struct(">LBB")
@@ -102,6 +109,28 @@ class LocalProtocolError(RuntimeError):
     """The local user asked for something the state machine does not allow now."""
 
 
+class MemoryBudget:
+    """Bytes of received data sets held in memory, shared by the connections of one
+    process: each connection's own ``max_dataset_in_memory`` bounds one association,
+    this bounds all of them together. A data set that would pass it is a fault of the
+    association receiving it (A-ABORT), not of the process."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def give_back(self, n: int) -> None:
+        self.used = max(0, self.used - n)
+
+
 @dataclass(slots=True)
 class EngineConfig:
     """Limits and switches of one connection; all have safe defaults.
@@ -120,6 +149,8 @@ class EngineConfig:
     trace_pdus: bool = False
     trace_transitions: bool = False
     read_buffer_size: int = 256 * 1024
+    #: shared by every connection of the process; None: no process-wide bound
+    memory_budget: MemoryBudget | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -177,6 +208,7 @@ class Connection:
         self._command: dimse.Command | None = None  # complete command awaiting data
         self._dataset_buf: bytearray | None = None
         self._sink: DataSetSink | None = None
+        self._budget_taken = 0  # bytes of self.config.memory_budget held by this one
 
     # ------------------------------------------------------------------ inputs
 
@@ -195,7 +227,14 @@ class Connection:
         For ``asyncio.BufferedProtocol.get_buffer``: its size is at least ``sizehint``
         (or the configured read size), and :meth:`buffer_updated` must follow.
         """
-        need = max(sizehint, self.config.read_buffer_size // 4, 1)
+        size = self.config.read_buffer_size
+        need = max(sizehint, size // 4, 1)
+        if self._start == self._end:
+            # Everything received is parsed: start again at the front, and after a
+            # large control PDU grew the buffer, go back to the configured size.
+            self._start = self._end = 0
+            if len(self._buf) > 2 * size and need <= size:
+                self._buf = bytearray(size)
         if len(self._buf) - self._end < need:
             self._make_room(need)
         return memoryview(self._buf)[self._end :]
@@ -246,6 +285,8 @@ class Connection:
     def connection_lost(self, now: float) -> None:
         """The transport closed (Evt17)."""
         self._now = now
+        self._give_back_memory()
+        self._dataset_buf = None
         self.wants_close = False
         self._fire(Event.EVT17)
 
@@ -800,6 +841,17 @@ class Connection:
                     p.AbortReason.NOT_SPECIFIED,
                 )
                 return False
+            budget = self.config.memory_budget
+            if budget is not None:
+                if not budget.take(n):
+                    view.release()
+                    self._protocol_fault(
+                        f"data sets being received in this process already hold "
+                        f"{budget.used} of {budget.limit} bytes",
+                        p.AbortReason.NOT_SPECIFIED,
+                    )
+                    return False
+                self._budget_taken += n
             self._dataset_buf += view
         view.release()
         return True
@@ -837,14 +889,24 @@ class Connection:
             self._events.append(CommandReceived(context_id, command, raw))
         else:
             data = None if self._sink is not None else bytes(self._dataset_buf or b"")
+            self._give_back_memory()
             self._command = None
             self._dataset_buf = None
             self._sink = None
             self._msg_context = 0
             self._events.append(DataSetReceived(context_id, data))
 
+    def _give_back_memory(self) -> None:
+        if self._budget_taken:
+            budget = self.config.memory_budget
+            if budget is not None:
+                budget.give_back(self._budget_taken)
+            self._budget_taken = 0
+
     def _protocol_fault(self, detail: str, reason: int) -> None:
         """A well-framed PDU with invalid content: A-ABORT as for Evt19 (AA-8)."""
+        self._give_back_memory()
+        self._dataset_buf = None
         self._pdata_left = self._pdv_left = 0
         self._fire(Event.EVT19, reason=reason, detail=detail)
         self._discard_input = True
