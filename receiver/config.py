@@ -202,11 +202,6 @@ class ReceiverConfig:
                 if value:
                     raise ConfigError(f"--{flag}: needs --tls-cert (and --tls-key)")
             return
-        if getattr(self, "ae_sources", None):
-            raise ConfigError(
-                "--config [ae-sources]: cannot be used with --tls-cert (the acceptor does "
-                "not see the calling AE title inside TLS)"
-            )
         if self.tls_verify_client and not self.tls_ca:
             raise ConfigError("--tls-verify-client: needs --tls-ca, the CA bundle to verify with")
         for flag, path in (

@@ -244,10 +244,14 @@ class Supervisor:
             "handlers": list(cfg.handlers),
             "identity": cfg.identity_settings().to_dict() if cfg.identity else None,
             "tls": cfg.tls_settings().to_dict() if cfg.tls_cert else None,
-            # The acceptor cannot peek the calling AE title in TLS traffic: with TLS
-            # the per-AE limit is each worker's (after the handshake).
-            "max_associations_per_ae": cfg.max_associations_per_ae if cfg.tls_cert else 0,
+            # The acceptor cannot peek the calling AE title in TLS traffic: with TLS,
+            # each worker asks the supervisor once it has read the A-ASSOCIATE-RQ, and
+            # the supervisor applies the per-AE limit and [ae-sources] for all of them.
+            "max_associations_per_ae": 0,
             "extra": {
+                "ask_admission": bool(
+                    cfg.tls_cert and (cfg.max_associations_per_ae or cfg.ae_sources)
+                ),
                 "graceful_timeout": cfg.graceful_timeout,
                 "metrics_socket": self.metrics_socket if cfg.metrics_port else None,
             },
@@ -429,6 +433,8 @@ class Supervisor:
                 slot.last_heartbeat = time.monotonic()
                 slot.buffered = int(message.get("buffered", 0))
                 slot.stored = int(message.get("stored", 0))
+            elif op == "admit":
+                self._answer_admission(slot, message)
             elif op == "closed":
                 for connection_id in message.get("ids", ()):
                     ae = slot.assigned.pop(connection_id, None)
@@ -590,7 +596,9 @@ class Supervisor:
             if limit and self._open_total() + sum(len(b[1]) for b in batches.values()) >= limit:
                 self._reject(sock)
                 continue
-            if self.cfg.max_associations_per_ae or self.access.ae_sources:
+            if not self.cfg.tls_cert and (
+                self.cfg.max_associations_per_ae or self.access.ae_sources
+            ):
                 self._track(asyncio.ensure_future(self._admit_by_ae(sock, addr[0])))
                 continue
             # Count this batch's picks too: a burst accepted in one go is spread.
@@ -637,11 +645,9 @@ class Supervisor:
                 slot.assigned[connection_id] = ae
                 sock.close()
 
-    async def _admit_by_ae(self, sock: socket.socket, host: str) -> None:
-        """Peek the calling AE title of the A-ASSOCIATE-RQ; apply [ae-sources] and the
-        per-AE limit, then (again: others were admitted during the peek) the total."""
-        assert self.loop is not None
-        ae = await self._peek_calling_ae(sock)
+    def _ae_refusal(self, ae: str | None, host: str) -> tuple[str, str] | None:
+        """[ae-sources] and the per-AE limit for ``ae`` connecting from ``host``:
+        None, or (answer, why) with answer "ae" (not from there) or "limit"."""
         # Fail closed: an AE title that could not be read might be a restricted one.
         if self.access.ae_sources and (ae is None or not self.access.ae_source_allowed(ae, host)):
             why = (
@@ -649,11 +655,50 @@ class Supervisor:
                 if ae is None
                 else f"calling AE {ae!r} not allowed from {host} by [ae-sources]"
             )
-            self._refuse(sock, p.RejectReason.CALLING_AE_NOT_RECOGNIZED, why)
-            return
+            return "ae", why
         limit_per_ae = self.cfg.max_associations_per_ae
         if limit_per_ae and ae is not None and self.per_ae[ae] >= limit_per_ae:
-            self._reject(sock)
+            return "limit", f"{limit_per_ae} association(s) of {ae!r} already open"
+        return None
+
+    def _answer_admission(self, slot: WorkerSlot, message: dict[str, Any]) -> None:
+        """With TLS the acceptor cannot peek the calling AE title: the worker that
+        read the A-ASSOCIATE-RQ asks here, where the associations of every worker are
+        counted. The answer is "ok" (counted from now until the connection closes),
+        "ae" or "limit"; the worker rejects accordingly."""
+        connection_id = message.get("id")
+        ae = str(message.get("ae", "")).strip()
+        host = str(message.get("host", ""))
+        refusal = self._ae_refusal(ae, host)
+        if refusal is None:
+            answer = "ok"
+            if connection_id in slot.assigned and not slot.assigned[connection_id]:
+                slot.assigned[connection_id] = ae
+                if ae:
+                    self.per_ae[ae] += 1
+        else:
+            answer, why = refusal
+            self.rejected += 1
+            log.info("refusing %r from %s (over TLS, in worker %d): %s", ae, host, slot.index, why)
+        ctrl = slot.ctrl
+        if ctrl is None:
+            return
+        try:
+            control.send(ctrl, {"op": "admit", "id": connection_id, "answer": answer})
+        except OSError as exc:  # its ACSE timeout answers the peer
+            log.warning("could not answer worker %d's admission question: %s", slot.index, exc)
+
+    async def _admit_by_ae(self, sock: socket.socket, host: str) -> None:
+        """Peek the calling AE title of the A-ASSOCIATE-RQ; apply [ae-sources] and the
+        per-AE limit, then (again: others were admitted during the peek) the total."""
+        assert self.loop is not None
+        ae = await self._peek_calling_ae(sock)
+        refusal = self._ae_refusal(ae, host)
+        if refusal is not None:
+            if refusal[0] == "ae":
+                self._refuse(sock, p.RejectReason.CALLING_AE_NOT_RECOGNIZED, refusal[1])
+            else:
+                self._reject(sock)
             return
         limit = self.cfg.max_associations
         if limit and self._open_total() >= limit:

@@ -297,6 +297,8 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self.registry = HandlerRegistry(parent=server.registry)
         self.assoc = Association(self, self.registry)
         self.transport: asyncio.Transport | None = None
+        #: the acceptor's name for this connection (handed over by the supervisor)
+        self.connection_id: int | None = None
         self._sock: Any = None
         self._quickack_sock: Any = None
         self._reading_paused = False
@@ -637,6 +639,12 @@ class AssociationProtocol(asyncio.BufferedProtocol):
     def _negotiate(self, rq: p.AssociateRQ) -> Step[p.AssociateAC | p.AssociateRJ]:
         from .engine import acse
 
+        ask = self.server.ask_admission
+        if ask is not None:
+            refusal = yield from resolve(ask(self, rq))
+            if refusal is not None:
+                log.warning("%s: refused by the supervisor", self.assoc.name)
+                return refusal
         ui = rq.user_info
         caller = self.server.caller
         verified: bool | None = None

@@ -24,6 +24,8 @@ from typing import Any
 from . import control
 from .association import AssociationProtocol
 from .config import WorkerConfig
+from .engine import acse
+from .engine import pdu as p
 from .handlers import parse_bindings
 from .server import AssociationServer
 from .storage.config import StorageConfig
@@ -69,7 +71,7 @@ class WorkerServer(AssociationServer):
 
     def connection_closed(self, proto: AssociationProtocol) -> None:
         super().connection_closed(proto)
-        connection_id = getattr(proto, "connection_id", None)
+        connection_id = proto.connection_id
         if connection_id is not None:
             self.closed_ids.append(connection_id)
             if self.report_closed is not None and len(self.closed_ids) == 1:
@@ -87,7 +89,48 @@ class Worker:
         self.telemetry = telemetry
         self.stopping: asyncio.Future[float] | None = None
         self._heartbeat_handle: asyncio.Handle | None = None
+        self._admissions: dict[int, asyncio.Future[str]] = {}
         server.report_closed = self._report_closed
+
+    def ask_supervisor(self) -> None:
+        """Let the supervisor admit each association by its calling AE title (with
+        TLS, where the acceptor cannot read it: the per-AE limit, [ae-sources])."""
+        self.server.ask_admission = self._ask_admission
+
+    def _ask_admission(
+        self, proto: AssociationProtocol, rq: p.AssociateRQ
+    ) -> asyncio.Future[p.AssociateRJ | None] | None:
+        connection_id = proto.connection_id
+        if connection_id is None:
+            return None  # not handed over by the supervisor: nothing to ask
+        loop = asyncio.get_running_loop()
+        answer = self._admissions.get(connection_id)
+        if answer is None:
+            answer = self._admissions[connection_id] = loop.create_future()
+            peer = proto.transport.get_extra_info("peername") if proto.transport else None
+            host = str(peer[0]) if peer else ""
+            self._send({"op": "admit", "id": connection_id, "ae": rq.calling_ae, "host": host})
+        result: asyncio.Future[p.AssociateRJ | None] = loop.create_future()
+
+        def done(f: asyncio.Future[str]) -> None:
+            if result.done():
+                return
+            word = f.result()
+            if word == "ok":
+                result.set_result(None)
+            elif word == "ae":
+                result.set_result(
+                    p.AssociateRJ(
+                        p.RejectResult.PERMANENT,
+                        p.RejectSource.SERVICE_USER,
+                        p.RejectReason.CALLING_AE_NOT_RECOGNIZED,
+                    )
+                )
+            else:
+                result.set_result(acse.reject_local_limit())
+
+        answer.add_done_callback(done)
+        return result
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -139,6 +182,10 @@ class Worker:
                     fds, ids + [None] * (len(fds) - len(ids)), strict=False
                 ):
                     self._adopt(fd, connection_id)
+            elif message is not None and message.get("op") == "admit":
+                answer = self._admissions.pop(message.get("id"), None)  # type: ignore[arg-type]
+                if answer is not None and not answer.done():
+                    answer.set_result(str(message.get("answer", "limit")))
             elif message is not None and message.get("op") == "stop":
                 self._stop(float(message.get("graceful", 30.0)))
 
@@ -148,7 +195,7 @@ class Worker:
             sock.close()
             return
         peer = _peername(sock)
-        task = asyncio.ensure_future(self.server.adopt(sock))
+        task = asyncio.ensure_future(self.server.adopt(sock, connection_id))
 
         def adopted(t: asyncio.Future[AssociationProtocol]) -> None:
             exc = None if t.cancelled() else t.exception()
@@ -163,12 +210,6 @@ class Worker:
                     self.server.closed_ids.append(connection_id)
                     self._report_closed()
                 return
-            proto = t.result()
-            proto.connection_id = connection_id  # type: ignore[attr-defined]
-            if proto._lost and connection_id is not None:
-                # It closed before we could label it: report it now.
-                self.server.closed_ids.append(connection_id)
-                self._report_closed()
 
         task.add_done_callback(adopted)
 
@@ -262,6 +303,8 @@ async def _amain(worker_id: int, ctrl_fd: int) -> int:
     )
     ctrl = socket.socket(fileno=ctrl_fd)
     worker = Worker(worker_id, ctrl, server, telemetry)
+    if extra.get("ask_admission"):
+        worker.ask_supervisor()
     log.info("worker %d ready (pid %d)", worker_id, os.getpid())
     return await worker.run()
 

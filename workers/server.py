@@ -66,6 +66,11 @@ class AssociationServer:
         self.config = config
         self.policy = config.acceptor_policy()
         self.memory_budget = MemoryBudget(config.max_dataset_memory)
+        #: admission by someone else (the supervisor: workers/main.py), asked once the
+        #: A-ASSOCIATE-RQ is read: a future of None (admitted) or the RJ to answer
+        self.ask_admission: (
+            Callable[[AssociationProtocol, p.AssociateRQ], asyncio.Future[Any] | None] | None
+        ) = None
         self.registry = HandlerRegistry()
         self.identity: IdentityPolicy | None = None
         if config.identity is not None:
@@ -145,8 +150,11 @@ class AssociationServer:
         log.info("listening on %s:%d as %s", sockname[0], sockname[1], self.config.ae_title)
         return str(sockname[0]), int(sockname[1])
 
-    async def adopt(self, sock: socket.socket) -> AssociationProtocol:
-        """Serve a connection accepted elsewhere (the acceptor's fd hand-off).
+    async def adopt(
+        self, sock: socket.socket, connection_id: int | None = None
+    ) -> AssociationProtocol:
+        """Serve a connection accepted elsewhere (the acceptor's fd hand-off), known
+        to the acceptor as ``connection_id``.
 
         With TLS this returns once the handshake is done, and raises if it fails or
         does not finish within the handshake timeout (the socket is then closed)."""
@@ -155,8 +163,10 @@ class AssociationServer:
         made: list[AssociationProtocol] = []
 
         def factory() -> AssociationProtocol:
-            made.append(self._factory())
-            return made[0]
+            proto = self._factory()
+            proto.connection_id = connection_id
+            made.append(proto)
+            return proto
 
         # Not the protocol connect_accepted_socket returns: with ssl=, uvloop returns
         # its SSLProtocol wrapper there, asyncio the application protocol.

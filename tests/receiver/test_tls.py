@@ -32,7 +32,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from receiver.__main__ import main as receiver_main
 from workers.config import WorkerConfig
 from workers.engine import acse
-from workers.scu import Requested, associate
+from workers.scu import Requested
+from workers.scu import associate as scu_associate
 from workers.server import AssociationServer
 from workers.storage import StorageConfig
 from workers.tls import PROFILES, TlsSettings, client_context, server_context
@@ -44,8 +45,10 @@ from .conftest import (
     VERIFICATION,
     Receiver,
     ReceiverFactory,
+    associate,
     make_files,
     make_image,
+    rejection,
     scu_ae,
     sop_uid,
     stored_files,
@@ -233,7 +236,7 @@ async def _store_over_tls(
             host, port = listener.getsockname()[:2]
             adopted = asyncio.ensure_future(_accept_and_adopt(server, listener))
         assoc = await asyncio.wait_for(
-            associate(
+            scu_associate(
                 host,
                 port,
                 called_ae="PACSRX",
@@ -347,7 +350,7 @@ def test_tree_stores_over_tls_pynetdicom_and_our_scu(
     assert _pyn_store(rx, client(pki, cert=False), files[0]) == 0
 
     async def ours() -> int:
-        assoc = await associate(
+        assoc = await scu_associate(
             rx.host,
             rx.port,
             called_ae="PACSRX",
@@ -394,21 +397,62 @@ def test_tree_idle_handshake_is_dropped_while_others_are_served(
     rx.wait_log(r"TLS handshake with .* failed")
 
 
-def test_tree_per_ae_limit_is_the_workers_under_tls(
+def test_tree_per_ae_limit_holds_across_workers_under_tls(
     receiver_factory: ReceiverFactory, pki: Pki
 ) -> None:
-    rx = receiver_factory(*tls_flags(pki), "--workers", "1", "--max-associations-per-ae", "1")
-    first = scu_ae().associate(
-        rx.host, rx.port, ae_title="PACSRX", tls_args=(client(pki), "127.0.0.1")
-    )
+    """The acceptor cannot read the calling AE title inside TLS; the workers ask the
+    supervisor, so the limit holds for the whole receiver: with two workers the
+    second association of an AE goes to the other (least-loaded) worker and is still
+    refused, with an A-ASSOCIATE-RJ the client reads over TLS. Another AE is served,
+    and once the first is released the AE may associate again."""
+    rx = receiver_factory(*tls_flags(pki), "--workers", "2", "--max-associations-per-ae", "1")
+    tls = (client(pki), "127.0.0.1")
+    first = scu_ae().associate(rx.host, rx.port, ae_title="PACSRX", tls_args=tls)
     try:
         assert first.is_established
-        second = scu_ae().associate(
+        second = associate(rx, scu_ae(), tls_args=(client(pki), "127.0.0.1"))
+        # transient, service-provider (presentation), local limit exceeded
+        assert rejection(second) == (2, 3, 2)
+        other = scu_ae("OTHERSCU").associate(
             rx.host, rx.port, ae_title="PACSRX", tls_args=(client(pki), "127.0.0.1")
         )
-        assert second.is_rejected  # an A-ASSOCIATE-RJ the client could read, over TLS
+        assert other.is_established
+        other.release()
     finally:
         first.release()
+    rx.wait_log(r"refusing 'PYNETSCU' from 127\.0\.0\.1 \(over TLS, in worker \d\)")
+
+    def again() -> bool:
+        assoc = scu_ae().associate(
+            rx.host, rx.port, ae_title="PACSRX", tls_args=(client(pki), "127.0.0.1")
+        )
+        if assoc.is_established:
+            assoc.release()
+            return True
+        return False
+
+    assert wait_for(again, 10.0)
+
+
+def test_tree_ae_sources_under_tls(
+    receiver_factory: ReceiverFactory, pki: Pki, tmp_path: Path
+) -> None:
+    """[ae-sources] with TLS: an AE tied to other addresses is refused (permanent,
+    calling AE title not recognized) over TLS; an AE tied to loopback and one not in
+    the table are served."""
+    toml = tmp_path / "rx.toml"
+    toml.write_text('[ae-sources]\nMODALITY = ["10.0.0.1"]\nLOCALSCU = ["127.0.0.0/8"]\n')
+    rx = receiver_factory(*tls_flags(pki), "--workers", "2", "--config", str(toml))
+    refused = associate(rx, scu_ae("MODALITY"), tls_args=(client(pki), "127.0.0.1"))
+    # permanent, service-user, calling AE title not recognized
+    assert rejection(refused) == (1, 1, 3)
+    for title in ("LOCALSCU", "ANYONE"):
+        assoc = scu_ae(title).associate(
+            rx.host, rx.port, ae_title="PACSRX", tls_args=(client(pki), "127.0.0.1")
+        )
+        assert assoc.is_established, title
+        assoc.release()
+    rx.wait_log(r"refusing 'MODALITY' from 127\.0\.0\.1 .*\[ae-sources\]")
 
 
 @pytest.mark.skipif(STORESCU is None, reason="DCMTK storescu not installed")
@@ -473,9 +517,6 @@ def test_bad_tls_files_stop_start_up(
         ["--tls-ca", str(pki.ca)],
         ["--tls-cert", str(pki.server_cert), "--tls-handshake-timeout", "0"],
     ]
-    toml = tmp_path / "rx.toml"
-    toml.write_text('[ae-sources]\nMODALITY = ["10.0.0.1"]\n')
-    cases.append([*cases[2][:2], "--tls-key", str(pki.server_key), "--config", str(toml)])
     for flags in cases:
         assert receiver_main([*flags, "--storage", str(tmp_path / "s")]) == 2, flags
         err = capsys.readouterr().err.strip()
