@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from workers.engine import acse, dimse
 from workers.engine import pdu as p
-from workers.engine.connection import Connection, EngineConfig, Role
+from workers.engine.connection import Connection, EngineConfig, MemoryBudget, Role
 from workers.engine.fsm import State
 from workers.engine.primitives import (
     NEED_DATA,
@@ -85,6 +85,7 @@ def small_config(choice: int = 0, read_buffer_size: int = 64) -> EngineConfig:
             max_command_length=256,
             max_dataset_in_memory=512,
             read_buffer_size=read_buffer_size,
+            memory_budget=MemoryBudget(300),  # the process-wide bound, tighter here
         ),
         EngineConfig(
             max_pdu_length=0,  # "no limit" announced: P-DATA is streamed anyway
@@ -92,6 +93,7 @@ def small_config(choice: int = 0, read_buffer_size: int = 64) -> EngineConfig:
             max_command_length=128,
             max_dataset_in_memory=1024,
             read_buffer_size=read_buffer_size,
+            memory_budget=MemoryBudget(4096),
         ),
         EngineConfig(
             max_pdu_length=16 * 1024,
@@ -266,6 +268,11 @@ def check_bounds(conn: Connection, limits: Limits) -> None:
     assert len(conn._command_buf) <= cfg.max_command_length, len(conn._command_buf)
     if conn._dataset_buf is not None:
         assert len(conn._dataset_buf) <= cfg.max_dataset_in_memory, len(conn._dataset_buf)
+    budget = cfg.memory_budget
+    if budget is not None:
+        assert budget.used <= budget.limit, (budget.used, budget.limit)
+        # one connection holds it all: exactly what its data set buffer holds
+        assert budget.used == len(conn._dataset_buf or b""), budget.used
     assert not conn._events, "events left after NEED_DATA"
 
 
@@ -371,6 +378,8 @@ def run_acceptor(
     _drive_acceptor(conn, session, policy, None)
     check_output(conn.data_to_send(), session.sent)
     assert conn.state is State.STA1, conn.state
+    if cfg.memory_budget is not None:
+        assert cfg.memory_budget.used == 0, "data-set memory not given back at the end"
     return session
 
 
