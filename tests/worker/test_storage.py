@@ -561,7 +561,7 @@ def scan_outcome(scanner: TagScanner) -> tuple[object, ...]:
 
 
 @given(
-    st.sampled_from([s for s in ALL_SYNTAXES if s != DEFLATED]),
+    st.sampled_from(ALL_SYNTAXES),
     st.sampled_from([64 * 1024, 1000, 333, 12]),
     st.data(),
 )
@@ -571,7 +571,7 @@ def test_scanner_result_does_not_depend_on_the_split(
 ) -> None:
     # The whole data set in one buffer takes the in-place walk; split, the same bytes
     # also take the paths that carry a skip, a value or a header across fragments.
-    # (Deflated is left out: zlib's own errors surface per inflated chunk.)
+    # Deflated: a mutated stream is mostly a corrupt one, scanned up to where it breaks.
     raw = bytearray(encode(SCANNER_DATASETS[syntax], syntax))
     for _ in range(data.draw(st.integers(0, 4))):
         pos = data.draw(st.integers(0, len(raw) - 1))
