@@ -47,11 +47,21 @@ the deflated ones (raw deflate, RFC 1951, of an Explicit VR Little Endian data s
 inflated here with a bounded ``zlib.decompressobj(-15)``; every other syntax
 (uncompressed and all encapsulated/compressed ones) is Explicit VR Little Endian.
 Inflated output is asked for in steps that start at 2 KiB and double, so that a scan
-that completes in the first few KiB does not pay for inflating the rest.
+that completes in the first few KiB does not pay for inflating the rest. A corrupt
+deflate stream is scanned as the output of its longest prefix that inflates without
+error: the walk sees those bytes, then ends ``"malformed"`` (unless it ended first),
+so what was found before the corruption is kept, and the result depends on the bytes
+only, never on where the fragments split them (zlib drops the output of a call that
+fails; :meth:`TagScanner._recover` replays the failing slice to get it back).
 
 Memory: the scanner copies at most one element header (12 bytes) and one wanted value
-(at most :data:`MAX_VALUE_LENGTH` bytes); with deflate, at most 16 KiB of compressed
-input and ``budget`` bytes of inflated output exist at a time, and only during a call.
+(at most :data:`MAX_VALUE_LENGTH` bytes). With deflate, zlib is never asked for more
+output than the budget has room for (a deflate bomb inflates no further than that),
+the scan takes at most ``2 * budget + 1024`` bytes of compressed input (a stream of
+empty blocks inflates to nothing), and during a call at most 16 KiB of compressed
+input, ``budget`` bytes of inflated output and two inflater states (zlib's 32 KiB
+window each: the live one and, past the first slice of input, a copy to replay a
+corrupt slice from) exist at a time.
 The stack of open undefined-length levels grows by one entry per at least 8 walked
 bytes, so ``budget`` bounds it too.
 """
@@ -314,41 +324,107 @@ class TagScanner:
         del self._stack[1:]
 
     def _inflate(self, view: memoryview) -> None:
+        # The compressed input a scan may take (see the check at the end of a slice).
+        limit = 2 * self._budget + 1024
         for start in range(0, len(view), _INFLATE_SLICE):
-            chunk: bytes | memoryview = view[start : start + _INFLATE_SLICE]
-            self._in_bytes += len(chunk)
-            while True:
-                inflater = self._inflater
-                if inflater is None:  # the walk ended the scan
-                    return
-                # max_length bounds the output: a deflate bomb cannot make us hold
-                # more than the remaining budget.
-                step = self._out_step
-                room = self._budget - self._pos
-                if step < room:
-                    self._out_step = step * 2
-                else:
-                    step = room
-                out = inflater.decompress(chunk, step)
-                tail = inflater.unconsumed_tail
-                if out:
-                    self._walk(out)
-                if self._stop != "scanning":
-                    return
-                if inflater.eof:
-                    self._finish("end")
-                    return
-                # Output that filled the limit may have more behind it even when all
-                # input was taken (zlib can stop in the middle of a match): ask again,
-                # or the end of this fragment's data would wait for the next one.
-                if len(out) < step and (not tail or len(tail) == len(chunk)):
-                    break  # all this slice gives for now (or no progress possible)
-                chunk = tail
+            inflater = self._inflater
+            if inflater is None:  # the walk ended the scan
+                return
+            end = min(start + _INFLATE_SLICE, start + limit - self._in_bytes)
+            piece: bytes | memoryview = view[start:end]
+            # zlib raises on a corrupt stream and drops what the failing call inflated
+            # before the error; _recover replays from the state before this slice, so
+            # keep it (a fresh inflater needs no copy: the common one-fragment case).
+            before = inflater.copy() if self._in_bytes else None
+            self._in_bytes += len(piece)
+            produced = 0  # output of this slice already walked
+            chunk = piece
+            try:
+                while True:
+                    # max_length bounds the output: a deflate bomb cannot make us hold
+                    # more than the remaining budget (never 0 here, which would mean
+                    # "unbounded" to zlib: the walk ends the scan at the budget).
+                    step = self._out_step
+                    room = self._budget - self._pos
+                    if step < room:
+                        self._out_step = step * 2
+                    else:
+                        step = room
+                    out = inflater.decompress(chunk, step)
+                    tail = inflater.unconsumed_tail
+                    if out:
+                        produced += len(out)
+                        self._walk(out)
+                    if self._stop != "scanning":
+                        return
+                    if inflater.eof:
+                        self._finish("end")
+                        return
+                    # Output that filled the limit may have more behind it even when
+                    # all input was taken (zlib can stop in the middle of a match): ask
+                    # again, or the end of this fragment's data would wait for the next.
+                    if len(out) < step and (not tail or len(tail) == len(chunk)):
+                        break  # all this slice gives for now (or no progress possible)
+                    chunk = tail
+            except zlib.error:
+                self._recover(before, piece, len(piece) - len(inflater.unconsumed_tail), produced)
+                return
             # Stored (uncompressed) deflate blocks expand by a few bytes per 64 KiB at
-            # most, so compressed input well past the budget means the output is too.
-            if self._in_bytes > 2 * self._budget + 1024:
+            # most, so compressed input well past the budget means the output is too
+            # (or the stream is padding itself out with empty blocks). Counted to the
+            # byte, so that the scan stops at the same point of the stream however it
+            # was split.
+            if self._in_bytes >= limit:
                 self._finish("budget")
                 return
+
+    def _recover(
+        self, before: zlib._Decompress | None, piece: _Buffer, consumed: int, produced: int
+    ) -> None:
+        """The stream is corrupt somewhere in ``piece``: walk what it inflated before.
+
+        What a corrupt stream yields must not depend on how it was split into
+        fragments, so it is defined on the bytes: the data set is the output of the
+        longest prefix of the stream that inflates without error, and the scan ends
+        ``"malformed"`` at its end (unless the walk stops first). zlib raised without
+        returning the output of the failing call, so replay ``piece`` from the state
+        before it (``before``; ``None``: a fresh stream), searching for that prefix:
+        prefixes that fail are exactly those that reach the error, and zlib stops
+        taking input at the error (``consumed``), so the search starts just below it.
+        The output asked for is bounded by what the budget still allows.
+        """
+        self._inflater = None
+        cap = produced + self._budget - self._pos  # > produced: the scan is not done
+
+        def inflate(length: int) -> bytes | None:
+            inflater = before.copy() if before is not None else zlib.decompressobj(-zlib.MAX_WBITS)
+            try:
+                return inflater.decompress(piece[:length], cap)
+            except zlib.error:
+                return None
+
+        good, bad = 0, min(max(consumed, 0), len(piece))
+        if inflate(bad) is not None:  # not where zlib stopped: search above it
+            good, bad = bad, len(piece)
+        # Gallop down from `bad` (the error is usually in the last byte or two zlib
+        # took), then bisect.
+        gap = 1
+        while bad - gap > good:
+            if inflate(bad - gap) is not None:
+                good = bad - gap
+                break
+            bad -= gap
+            gap *= 2
+        while bad - good > 1:
+            mid = (good + bad) // 2
+            if inflate(mid) is not None:
+                good = mid
+            else:
+                bad = mid
+        out = inflate(good) if good else b""
+        if out is not None and len(out) > produced:
+            self._walk(memoryview(out)[produced:])
+        self._finish("malformed")
 
     def _walk(self, data: _Buffer) -> None:
         """Advance the scan over ``data`` (uncompressed data-set bytes, in place)."""
