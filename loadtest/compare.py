@@ -261,12 +261,13 @@ def orthanc_binary() -> str | None:
     return None
 
 
-def orthanc_config(base: Path, port: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Orthanc's configuration for one compare run: DICOM only, syncing, accepting all."""
+def orthanc_config(storage: Path, index: Path, port: int, threads: int) -> dict[str, Any]:
+    """Orthanc's configuration for a comparison: DICOM only, syncing, accepting all;
+    ``threads``: associations it serves at once (at least 4, its default)."""
     return {
         "Name": "pacs-loadtest-compare",
-        "StorageDirectory": str(base / "store"),
-        "IndexDirectory": str(base / "index"),
+        "StorageDirectory": str(storage),
+        "IndexDirectory": str(index),
         "StorageCompression": False,
         "SyncStorageArea": True,  # fsync each stored file, like --fsync always
         "Plugins": [],
@@ -282,8 +283,7 @@ def orthanc_config(base: Path, port: int, args: argparse.Namespace) -> dict[str,
         "DicomAlwaysAllowStore": True,
         "UnknownSopClassAccepted": True,
         "MaximumPduLength": DCMTK_MAX_PDU,
-        # a thread per association it serves at once (default 4)
-        "DicomThreadsCount": max(4, *args.associations),
+        "DicomThreadsCount": max(4, threads),
         "DicomScpTimeout": 30,
         "DicomModalities": {},
         "OrthancPeers": {},
@@ -299,7 +299,10 @@ def _start_orthanc(base: Path, args: argparse.Namespace) -> Running:
     port = free_port()
     (base / "index").mkdir(parents=True, exist_ok=True)
     config = base / "orthanc.json"
-    config.write_text(json.dumps(orthanc_config(base, port, args), indent=2))
+    threads = max(args.associations)
+    config.write_text(
+        json.dumps(orthanc_config(base / "store", base / "index", port, threads), indent=2)
+    )
     cmd = [binary, *(["--verbose"] if args.verbose else []), str(config)]
     running = _spawn("orthanc", cmd, base, port, env={"TCP_NODELAY": "1"})
     running.clearable = False
