@@ -11,8 +11,8 @@ directory:
   TCP_NODELAY patched in (:mod:`loadtest.pynetdicom_scp`);
 * ``orthanc`` (only when asked for): Orthanc (``Orthanc CONFIG.json``) with a generated
   configuration: its own storage and SQLite index directories, HTTP server off,
-  ``SyncStorageArea`` true (it fsyncs what it stores: compare it with
-  ``--receiver-fsync always``), ``DicomCheckCalledAet`` false, unknown SOP classes
+  ``SyncStorageArea`` true (it fdatasyncs each stored file, not its SQLite WAL index:
+  compare it with ``--receiver-fsync always``), ``DicomCheckCalledAet`` false, unknown SOP classes
   accepted, max PDU 131072; Debian: ``apt-get install orthanc`` (with a
   ``/usr/sbin/policy-rc.d`` that exits 101, so that no service of its own starts);
 * ``sink`` (only when asked for): :mod:`loadtest.sink`, which stores nothing: the
@@ -33,9 +33,9 @@ made, those receivers are skipped with the reason, never started outside it.
 Each receiver gets a short warm-up, then one cell per (size, associations): a
 ``--count`` run of the generator, during which the receiver's process tree is charged
 CPU seconds and sampled for RSS (:mod:`loadtest.proctree`). Stored files are deleted
-between cells. The table lists instances/s, MB/s, p99 C-STORE latency, receiver CPU
-seconds, peak RSS of the tree and the ratio of instances/s to pacs-receiver's in the
-same cell.
+between cells (not Orthanc's: its index refers to them). The table lists instances/s,
+MB/s, p50 and p99 C-STORE latency, receiver CPU seconds, peak RSS of the tree and the
+ratio of instances/s to pacs-receiver's in the same cell.
 """
 
 from __future__ import annotations
