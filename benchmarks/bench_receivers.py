@@ -15,9 +15,20 @@ port and stopped (SIGTERM, then SIGKILL) afterwards:
   storescp-B            DCMTK storescp +B -od DIR           (TCP_NODELAY=1)
   storescp-fork         DCMTK storescp --fork -od DIR       (TCP_NODELAY=1)
   pynetdicom            python -m pynetdicom storescp -ba 127.0.0.1 -od DIR -q
+  orthanc               Orthanc with a generated config (only with --receivers):
+                        SyncStorageArea true (it fsyncs: compare with --fsync-always),
+                        own storage and SQLite index, HTTP off (TCP_NODELAY=1)
 
-DCMTK's storescp listens on all interfaces: it is only ever connected to through
-127.0.0.1, and killed at the end of each measurement.
+DCMTK's storescp and Orthanc listen on every interface (storescp has no bind
+option), so they run only in a network namespace that has nothing but lo
+(loadtest/netns.py; needs root or CAP_SYS_ADMIN). When any selected receiver needs
+it, the whole benchmark (every receiver and every sender) runs in one such
+namespace, so that all are measured alike; without it those receivers are skipped
+(with the reason), never started outside it.
+
+Orthanc is not installed by 'make test'. On Debian: create /usr/sbin/policy-rc.d
+containing 'exit 101' if there is none (so that the package starts no service), then
+'apt-get install orthanc', then remove policy-rc.d if you created it.
 
 Measured per run, from the first sender's start to the last sender's exit:
 instances/s and MB/s (file bytes); receiver CPU seconds per GB (utime+stime of the
@@ -40,6 +51,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -56,7 +68,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtest.compare import dcmtk_binary
+from loadtest import netns
+from loadtest.compare import dcmtk_binary, orthanc_binary, orthanc_config
 from loadtest.proctree import children
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -151,7 +164,7 @@ class Sampler(threading.Thread):
 
 
 def free_port() -> int:
-    # Any interface: storescp binds them all, so the port must be free on each.
+    # Any interface: storescp and Orthanc bind them all (in the namespace, lo only).
     with socket.socket() as s:
         s.bind(("", 0))
         return int(s.getsockname()[1])
@@ -169,6 +182,8 @@ class ReceiverSpec:
     called_ae: str = "ANY-SCP"
     #: workers to wait for in the log ("worker N ready"); 0: wait for a C-ECHO
     ready_workers: int = 0
+    #: listens on every interface: runs only in a loopback-only network namespace
+    all_interfaces: bool = False
 
 
 def receiver_specs(args: argparse.Namespace) -> dict[str, ReceiverSpec]:
@@ -176,6 +191,14 @@ def receiver_specs(args: argparse.Namespace) -> dict[str, ReceiverSpec]:
     pacs = str(Path(python).with_name("pacs-receiver"))
     storescp = dcmtk("storescp") or "storescp"
     nodelay = {"TCP_NODELAY": "1"}
+
+    def orthanc_argv(port: int, out: Path) -> list[str]:
+        # out is the storage; the index and the config go next to it
+        (out.parent / "index").mkdir(exist_ok=True)
+        config = out.parent / "orthanc.json"
+        settings = orthanc_config(out, out.parent / "index", port, args.senders)
+        config.write_text(json.dumps(settings, indent=2))
+        return [orthanc_binary() or "Orthanc", str(config)]
 
     def pacs_argv(fsync: str) -> Callable[[int, Path], list[str]]:
         def argv(port: int, out: Path) -> list[str]:
@@ -213,11 +236,13 @@ def receiver_specs(args: argparse.Namespace) -> dict[str, ReceiverSpec]:
             "storescp-B",
             lambda port, out: [storescp, "+B", "-od", str(out), str(port)],
             env=nodelay,
+            all_interfaces=True,
         ),
         ReceiverSpec(
             "storescp-fork",
             lambda port, out: [storescp, "--fork", "-od", str(out), str(port)],
             env=nodelay,
+            all_interfaces=True,
         ),
         ReceiverSpec(
             "pynetdicom",
@@ -234,6 +259,7 @@ def receiver_specs(args: argparse.Namespace) -> dict[str, ReceiverSpec]:
                 str(port),
             ],
         ),
+        ReceiverSpec("orthanc", orthanc_argv, env=nodelay, all_interfaces=True),
     ]
     return {s.name: s for s in specs}
 
@@ -628,7 +654,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--receivers",
         default="pacs-receiver,storescp-B,storescp-fork,pynetdicom",
-        help="comma-separated receivers to run (default: all but pacs-receiver-fsync)",
+        help="comma-separated receivers to run (default: all but pacs-receiver-fsync and orthanc)",
     )
     ap.add_argument(
         "--fsync-always", action="store_true", help="also run pacs-receiver --fsync always"
@@ -663,6 +689,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _run_all(
+    args: argparse.Namespace,
+    work: Path,
+    specs: dict[str, ReceiverSpec],
+    tools: dict[str, str],
+    results: list[RunResult],
+) -> None:
+    """Make the data, then every run (receivers interleaved per repeat)."""
+    datasets = []
+    for size in args.sizes:
+        count = args.count_small if size == "8" else args.count_large
+        dirs, total = [], 0
+        for i in range(args.senders):
+            d = work / "data" / f"{size}k" / f"sender{i}"
+            total += make_instances(d, count, SIZES_KB[size], f"{size}k{i}")
+            dirs.append(d)
+        datasets.append(DataSet(f"{size} KB", dirs, count * args.senders, total))
+    for data in datasets:
+        for repeat in range(args.repeat):
+            for name in args.receivers:
+                r = run_once(specs[name], data, repeat, work, tools, args.timeout)
+                results.append(r)
+                status = "ok" if r.ok else f"FAILED: {r.error}"
+                print(
+                    f"  {data.label:>6} #{repeat + 1} {name:<20}"
+                    f" {r.instances_per_s:8.0f} inst/s"
+                    f" {r.mb_per_s:7.1f} MB/s {r.cpu_s_per_gb:7.1f} CPU s/GB"
+                    f" {r.peak_rss_mb:6.0f} MB  load {r.loadavg:4.1f}  {status}",
+                    flush=True,
+                )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     tools = {name: dcmtk(name) for name in ("storescu", "echoscu", "storescp")}
@@ -672,38 +730,35 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     found = {n: p for n, p in tools.items() if p is not None}
     specs = receiver_specs(args)
+    skipped: dict[str, str] = {}
+    if "orthanc" in args.receivers and orthanc_binary() is None:
+        skipped["orthanc"] = "Orthanc is not installed (Debian: apt-get install orthanc)"
+    reason = netns.unavailable()
+    for name in args.receivers:
+        if reason and specs[name].all_interfaces and name not in skipped:
+            skipped[name] = f"it listens on every interface and {reason}"
+    for name, why in skipped.items():
+        print(f"bench_receivers.py: skipping {name}: {why}", file=sys.stderr)
+    args.receivers = [n for n in args.receivers if n not in skipped]
+    if not args.receivers:
+        print("bench_receivers.py: no receiver left to run", file=sys.stderr)
+        return 2
+    isolate = any(specs[n].all_interfaces for n in args.receivers)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-receivers-"))
     work.mkdir(parents=True, exist_ok=True)
     env_info = environment(args, found)
     print(
         f"# {env_info['cpus']} CPUs, load {env_info['loadavg_at_start'][0]:.2f}; "
-        f"{args.senders} storescu senders; work dir {work}",
+        f"{args.senders} storescu senders; work dir {work}"
+        + ("; all in a network namespace with only lo" if isolate else ""),
         flush=True,
     )
+    env_info["loopback_only_namespace"] = isolate
+    env_info["skipped"] = skipped
     results: list[RunResult] = []
     try:
-        datasets = []
-        for size in args.sizes:
-            count = args.count_small if size == "8" else args.count_large
-            dirs, total = [], 0
-            for i in range(args.senders):
-                d = work / "data" / f"{size}k" / f"sender{i}"
-                total += make_instances(d, count, SIZES_KB[size], f"{size}k{i}")
-                dirs.append(d)
-            datasets.append(DataSet(f"{size} KB", dirs, count * args.senders, total))
-        for data in datasets:
-            for repeat in range(args.repeat):
-                for name in args.receivers:
-                    r = run_once(specs[name], data, repeat, work, found, args.timeout)
-                    results.append(r)
-                    status = "ok" if r.ok else f"FAILED: {r.error}"
-                    print(
-                        f"  {data.label:>6} #{repeat + 1} {name:<20}"
-                        f" {r.instances_per_s:8.0f} inst/s"
-                        f" {r.mb_per_s:7.1f} MB/s {r.cpu_s_per_gb:7.1f} CPU s/GB"
-                        f" {r.peak_rss_mb:6.0f} MB  load {r.loadavg:4.1f}  {status}",
-                        flush=True,
-                    )
+        with netns.loopback_namespace() if isolate else contextlib.nullcontext():
+            _run_all(args, work, specs, found, results)
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)

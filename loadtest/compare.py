@@ -4,26 +4,38 @@ One receiver at a time, on 127.0.0.1 and a free port, storing into a temporary
 directory:
 
 * ``pacs-receiver``: ``--workers 2 --fsync never --metrics-port 0`` (port 0; the port
-  is read from its log);
+  is read from its log; ``--receiver-workers`` and ``--receiver-fsync`` change them);
 * ``dcmtk-storescp``: DCMTK ``storescp +B -od DIR PORT`` (bit-preserving, one process);
 * ``dcmtk-storescp-fork``: ``storescp --fork -od DIR PORT`` (a process per association);
 * ``pynetdicom-storescp``: pynetdicom's storescp app (``-od DIR -ba 127.0.0.1``), with
   TCP_NODELAY patched in (:mod:`loadtest.pynetdicom_scp`);
+* ``orthanc`` (only when asked for): Orthanc (``Orthanc CONFIG.json``) with a generated
+  configuration: its own storage and SQLite index directories, HTTP server off,
+  ``SyncStorageArea`` true (it fdatasyncs each stored file, not its SQLite WAL index:
+  compare it with ``--receiver-fsync always``), ``DicomCheckCalledAet`` false, unknown SOP classes
+  accepted, max PDU 131072; Debian: ``apt-get install orthanc`` (with a
+  ``/usr/sbin/policy-rc.d`` that exits 101, so that no service of its own starts);
 * ``sink`` (only when asked for): :mod:`loadtest.sink`, which stores nothing: the
   ceiling of the generator itself on this machine.
 
 DCMTK gets ``TCP_NODELAY=1`` in its environment (its documented switch),
 ``--max-pdu 131072`` (its largest; 16 KiB by default) and ``-dhl`` (no reverse DNS
-lookup per association). storescp listens on every interface, so it is only ever
-contacted through 127.0.0.1, and every receiver is stopped (SIGTERM, then SIGKILL to
-its process group) when its cells are done, also on errors and Ctrl-C.
+lookup per association). Every receiver is stopped (SIGTERM, then SIGKILL to its
+process group) when its cells are done, also on errors and Ctrl-C.
+
+storescp and Orthanc listen on every interface (storescp has no bind option). They
+are only ever run in a network namespace that has nothing but ``lo``
+(:mod:`loadtest.netns`, needs root or CAP_SYS_ADMIN): when any selected receiver
+needs it, the whole run (every receiver, the load generator, the warm-ups) happens in
+one such namespace, so that all are measured alike. When the namespace cannot be
+made, those receivers are skipped with the reason, never started outside it.
 
 Each receiver gets a short warm-up, then one cell per (size, associations): a
 ``--count`` run of the generator, during which the receiver's process tree is charged
 CPU seconds and sampled for RSS (:mod:`loadtest.proctree`). Stored files are deleted
-between cells. The table lists instances/s, MB/s, p99 C-STORE latency, receiver CPU
-seconds, peak RSS of the tree and the ratio of instances/s to pacs-receiver's in the
-same cell.
+between cells (not Orthanc's: its index refers to them). The table lists instances/s,
+MB/s, p50 and p99 C-STORE latency, receiver CPU seconds, peak RSS of the tree and the
+ratio of instances/s to pacs-receiver's in the same cell.
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import platform
 import re
@@ -48,6 +61,7 @@ from typing import Any
 
 from workers.engine import acse, dimse
 
+from . import netns
 from .cli import add_load_options, validate, write_json
 from .config import RunConfig
 from .proctree import TreeSampler
@@ -103,6 +117,9 @@ class Running:
     port: int
     storage: Path
     log_path: Path
+    #: whether clear_storage may empty ``storage`` between cells (Orthanc's index
+    #: refers to its files: they stay)
+    clearable: bool = True
 
     def log(self) -> str:
         try:
@@ -129,6 +146,8 @@ class Running:
             proc.wait(5)
 
     def clear_storage(self) -> None:
+        if not self.clearable:
+            return
         for child in self.storage.iterdir():
             if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child, ignore_errors=True)
@@ -142,7 +161,10 @@ class ReceiverSpec:
     name: str
     available: Callable[[], str | None]  # None when available, else why not
     start: Callable[[Path, argparse.Namespace], Running]
+    #: formatted with ``workers`` and ``fsync`` (--receiver-workers, --receiver-fsync)
     notes: str = ""
+    #: listens on every interface: runs only in a loopback-only network namespace
+    all_interfaces: bool = False
 
 
 def _spawn(
@@ -170,7 +192,7 @@ def _start_pacs_receiver(base: Path, args: argparse.Namespace) -> Running:
     cmd = [
         *pacs_receiver_command(),
         *("--host", "127.0.0.1", "--port", "0", "--workers", str(args.receiver_workers)),
-        *("--fsync", "never", "--metrics-port", "0", "--storage", "{STORAGE}"),
+        *("--fsync", args.receiver_fsync, "--metrics-port", "0", "--storage", "{STORAGE}"),
         *("--log-level", "DEBUG" if args.verbose else "INFO"),  # INFO: "listening on"
     ]
     if args.async_ops is not None:
@@ -231,6 +253,68 @@ def _start_sink(base: Path, args: argparse.Namespace) -> Running:
         time.sleep(0.05)
 
 
+def orthanc_binary() -> str | None:
+    """The Orthanc server executable (Debian installs it as /usr/sbin/Orthanc)."""
+    for candidate in (shutil.which("Orthanc"), "/usr/sbin/Orthanc", "/usr/local/sbin/Orthanc"):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def orthanc_config(storage: Path, index: Path, port: int, threads: int) -> dict[str, Any]:
+    """Orthanc's configuration for a comparison: DICOM only, syncing, accepting all;
+    ``threads``: associations it serves at once (at least 4, its default)."""
+    return {
+        "Name": "pacs-loadtest-compare",
+        "StorageDirectory": str(storage),
+        "IndexDirectory": str(index),
+        "StorageCompression": False,
+        "SyncStorageArea": True,  # fsync each stored file, like --fsync always
+        "Plugins": [],
+        "LuaScripts": [],
+        "HttpServerEnabled": False,
+        "RemoteAccessAllowed": False,
+        "DicomServerEnabled": True,
+        "DicomAet": "ORTHANC",
+        "DicomPort": port,
+        "DicomCheckCalledAet": False,
+        "DicomCheckModalityHost": False,
+        "DicomAlwaysAllowEcho": True,
+        "DicomAlwaysAllowStore": True,
+        "UnknownSopClassAccepted": True,
+        "MaximumPduLength": DCMTK_MAX_PDU,
+        "DicomThreadsCount": max(4, threads),
+        "DicomScpTimeout": 30,
+        "DicomModalities": {},
+        "OrthancPeers": {},
+        "SaveJobs": False,
+        "MaximumStorageSize": 0,
+        "MaximumPatientCount": 0,
+    }
+
+
+def _start_orthanc(base: Path, args: argparse.Namespace) -> Running:
+    binary = orthanc_binary()
+    assert binary is not None
+    port = free_port()
+    (base / "index").mkdir(parents=True, exist_ok=True)
+    config = base / "orthanc.json"
+    threads = max(args.associations)
+    config.write_text(
+        json.dumps(orthanc_config(base / "store", base / "index", port, threads), indent=2)
+    )
+    cmd = [binary, *(["--verbose"] if args.verbose else []), str(config)]
+    running = _spawn("orthanc", cmd, base, port, env={"TCP_NODELAY": "1"})
+    running.clearable = False
+    return running
+
+
+def _have_orthanc() -> str | None:
+    if orthanc_binary():
+        return None
+    return "Orthanc not installed (Debian: apt-get install orthanc)"
+
+
 def _repo_root() -> str:
     return str(Path(__file__).resolve().parents[1])
 
@@ -254,19 +338,21 @@ RECEIVERS: dict[str, ReceiverSpec] = {
             "pacs-receiver",
             lambda: None,
             _start_pacs_receiver,
-            "--workers 2 --fsync never --metrics-port 0; max PDU 1 MiB",
+            "--workers {workers} --fsync {fsync} --metrics-port 0; max PDU 1 MiB",
         ),
         ReceiverSpec(
             "dcmtk-storescp",
             _have_dcmtk,
             _start_storescp(fork=False),
             "+B -od DIR -pdu 131072 -dhl, TCP_NODELAY=1; one process",
+            all_interfaces=True,
         ),
         ReceiverSpec(
             "dcmtk-storescp-fork",
             _have_dcmtk,
             _start_storescp(fork=True),
             "--fork -od DIR -pdu 131072 -dhl, TCP_NODELAY=1; a process per association",
+            all_interfaces=True,
         ),
         ReceiverSpec(
             "pynetdicom-storescp",
@@ -274,6 +360,14 @@ RECEIVERS: dict[str, ReceiverSpec] = {
             _start_pynetdicom,
             "pynetdicom apps storescp -od DIR -ba 127.0.0.1 -pdu 1048576, TCP_NODELAY "
             "patched in; decodes and re-encodes each data set with pydicom",
+        ),
+        ReceiverSpec(
+            "orthanc",
+            _have_orthanc,
+            _start_orthanc,
+            "Orthanc, generated config: SyncStorageArea true (fsyncs), SQLite index, HTTP "
+            "off, max PDU 131072, TCP_NODELAY=1; storage kept across its cells",
+            all_interfaces=True,
         ),
         ReceiverSpec(
             "sink",
@@ -284,7 +378,8 @@ RECEIVERS: dict[str, ReceiverSpec] = {
         ),
     )
 }
-#: what ``--receivers`` defaults to (the sink is extra: ``--receivers all`` or by name)
+#: what ``--receivers`` defaults to (the sink and Orthanc are extra: ``--receivers all``
+#: or by name)
 DEFAULT_RECEIVERS = (
     "pacs-receiver",
     "dcmtk-storescp",
@@ -342,6 +437,7 @@ class Cell:
     elapsed: float = 0.0
     instances_per_second: float = 0.0
     megabytes_per_second: float = 0.0
+    p50_ms: float = 0.0
     p99_ms: float = 0.0
     cpu_seconds: float = 0.0
     peak_rss: int = 0
@@ -360,6 +456,7 @@ class Cell:
             "elapsed_seconds": self.elapsed,
             "instances_per_second": self.instances_per_second,
             "megabytes_per_second": self.megabytes_per_second,
+            "p50_ms": self.p50_ms,
             "p99_ms": self.p99_ms,
             "receiver_cpu_seconds": self.cpu_seconds,
             "receiver_peak_rss_bytes": self.peak_rss,
@@ -409,7 +506,9 @@ def run_cell(running: Running, args: argparse.Namespace, size: int, assocs: int)
     cell.elapsed = data["elapsed_seconds"]
     cell.instances_per_second = data["instances_per_second"]
     cell.megabytes_per_second = data["megabytes_per_second"]
-    cell.p99_ms = data["latency_seconds"].get("C-STORE", {}).get("p99", 0.0) * 1000
+    latency = data["latency_seconds"].get("C-STORE", {})
+    cell.p50_ms = latency.get("p50", 0.0) * 1000
+    cell.p99_ms = latency.get("p99", 0.0) * 1000
     cell.cpu_seconds = sampler.cpu_seconds
     cell.peak_rss = sampler.peak_rss
     cell.generator_cpu_seconds = data["generator"]["cpu_seconds"]
@@ -432,6 +531,7 @@ HEADERS = (
     "assocs",
     "inst/s",
     "MB/s",
+    "p50 ms",
     "p99 ms",
     "rx CPU s",
     "rx peak RSS",
@@ -451,6 +551,7 @@ def _rows(cells: Sequence[Cell]) -> list[list[str]]:
                 str(c.associations),
                 f"{c.instances_per_second:.1f}",
                 f"{c.megabytes_per_second:.1f}",
+                f"{c.p50_ms:.2f}",
                 f"{c.p99_ms:.2f}",
                 f"{c.cpu_seconds:.2f}",
                 format_bytes(c.peak_rss),
@@ -493,7 +594,7 @@ def markdown(cells: Sequence[Cell], meta: dict[str, Any]) -> str:
         out.append("| " + " | ".join(row) + " |")
     out.append("")
     out.append(
-        "inst/s and MB/s (10^6 bytes) over the cell's run; p99: C-STORE latency (from "
+        "inst/s and MB/s (10^6 bytes) over the cell's run; p50, p99: C-STORE latency (from "
         "starting to send the request to its response); rx CPU s: CPU seconds of the "
         "receiver's whole process tree during the cell; rx peak RSS: peak of the summed "
         "RSS of the tree; gen CPU s: CPU seconds of the load generator's processes; "
@@ -543,8 +644,17 @@ def write_png(path: str, cells: Sequence[Cell]) -> str | None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pacs-loadtest compare",
-        description="Drive pacs-receiver, DCMTK storescp (+B and --fork) and pynetdicom's "
-        "storescp, one after another on 127.0.0.1, with the same workload; print a table.",
+        description="Drive pacs-receiver, DCMTK storescp (+B and --fork), pynetdicom's "
+        "storescp and, when asked for, Orthanc and the sink, one after another on "
+        "127.0.0.1, with the same workload; print a table. storescp and Orthanc listen "
+        "on every interface: they run only in a network namespace that has only lo "
+        "(needs root or CAP_SYS_ADMIN; otherwise they are skipped, with the reason), and "
+        "then the whole run, every receiver and the load generator, happens in it.",
+        epilog="Orthanc (peer 'orthanc'; it syncs what it stores, compare it with "
+        "--receiver-fsync always) is not installed by 'make test'. On Debian: create "
+        "/usr/sbin/policy-rc.d containing 'exit 101' if there is none (so that the "
+        "package starts no service), 'apt-get install orthanc', remove policy-rc.d if "
+        "you created it. compare runs /usr/sbin/Orthanc itself with a generated config.",
     )
     parser.add_argument(
         "--receivers",
@@ -568,6 +678,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=100, help="instances before measuring (100)")
     parser.add_argument(
         "--receiver-workers", type=int, default=2, help="pacs-receiver --workers (default 2)"
+    )
+    parser.add_argument(
+        "--receiver-fsync",
+        choices=("never", "always"),
+        default="never",
+        help="pacs-receiver --fsync (default never; 'always' to compare with Orthanc)",
     )
     add_load_options(parser, for_compare=True)
     parser.add_argument("--json", metavar="FILE", help="write the cells as JSON")
@@ -603,56 +719,41 @@ def main(argv: list[str] | None = None) -> int:
         "receivers": {},
         "notes": [],
     }
+    selected: list[ReceiverSpec] = []
+    for name in names:
+        spec = RECEIVERS[name]
+        why_not = spec.available()
+        if not why_not and spec.all_interfaces:
+            reason = netns.unavailable()
+            if reason:
+                why_not = f"it listens on every interface and {reason}"
+        if why_not:
+            print(f"compare: skipping {name}: {why_not}", file=sys.stderr)
+            meta["notes"].append(f"{name} skipped: {why_not}")
+            continue
+        selected.append(spec)
+    isolate = any(spec.all_interfaces for spec in selected)
+    if isolate:
+        meta["notes"].append(
+            "every receiver and the load generator ran in one network namespace that has "
+            "only lo (storescp and Orthanc listen on every interface)"
+        )
     base = Path(tempfile.mkdtemp(prefix="pacs-loadtest-compare-", dir=args.workdir))
     cells: list[Cell] = []
     status = 0
     interrupted = False
     try:
-        for name in names:
-            spec = RECEIVERS[name]
-            why_not = spec.available()
-            if why_not:
-                print(f"compare: skipping {name}: {why_not}", file=sys.stderr)
-                meta["notes"].append(f"{name} skipped: {why_not}")
-                continue
-            meta["receivers"][name] = spec.notes
-            print(f"compare: starting {name}", file=sys.stderr, flush=True)
-            rdir = base / name
-            rdir.mkdir()
-            running: Running | None = None
-            try:
-                running = spec.start(rdir, args)
-                wait_ready(running)
-                if args.warmup:
-                    run(_cell_config(args, running.port, args.sizes[0], 1).with_(count=args.warmup))
-                for size in args.sizes:
-                    for assocs in args.associations:
-                        running.clear_storage()
-                        cell = run_cell(running, args, size, assocs)
-                        cells.append(cell)
-                        print(
-                            f"compare: {name} {format_bytes(size)} x{assocs}: "
-                            f"{cell.instances_per_second:.1f} inst/s, "
-                            f"{cell.megabytes_per_second:.1f} MB/s, {cell.failed} failed",
-                            file=sys.stderr,
-                            flush=True,
-                        )
-                        if cell.error == "interrupted":
-                            interrupted = True
-                            break
-                        if not running.alive():
-                            raise RunError(f"{name} exited; log:\n{running.log()[-2000:]}")
-                    if interrupted:
-                        break
-            except RunError as exc:
-                print(f"compare: {name}: {exc}", file=sys.stderr)
-                meta["notes"].append(f"{name}: {str(exc).splitlines()[0]}")
-                status = 1
-            finally:
-                if running is not None:
-                    running.stop()
-            if interrupted:
-                break
+        with netns.loopback_namespace() if isolate else contextlib.nullcontext():
+            for spec in selected:
+                outcome = _run_receiver(spec, base, args, meta, cells)
+                status = max(status, outcome)
+                if outcome == 130:
+                    interrupted = True
+                    break
+    except netns.NamespaceError as exc:
+        print(f"compare: {exc.strerror}", file=sys.stderr)
+        meta["notes"].append(f"no run: {exc.strerror}")
+        status = 1
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -676,6 +777,53 @@ def main(argv: list[str] | None = None) -> int:
     if any(c.failed for c in cells):
         status = 1
     return status
+
+
+def _run_receiver(
+    spec: ReceiverSpec,
+    base: Path,
+    args: argparse.Namespace,
+    meta: dict[str, Any],
+    cells: list[Cell],
+) -> int:
+    """Start one receiver, run its cells, stop it: 0, 1 (it failed) or 130 (Ctrl-C)."""
+    name = spec.name
+    meta["receivers"][name] = spec.notes.format(
+        workers=args.receiver_workers, fsync=args.receiver_fsync
+    )
+    print(f"compare: starting {name}", file=sys.stderr, flush=True)
+    rdir = base / name
+    rdir.mkdir()
+    running: Running | None = None
+    try:
+        running = spec.start(rdir, args)
+        wait_ready(running)
+        if args.warmup:
+            run(_cell_config(args, running.port, args.sizes[0], 1).with_(count=args.warmup))
+        for size in args.sizes:
+            for assocs in args.associations:
+                running.clear_storage()
+                cell = run_cell(running, args, size, assocs)
+                cells.append(cell)
+                print(
+                    f"compare: {name} {format_bytes(size)} x{assocs}: "
+                    f"{cell.instances_per_second:.1f} inst/s, "
+                    f"{cell.megabytes_per_second:.1f} MB/s, {cell.failed} failed",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                if cell.error == "interrupted":
+                    return 130
+                if not running.alive():
+                    raise RunError(f"{name} exited; log:\n{running.log()[-2000:]}")
+    except RunError as exc:
+        print(f"compare: {name}: {exc}", file=sys.stderr)
+        meta["notes"].append(f"{name}: {str(exc).splitlines()[0]}")
+        return 1
+    finally:
+        if running is not None:
+            running.stop()
+    return 0
 
 
 def _ratios(cells: Sequence[Cell]) -> None:

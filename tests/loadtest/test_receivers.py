@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest import compare
+from loadtest import compare, netns
 from workers.scu import parse_part10_header
 
 from .conftest import REPO, env, loadtest
@@ -101,7 +102,7 @@ def test_sink_discards_everything(tmp_path: Path) -> None:
 
 def test_compare_smoke(tmp_path: Path) -> None:
     receivers = ["pacs-receiver"]
-    if compare.dcmtk_binary("storescp"):
+    if compare.dcmtk_binary("storescp") and netns.unavailable() is None:
         receivers += ["dcmtk-storescp-fork"]  # the one with a process per association
     md = tmp_path / "cmp.md"
     proc = subprocess.run(
@@ -124,6 +125,8 @@ def test_compare_smoke(tmp_path: Path) -> None:
     assert "1.00x" in table
     text = md.read_text()
     assert "| pacs-receiver | 8 KiB | 1 |" in text
+    isolated = "ran in one network namespace that has only lo" in text
+    assert isolated == ("dcmtk-storescp-fork" in receivers), text
     assert (tmp_path / "cmp.json").exists()
     assert (tmp_path / "cmp.png").exists() or "matplotlib is not installed" in proc.stderr
     # nothing left listening or running: every receiver was stopped
@@ -139,3 +142,66 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+def _recording_spec(seen: list[list[str]]) -> compare.ReceiverSpec:
+    """A receiver that listens on every interface; its start records where it runs."""
+
+    def start(base: Path, args: object) -> compare.Running:
+        seen.append(netns.interfaces())
+        raise compare.RunError("recorded, not started")
+
+    return compare.ReceiverSpec("everywhere", lambda: None, start, all_interfaces=True)
+
+
+@pytest.mark.skipif(netns.unavailable() is not None, reason=f"{netns.unavailable()}")
+def test_compare_starts_all_interface_receivers_only_in_a_loopback_namespace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[list[str]] = []
+    monkeypatch.setitem(compare.RECEIVERS, "everywhere", _recording_spec(seen))
+    before = netns.namespace_id()
+    md = tmp_path / "cmp.md"
+    argv = ["--receivers", "everywhere", "--count", "1", "--workdir", str(tmp_path)]
+    code = compare.main([*argv, "--markdown", str(md)])
+    assert code == 1  # the fake receiver "failed" to start
+    assert seen == [["lo"]]
+    assert netns.namespace_id() == before  # and the caller is back where it was
+    assert "network namespace that has only lo" in md.read_text()
+
+
+def test_compare_skips_all_interface_receivers_without_a_namespace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seen: list[list[str]] = []
+    monkeypatch.setitem(compare.RECEIVERS, "everywhere", _recording_spec(seen))
+    monkeypatch.setattr(netns, "unavailable", lambda: "no namespace for this test")
+    md = tmp_path / "cmp.md"
+    argv = ["--receivers", "everywhere", "--count", "1", "--workdir", str(tmp_path)]
+    code = compare.main([*argv, "--markdown", str(md)])
+    assert code == 0
+    assert seen == []  # never started
+    expected = "everywhere skipped: it listens on every interface and no namespace for this test"
+    assert expected in md.read_text()
+    assert "skipping everywhere" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(compare.orthanc_binary() is None, reason="Orthanc is not installed")
+@pytest.mark.skipif(netns.unavailable() is not None, reason=f"{netns.unavailable()}")
+def test_compare_orthanc_stores_everything(tmp_path: Path) -> None:
+    out = tmp_path / "cmp.json"
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "loadtest", "compare", "--receivers", "orthanc"),
+            *("--sizes", "8k", "--associations", "2", "--count", "20", "--warmup", "0"),
+            *("--json", str(out), "--workdir", str(tmp_path)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env(),
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (cell,) = json.loads(out.read_text())["cells"]
+    assert (cell["receiver"], cell["instances"], cell["failed"]) == ("orthanc", 20, 0)

@@ -1,6 +1,7 @@
 """Real peers for the requestor tests: pynetdicom SCPs, DCMTK storescp, an engine SCP.
 
-Everything binds 127.0.0.1 and a free port. ``python -m tests.worker.peers hash-scp``
+Everything binds 127.0.0.1 and a free port, except DCMTK storescp, which cannot and
+therefore runs in a loopback-only network namespace. ``python -m tests.worker.peers hash-scp``
 runs a pynetdicom storage SCP in its own process that reports each received data set
 as a JSON line (length, SHA-256), so that a test can measure its own memory while
 sending a large file without the receiver's memory in the figure.
@@ -26,12 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import UID
 
+from loadtest import netns
 from workers.engine import acse, dimse
 from workers.engine import pdu as p
 from workers.engine.connection import Connection, EngineConfig, Role
@@ -317,41 +320,49 @@ def _hash_scp_main(max_pdu: int) -> None:
 def storescp(out_dir: Path, ae_title: str = "STORESCP") -> Iterator[int]:
     """DCMTK storescp, bit-preserving, all transfer syntaxes; yields its port.
 
-    storescp binds every interface; tests connect to it on 127.0.0.1 only.
+    storescp has no bind option and listens on every interface, so it runs only in a
+    network namespace that has nothing but ``lo`` (:mod:`loadtest.netns`): the calling
+    thread is in that namespace for the whole ``with`` body, so connect to 127.0.0.1
+    from this thread (not from threads started before). Without the namespace (not
+    root) the test is skipped, never run with storescp outside.
     """
     exe = shutil.which("storescp")
     assert exe is not None
-    port = free_port()
-    env = dict(os.environ, TCP_NODELAY="1")
-    proc = subprocess.Popen(
-        [exe, "+B", "+xa", "-aet", ae_title, "-od", str(out_dir), "-dhl", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            if proc.poll() is not None:
-                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-                raise RuntimeError(f"storescp exited: {err}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        yield port
-    finally:
-        proc.terminate()
+    why_not = netns.unavailable()
+    if why_not:
+        pytest.skip(f"DCMTK storescp listens on all interfaces: {why_not}")
+    with netns.loopback_namespace():
+        port = free_port()
+        env = dict(os.environ, TCP_NODELAY="1")
+        proc = subprocess.Popen(
+            [exe, "+B", "+xa", "-aet", ae_title, "-od", str(out_dir), "-dhl", str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        if proc.stderr is not None:
-            proc.stderr.close()
+            deadline = time.monotonic() + 10
+            while True:
+                if proc.poll() is not None:
+                    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                    raise RuntimeError(f"storescp exited: {err}")
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+            yield port
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+            if proc.stderr is not None:
+                proc.stderr.close()
 
 
 # ------------------------------------------------------------- engine acceptor

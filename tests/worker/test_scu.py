@@ -26,6 +26,7 @@ import uvloop
 from pydicom.dataset import Dataset
 from pynetdicom import build_context, evt
 
+from loadtest import netns
 from workers.engine import dimse
 from workers.engine import pdu as p
 from workers.engine.connection import EngineConfig
@@ -1165,6 +1166,7 @@ def test_dcmtk_storescp_receives_identical_data_sets(tmp_path: Path) -> None:
     sent[raw_ds.SOPInstanceUID] = raw
 
     with storescp(out) as port:
+        assert netns.interfaces() == ["lo"]  # storescp, and we, only have loopback
 
         async def main() -> None:
             async with await associate(
