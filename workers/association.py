@@ -147,6 +147,8 @@ class Association:
 
     def __init__(self, protocol: AssociationProtocol, registry: HandlerRegistry) -> None:
         self._protocol = protocol
+        #: the server's registry until a handler is bound to this association alone;
+        #: then one of its own that falls back to the server's (see bind())
         self.registry = registry
         self.requestor = ServiceUser()
         self.acceptor = ServiceUser()
@@ -169,12 +171,20 @@ class Association:
         return "acceptor"
 
     def bind(self, event: evt.EventType, handler: Callable[..., Any], args: Any = None) -> None:
+        proto = self._protocol
+        if self.registry is proto.server.registry:
+            # The first handler of this association's own: most never get one, so the
+            # registry of their own is only made now.
+            self.registry = proto.registry = HandlerRegistry(parent=proto.server.registry)
         self.registry.bind(event, handler, args)
-        self._protocol.refresh_tracing()
+        proto.refresh_tracing()
 
     def unbind(self, event: evt.EventType, handler: Callable[..., Any]) -> None:
+        proto = self._protocol
+        if self.registry is proto.server.registry:
+            return  # nothing was bound to this association alone
         self.registry.unbind(event, handler)
-        self._protocol.refresh_tracing()
+        proto.refresh_tracing()
 
     def get_handlers(self, event: evt.EventType) -> Any:
         return self.registry.get_handlers(event)
@@ -294,7 +304,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self.loop = server.loop
         self.config = server.config
         self.conn = Connection(Role.ACCEPTOR, server.engine_config)
-        self.registry = HandlerRegistry(parent=server.registry)
+        self.registry = server.registry  # Association.bind() gives it one of its own
         self.assoc = Association(self, self.registry)
         self.transport: asyncio.Transport | None = None
         self._sock: Any = None
@@ -328,12 +338,17 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         self._sock = sock
         if sock is not None:
+            # Through the socket made for TCP_QUICKACK: uvloop's pseudo-socket would
+            # build (and getsockname) a throwaway socket object for this setsockopt.
+            # uvloop's TCP transports set TCP_NODELAY already; asyncio's do not always
+            # (not on a socket whose proto is 0, as accepted ones can be).
+            qsock = _quickack_socket(sock)
             try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                qsock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
             if _QUICKACK is not None:
-                self._quickack_sock = _quickack_socket(sock)
+                self._quickack_sock = qsock
         peer = transport.get_extra_info("peername") or ("", 0)
         local = transport.get_extra_info("sockname") or ("", 0)
         self.assoc.requestor.address, self.assoc.requestor.port = str(peer[0]), int(peer[1])

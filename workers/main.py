@@ -147,7 +147,8 @@ class Worker:
         if self.stopping is not None and self.stopping.done():
             sock.close()
             return
-        peer = _peername(sock)
+        # Only a failed TLS handshake names the peer, and by then the socket is closed.
+        peer = _peername(sock) if self.server.ssl_context is not None else "?"
         task = asyncio.ensure_future(self.server.adopt(sock))
 
         def adopted(t: asyncio.Future[AssociationProtocol]) -> None:
