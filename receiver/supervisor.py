@@ -570,7 +570,7 @@ class Supervisor:
         # handed to a worker is only an fd to send here. TCP_NODELAY is not set here
         # either: the transport that serves the connection sets it (uvloop's TCP
         # transports do on every socket: the workers' and our Rejector's).
-        accept = listener._accept
+        accept = listener._accept  # type: ignore[attr-defined]
         batches: dict[int, tuple[WorkerSlot, list[int], list[int]]] = {}
         for _ in range(ACCEPT_BATCH):
             try:

@@ -39,7 +39,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import services
-from .engine import dimse
+from .engine import acse, dimse
 from .engine import events as evt
 from .engine import pdu as p
 from .engine.connection import Connection, PresentationContext, Role
@@ -583,6 +583,22 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         if refusal is not None:
             self._answer_association(refusal)
             return
+        if (
+            ui.user_identity_rq is None
+            and ui.async_ops is None
+            and not ui.sop_class_extended
+            and not ui.sop_class_common_extended
+        ):
+            # No item a handler answers: what _negotiate would do, without a step.
+            try:
+                answer = self.server.negotiations.negotiate(
+                    rq, self.server.policy, acse.NO_EXTENDED
+                )
+            except Exception as exc:
+                self._negotiated(None, exc)
+            else:
+                self._answer_association(answer)
+            return
         self._start(self._negotiate(rq), self._negotiated)
         timeout = self.config.acse_timeout
         if self.conn.state is State.STA3 and timeout:
@@ -607,8 +623,6 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self._run()
 
     def _negotiate(self, rq: p.AssociateRQ) -> Step[p.AssociateAC | p.AssociateRJ]:
-        from .engine import acse
-
         ui = rq.user_info
         caller = self.server.caller
         verified: bool | None = None
@@ -665,7 +679,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
             async_ops=async_ops,
             sop_class_extended=sop_extended,
         )
-        return acse.negotiate(rq, self.server.policy, extended)
+        return self.server.negotiations.negotiate(rq, self.server.policy, extended)
 
     def _negotiate_async_ops(self, proposed: p.AsyncOpsWindow) -> Step[p.AsyncOpsWindow | None]:
         """The asynchronous operations window to answer with (PS3.7 D.3.3.3).

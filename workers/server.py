@@ -64,6 +64,8 @@ class AssociationServer:
     ) -> None:
         self.config = config
         self.policy = config.acceptor_policy()
+        #: answers to the A-ASSOCIATE-RQs seen last (the same request, the same answer)
+        self.negotiations = acse.NegotiationCache()
         self.registry = HandlerRegistry()
         self.identity: IdentityPolicy | None = None
         if config.identity is not None:
