@@ -394,6 +394,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self._cleanup()
         self._emit(evt.EVT_CONN_CLOSE, {})
         self.server.connection_closed(self)
+        self.conn.recycle()
 
     def _release_quickack_socket(self) -> None:
         qsock, self._quickack_sock = self._quickack_sock, None

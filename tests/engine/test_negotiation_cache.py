@@ -81,3 +81,27 @@ def test_the_cache_is_bounded() -> None:
     for i in range(10):
         cache.negotiate(_rq(f"AE{i}"), policy, acse.NO_EXTENDED)
     assert len(cache._answers) == 4
+
+
+def test_read_buffers_are_recycled_only_when_unreferenced() -> None:
+    from workers.engine import connection as c
+
+    size = c.EngineConfig().read_buffer_size
+    c._SPARE_BUFFERS.clear()
+    first = c.Connection(c.Role.ACCEPTOR)
+    view = first.get_buffer(10)  # a view still held: not recycled
+    first.recycle()
+    assert c._SPARE_BUFFERS.get(size, []) == []
+    view.release()
+    second = c.Connection(c.Role.ACCEPTOR)
+    kept = id(second._buf)
+    second.recycle()
+    assert [id(b) for b in c._SPARE_BUFFERS[size]] == [kept]
+    third = c.Connection(c.Role.ACCEPTOR)
+    assert id(third._buf) == kept and not c._SPARE_BUFFERS[size]
+    # A recycled buffer's old bytes are never seen: only what is received anew.
+    rq = _rq()
+    third.connection_made(0.0)
+    third.receive_data(p.encode(rq))
+    event = third.next_event()
+    assert getattr(event, "request", None) == rq
