@@ -580,7 +580,14 @@ class Supervisor:
         # either: the transport that serves the connection sets it (uvloop's TCP
         # transports do on every socket: the workers' and our Rejector's).
         accept = listener._accept  # type: ignore[attr-defined]
+        access = self.access
+        screen = access.filters_addresses
+        limit = self.cfg.max_associations
+        by_ae = bool(self.cfg.max_associations_per_ae or access.ae_sources)
         batches: dict[int, tuple[WorkerSlot, list[int], list[int]]] = {}
+        #: slot index -> connections picked for it in this batch, not handed over yet
+        pending: dict[int, int] = {}
+        picked = 0
         for _ in range(ACCEPT_BATCH):
             try:
                 fd, addr = accept()
@@ -589,7 +596,7 @@ class Supervisor:
             except OSError as exc:
                 log.error("accept failed: %s", exc)  # EMFILE ...: try again next time
                 break
-            if not self.access.address_allowed(addr[0]):
+            if screen and not access.address_allowed(addr[0]):
                 # Before any limit: a refused peer takes no one's place.
                 self._refuse(
                     self._socket(fd),
@@ -597,21 +604,24 @@ class Supervisor:
                     "address refused by --deny-ip/--allow-ip",
                 )
                 continue
-            limit = self.cfg.max_associations
-            if limit and self._open_total() + sum(len(b[1]) for b in batches.values()) >= limit:
+            if limit and self._open_total() + picked >= limit:
                 self._reject(self._socket(fd))
                 continue
-            if self.cfg.max_associations_per_ae or self.access.ae_sources:
+            if by_ae:
                 self._track(asyncio.ensure_future(self._admit_by_ae(self._socket(fd), addr[0])))
                 continue
             # Count this batch's picks too: a burst accepted in one go is spread.
-            slot = self._pick({index: len(b[1]) for index, b in batches.items()})
+            slot = self._pick(pending)
             if slot is None:
                 self._reject(self._socket(fd))
                 continue
-            batch = batches.setdefault(slot.index, (slot, [], []))
+            batch = batches.get(slot.index)
+            if batch is None:
+                batch = batches[slot.index] = (slot, [], [])
             batch[1].append(fd)
             batch[2].append(next(self.ids))
+            pending[slot.index] = pending.get(slot.index, 0) + 1
+            picked += 1
         for slot, fds, ids in batches.values():
             self._hand_off(slot, fds, ids, [""] * len(ids))
 
