@@ -625,10 +625,11 @@ class Supervisor:
         for slot, fds, ids in batches.values():
             self._hand_off(slot, fds, ids, [""] * len(ids))
 
-    def _socket(self, fd: int) -> socket.socket:
-        """A socket object for an accepted fd, for the connections served here."""
-        assert self.listener is not None
-        return socket.socket(self.listener.family, socket.SOCK_STREAM, 0, fileno=fd)
+    @staticmethod
+    def _socket(fd: int) -> socket.socket:
+        """A socket object for an accepted fd, for the connections answered here (the
+        listener may be closed by now: the family is the fd's own)."""
+        return socket.socket(fileno=fd)
 
     def _hand_off(self, slot: WorkerSlot, fds: list[int], ids: list[int], aes: list[str]) -> None:
         """Send the accepted ``fds`` to ``slot``'s worker; ours are closed once sent."""
