@@ -66,8 +66,6 @@ MAX_BACKOFF = 10.0
 ACCEPT_BATCH = 256
 PEEK_TIMEOUT = 5.0
 SWEEP_INTERVAL = 300.0
-#: how long a worker may hold a closed connection's report to send it with others
-CLOSED_REPORT_DELAY = 0.01
 
 
 def describe_exit(returncode: int) -> str:
@@ -249,13 +247,6 @@ class Supervisor:
             "max_associations_per_ae": cfg.max_associations_per_ae if cfg.tls_cert else 0,
             "extra": {
                 "graceful_timeout": cfg.graceful_timeout,
-                # Without association limits, closed connections only steer the choice
-                # of the least-loaded worker: the workers may batch their reports.
-                "closed_report_delay": (
-                    0.0
-                    if cfg.max_associations or cfg.max_associations_per_ae
-                    else CLOSED_REPORT_DELAY
-                ),
                 "metrics_socket": self.metrics_socket if cfg.metrics_port else None,
             },
         }

@@ -62,17 +62,9 @@ def worker_config_from_json(text: str) -> tuple[WorkerConfig, list[str], dict[st
 class WorkerServer(AssociationServer):
     """An association server that reports each closed connection to the supervisor."""
 
-    def __init__(
-        self,
-        *args: Any,
-        graceful_timeout: float = 30.0,
-        closed_report_delay: float = 0.0,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *args: Any, graceful_timeout: float = 30.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.graceful_timeout = graceful_timeout
-        #: seconds a closed connection may wait to be reported with the next ones
-        self.closed_report_delay = closed_report_delay
         self.closed_ids: list[int] = []
         self.report_closed: Any = None
 
@@ -82,15 +74,8 @@ class WorkerServer(AssociationServer):
         if connection_id is not None:
             self.closed_ids.append(connection_id)
             if self.report_closed is not None and len(self.closed_ids) == 1:
-                # One message per loop iteration, however many closed in it; with a
-                # delay (no association limit waits for it: only the choice of the
-                # least-loaded worker does), one per delay: at hundreds of short
-                # associations a second, a message and a wake-up of the acceptor each
-                # would cost both processes more than the rest of their hand-off.
-                if self.closed_report_delay > 0.0:
-                    self.loop.call_later(self.closed_report_delay, self.report_closed)
-                else:
-                    self.loop.call_soon(self.report_closed)
+                # One message per loop iteration, however many closed in it.
+                self.loop.call_soon(self.report_closed)
 
 
 class Worker:
@@ -276,7 +261,6 @@ async def _amain(worker_id: int, ctrl_fd: int) -> int:
         telemetry=telemetry,
         store_ops=telemetry.file_ops() if telemetry is not None else None,
         graceful_timeout=float(extra.get("graceful_timeout", 30.0)),
-        closed_report_delay=float(extra.get("closed_report_delay", 0.0)),
     )
     ctrl = socket.socket(fileno=ctrl_fd)
     worker = Worker(worker_id, ctrl, server, telemetry)
