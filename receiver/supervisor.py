@@ -4,8 +4,8 @@ Theory of operation
 -------------------
 One uvloop event loop does four things:
 
-* **accept**: the listening socket is read in batches; each connection gets
-  TCP_NODELAY and goes, as a file descriptor over the worker's control channel
+* **accept**: the listening socket is read in batches; each connection goes (TCP_NODELAY
+  is set by the transport that serves it), as a file descriptor over the worker's control channel
   (:mod:`workers.control`, SCM_RIGHTS), to the least-loaded worker; our copy is
   closed at once. Load is what the workers report back: connections handed over and
   not yet reported closed, then bytes waiting to be parsed.
@@ -573,57 +573,77 @@ class Supervisor:
         listener = self.listener
         if listener is None:
             return
-        batches: dict[int, tuple[WorkerSlot, list[socket.socket], list[int]]] = {}
+        # socket._accept() is accept4(2) without the socket object socket.accept()
+        # builds (its family and type looked up as enums, every time): a connection
+        # handed to a worker is only an fd to send here. TCP_NODELAY is not set here
+        # either: the transport that serves the connection sets it (uvloop's TCP
+        # transports do on every socket: the workers' and our Rejector's).
+        accept = listener._accept  # type: ignore[attr-defined]
+        access = self.access
+        screen = access.filters_addresses
+        limit = self.cfg.max_associations
+        # With TLS the workers ask the supervisor instead (_answer_admission).
+        by_ae = not self.cfg.tls_cert and bool(
+            self.cfg.max_associations_per_ae or access.ae_sources
+        )
+        batches: dict[int, tuple[WorkerSlot, list[int], list[int]]] = {}
+        #: slot index -> connections picked for it in this batch, not handed over yet
+        pending: dict[int, int] = {}
+        picked = 0
         for _ in range(ACCEPT_BATCH):
             try:
-                sock, addr = listener.accept()
+                fd, addr = accept()
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
                 log.error("accept failed: %s", exc)  # EMFILE ...: try again next time
                 break
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
-            if not self.access.address_allowed(addr[0]):
+            if screen and not access.address_allowed(addr[0]):
                 # Before any limit: a refused peer takes no one's place.
                 self._refuse(
-                    sock, p.RejectReason.NO_REASON, "address refused by --deny-ip/--allow-ip"
+                    self._socket(fd),
+                    p.RejectReason.NO_REASON,
+                    "address refused by --deny-ip/--allow-ip",
                 )
                 continue
-            limit = self.cfg.max_associations
-            if limit and self._open_total() + sum(len(b[1]) for b in batches.values()) >= limit:
-                self._reject(sock)
+            if limit and self._open_total() + picked >= limit:
+                self._reject(self._socket(fd))
                 continue
-            if not self.cfg.tls_cert and (
-                self.cfg.max_associations_per_ae or self.access.ae_sources
-            ):
-                self._track(asyncio.ensure_future(self._admit_by_ae(sock, addr[0])))
+            if by_ae:
+                self._track(asyncio.ensure_future(self._admit_by_ae(self._socket(fd), addr[0])))
                 continue
             # Count this batch's picks too: a burst accepted in one go is spread.
-            slot = self._pick({index: len(b[1]) for index, b in batches.items()})
+            slot = self._pick(pending)
             if slot is None:
-                self._reject(sock)
+                self._reject(self._socket(fd))
                 continue
-            batch = batches.setdefault(slot.index, (slot, [], []))
-            batch[1].append(sock)
+            batch = batches.get(slot.index)
+            if batch is None:
+                batch = batches[slot.index] = (slot, [], [])
+            batch[1].append(fd)
             batch[2].append(next(self.ids))
-        for slot, socks, ids in batches.values():
-            self._hand_off(slot, socks, ids, [""] * len(ids))
+            pending[slot.index] = pending.get(slot.index, 0) + 1
+            picked += 1
+        for slot, fds, ids in batches.values():
+            self._hand_off(slot, fds, ids, [""] * len(ids))
 
-    def _hand_off(
-        self, slot: WorkerSlot, socks: list[socket.socket], ids: list[int], aes: list[str]
-    ) -> None:
-        for start in range(0, len(socks), control.MAX_FDS_PER_MESSAGE):
-            part = socks[start : start + control.MAX_FDS_PER_MESSAGE]
+    @staticmethod
+    def _socket(fd: int) -> socket.socket:
+        """A socket object for an accepted fd, for the connections answered here (the
+        listener may be closed by now: the family is the fd's own)."""
+        return socket.socket(fileno=fd)
+
+    def _hand_off(self, slot: WorkerSlot, fds: list[int], ids: list[int], aes: list[str]) -> None:
+        """Send the accepted ``fds`` to ``slot``'s worker; ours are closed once sent."""
+        for start in range(0, len(fds), control.MAX_FDS_PER_MESSAGE):
+            part = fds[start : start + control.MAX_FDS_PER_MESSAGE]
             part_ids = ids[start : start + control.MAX_FDS_PER_MESSAGE]
             part_aes = aes[start : start + control.MAX_FDS_PER_MESSAGE]
             try:
                 ctrl = slot.ctrl
                 if ctrl is None:
                     raise ConnectionResetError("worker channel closed")
-                control.send_connections(ctrl, [s.fileno() for s in part], part_ids)
+                control.send_connections(ctrl, part, part_ids)
             except OSError as exc:
                 if not isinstance(exc, BlockingIOError):
                     # EPIPE ...: the worker died and is not reaped yet. Another one
@@ -637,13 +657,16 @@ class Supervisor:
                 log.warning(
                     "cannot hand %d connection(s) to worker %d: %s", len(part), slot.index, exc
                 )
-                for sock, ae in zip(part, part_aes, strict=False):
+                for fd, ae in zip(part, part_aes, strict=False):
                     self._ae_closed(ae)  # counted by _admit_by_ae, never assigned
-                    self._reject(sock, transient_reason=p.RejectReason.TEMPORARY_CONGESTION)
+                    self._reject(
+                        self._socket(fd), transient_reason=p.RejectReason.TEMPORARY_CONGESTION
+                    )
                 continue
-            for sock, connection_id, ae in zip(part, part_ids, part_aes, strict=False):
-                slot.assigned[connection_id] = ae
-                sock.close()
+            assigned = slot.assigned
+            for fd, connection_id, ae in zip(part, part_ids, part_aes, strict=False):
+                assigned[connection_id] = ae
+                os.close(fd)
 
     def _ae_refusal(self, ae: str | None, host: str) -> tuple[str, str] | None:
         """[ae-sources] and the per-AE limit for ``ae`` connecting from ``host``:
@@ -710,7 +733,7 @@ class Supervisor:
             return
         if ae:
             self.per_ae[ae] += 1
-        self._hand_off(slot, [sock], [next(self.ids)], [ae or ""])
+        self._hand_off(slot, [sock.detach()], [next(self.ids)], [ae or ""])
 
     async def _peek_calling_ae(self, sock: socket.socket) -> str | None:
         """The Calling AE Title (bytes 26..42 of an A-ASSOCIATE-RQ), read with MSG_PEEK

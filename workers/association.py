@@ -39,7 +39,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import services
-from .engine import dimse
+from .engine import acse, dimse
 from .engine import events as evt
 from .engine import pdu as p
 from .engine.connection import Connection, PresentationContext, Role
@@ -147,6 +147,8 @@ class Association:
 
     def __init__(self, protocol: AssociationProtocol, registry: HandlerRegistry) -> None:
         self._protocol = protocol
+        #: the server's registry until a handler is bound to this association alone;
+        #: then one of its own that falls back to the server's (see bind())
         self.registry = registry
         self.requestor = ServiceUser()
         self.acceptor = ServiceUser()
@@ -169,12 +171,20 @@ class Association:
         return "acceptor"
 
     def bind(self, event: evt.EventType, handler: Callable[..., Any], args: Any = None) -> None:
+        proto = self._protocol
+        if self.registry is proto.server.registry:
+            # The first handler of this association's own: most never get one, so the
+            # registry of their own is only made now.
+            self.registry = proto.registry = HandlerRegistry(parent=proto.server.registry)
         self.registry.bind(event, handler, args)
-        self._protocol.refresh_tracing()
+        proto.refresh_tracing()
 
     def unbind(self, event: evt.EventType, handler: Callable[..., Any]) -> None:
+        proto = self._protocol
+        if self.registry is proto.server.registry:
+            return  # nothing was bound to this association alone
         self.registry.unbind(event, handler)
-        self._protocol.refresh_tracing()
+        proto.refresh_tracing()
 
     def get_handlers(self, event: evt.EventType) -> Any:
         return self.registry.get_handlers(event)
@@ -294,7 +304,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self.loop = server.loop
         self.config = server.config
         self.conn = Connection(Role.ACCEPTOR, server.engine_config)
-        self.registry = HandlerRegistry(parent=server.registry)
+        self.registry = server.registry  # Association.bind() gives it one of its own
         self.assoc = Association(self, self.registry)
         self.transport: asyncio.Transport | None = None
         #: the acceptor's name for this connection (handed over by the supervisor)
@@ -331,12 +341,17 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         self._sock = sock
         if sock is not None:
+            # Through the socket made for TCP_QUICKACK: uvloop's pseudo-socket would
+            # build (and getsockname) a throwaway socket object for this setsockopt.
+            # uvloop's TCP transports set TCP_NODELAY already; asyncio's do not always
+            # (not on a socket whose proto is 0, as accepted ones can be).
+            qsock = _quickack_socket(sock)
             try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                qsock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
             if _QUICKACK is not None:
-                self._quickack_sock = _quickack_socket(sock)
+                self._quickack_sock = qsock
         peer = transport.get_extra_info("peername") or ("", 0)
         local = transport.get_extra_info("sockname") or ("", 0)
         self.assoc.requestor.address, self.assoc.requestor.port = str(peer[0]), int(peer[1])
@@ -382,6 +397,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self._cleanup()
         self._emit(evt.EVT_CONN_CLOSE, {})
         self.server.connection_closed(self)
+        self.conn.recycle()
 
     def _release_quickack_socket(self) -> None:
         qsock, self._quickack_sock = self._quickack_sock, None
@@ -613,6 +629,24 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         if refusal is not None:
             self._answer_association(refusal)
             return
+        if (
+            ui.user_identity_rq is None
+            and self.server.ask_admission is None
+            and ui.async_ops is None
+            and not ui.sop_class_extended
+            and not ui.sop_class_common_extended
+        ):
+            # No item a handler answers, nobody else to ask: what _negotiate would do,
+            # without a step.
+            try:
+                answer = self.server.negotiations.negotiate(
+                    rq, self.server.policy, acse.NO_EXTENDED
+                )
+            except Exception as exc:
+                self._negotiated(None, exc)
+            else:
+                self._answer_association(answer)
+            return
         self._start(self._negotiate(rq), self._negotiated)
         timeout = self.config.acse_timeout
         if self.conn.state is State.STA3 and timeout:
@@ -637,8 +671,6 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self._run()
 
     def _negotiate(self, rq: p.AssociateRQ) -> Step[p.AssociateAC | p.AssociateRJ]:
-        from .engine import acse
-
         ask = self.server.ask_admission
         if ask is not None:
             refusal = yield from resolve(ask(self, rq))
@@ -701,7 +733,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
             async_ops=async_ops,
             sop_class_extended=sop_extended,
         )
-        return acse.negotiate(rq, self.server.policy, extended)
+        return self.server.negotiations.negotiate(rq, self.server.policy, extended)
 
     def _negotiate_async_ops(self, proposed: p.AsyncOpsWindow) -> Step[p.AsyncOpsWindow | None]:
         """The asynchronous operations window to answer with (PS3.7 D.3.3.3).

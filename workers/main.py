@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import gc
 import json
 import logging
 import os
@@ -194,17 +196,30 @@ class Worker:
         if self.stopping is not None and self.stopping.done():
             sock.close()
             return
+        server = self.server
+        if server.ssl_context is None:
+            # No handshake to wait for: the protocol is labelled as it is made (so its
+            # close is reported like any other), and the task only matters when the
+            # transport cannot be set up. Saves AssociationServer.adopt's coroutine,
+            # closure and result handling on every connection.
+            def labelled() -> AssociationProtocol:
+                proto = server._factory()
+                proto.connection_id = connection_id
+                return proto
+
+            sock.setblocking(False)
+            plain = asyncio.ensure_future(server.loop.connect_accepted_socket(labelled, sock))
+            plain.add_done_callback(functools.partial(self._plain_adopted, sock, connection_id))
+            return
+        # Only a failed TLS handshake names the peer, and by then the socket is closed.
         peer = _peername(sock)
-        task = asyncio.ensure_future(self.server.adopt(sock, connection_id))
+        task = asyncio.ensure_future(server.adopt(sock, connection_id))
 
         def adopted(t: asyncio.Future[AssociationProtocol]) -> None:
             exc = None if t.cancelled() else t.exception()
             if t.cancelled() or exc is not None:
-                if self.server.ssl_context is not None:
-                    # A peer fault (wrong certificate, no TLS, too slow): one line.
-                    log.warning("worker %d: TLS handshake with %s failed: %s", self.id, peer, exc)
-                else:
-                    log.warning("worker %d: could not adopt a connection: %r", self.id, exc)
+                # A peer fault (wrong certificate, no TLS, too slow): one line.
+                log.warning("worker %d: TLS handshake with %s failed: %s", self.id, peer, exc)
                 sock.close()
                 if connection_id is not None:
                     self.server.closed_ids.append(connection_id)
@@ -212,6 +227,18 @@ class Worker:
                 return
 
         task.add_done_callback(adopted)
+
+    def _plain_adopted(
+        self, sock: socket.socket, connection_id: int | None, task: asyncio.Future[Any]
+    ) -> None:
+        if not task.cancelled() and task.exception() is None:
+            return
+        exc = None if task.cancelled() else task.exception()
+        log.warning("worker %d: could not adopt a connection: %r", self.id, exc)
+        sock.close()
+        if connection_id is not None:
+            self.server.closed_ids.append(connection_id)
+            self._report_closed()
 
     def _send(self, message: dict[str, Any]) -> None:
         try:
@@ -306,6 +333,10 @@ async def _amain(worker_id: int, ctrl_fd: int) -> int:
     if extra.get("ask_admission"):
         worker.ask_supervisor()
     log.info("worker %d ready (pid %d)", worker_id, os.getpid())
+    # What start-up made (modules, configuration, handlers) lives as long as the
+    # worker: out of the collector's sight, the collections that the per-association
+    # objects set off do not traverse it again and again.
+    gc.freeze()
     return await worker.run()
 
 

@@ -71,6 +71,8 @@ class AssociationServer:
         self.ask_admission: (
             Callable[[AssociationProtocol, p.AssociateRQ], asyncio.Future[Any] | None] | None
         ) = None
+        #: answers to the A-ASSOCIATE-RQs seen last (the same request, the same answer)
+        self.negotiations = acse.NegotiationCache()
         self.registry = HandlerRegistry()
         self.identity: IdentityPolicy | None = None
         if config.identity is not None:

@@ -217,6 +217,47 @@ def negotiate(
     )
 
 
+class NegotiationCache:
+    """:func:`negotiate` remembering its answers to the last ``size`` requests.
+
+    A requestor that associates again and again sends the same A-ASSOCIATE-RQ, and
+    :func:`workers.engine.pdu.decode` then returns the very same (frozen) object: it
+    gets the very same answer, found by identity, as long as the policy object and
+    the extended-negotiation answers are the same too. The answer is a function of
+    exactly those three, so it is the one :func:`negotiate` would compute.
+    """
+
+    __slots__ = ("_answers", "size")
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+        self._answers: dict[
+            int, tuple[p.AssociateRQ, AcceptorPolicy, Extended, p.AssociateAC | p.AssociateRJ]
+        ] = {}
+
+    def negotiate(
+        self, rq: p.AssociateRQ, policy: AcceptorPolicy, extended: Extended
+    ) -> p.AssociateAC | p.AssociateRJ:
+        known = self._answers.get(id(rq))
+        if (
+            known is not None
+            and known[0] is rq
+            and known[1] is policy
+            and (known[2] is extended or known[2] == extended)
+        ):
+            return known[3]
+        answer = negotiate(rq, policy, extended)
+        answers = self._answers
+        if len(answers) >= self.size:
+            del answers[next(iter(answers))]  # the oldest
+        answers[id(rq)] = (rq, policy, extended, answer)  # the entry keeps rq alive
+        return answer
+
+
+#: The extended negotiation of a request that has none of the items a handler answers.
+NO_EXTENDED = Extended()
+
+
 @dataclass(slots=True, frozen=True)
 class Requested:
     """What a requestor proposes, in friendlier form than a raw A-ASSOCIATE-RQ."""

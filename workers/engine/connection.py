@@ -40,6 +40,7 @@ read size whatever the PDU size or the instance size.
 from __future__ import annotations
 
 import struct
+import sys
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -96,6 +97,23 @@ UNLIMITED_SEND_CAP = 4 * 1024 * 1024
 _JOIN_BELOW = 64 * 1024
 
 DataSetSink = Callable[[memoryview], None]
+
+
+#: Read buffers of connections that ended (Connection.recycle), by size, for new ones.
+_SPARE_BUFFERS: dict[int, list[bytearray]] = {}
+_SPARE_BUFFERS_MAX = 16
+
+
+def _read_buffer(size: int) -> bytearray:
+    """A read buffer of ``size`` bytes: a recycled one when there is one. A fresh one is
+    zero-filled, and at hundreds of associations a second that memset (and the cache
+    it evicts) is a good part of setting each up. A recycled one holds an earlier
+    connection's bytes, which are never read: only ``[_start, _end)`` ever is, and
+    every byte of it is received anew."""
+    spare = _SPARE_BUFFERS.get(size)
+    if spare:
+        return spare.pop()
+    return bytearray(size)
 
 
 class Role(Enum):
@@ -189,7 +207,7 @@ class Connection:
         self._events: deque[Indication] = deque()
         self._out: list[bytes | memoryview] = []
 
-        self._buf = bytearray(self.config.read_buffer_size)
+        self._buf = _read_buffer(self.config.read_buffer_size)
         self._start = 0
         self._end = 0
         self._discard_input = False
@@ -234,7 +252,7 @@ class Connection:
             # large control PDU grew the buffer, go back to the configured size.
             self._start = self._end = 0
             if len(self._buf) > 2 * size and need <= size:
-                self._buf = bytearray(size)
+                self._buf = _read_buffer(size)
         if len(self._buf) - self._end < need:
             self._make_room(need)
         return memoryview(self._buf)[self._end :]
@@ -281,6 +299,21 @@ class Connection:
         """The transport is open: Evt5 for an acceptor, Evt2 for a requestor."""
         self._now = now
         self._fire(Event.EVT2 if self.role is Role.REQUESTOR else Event.EVT5)
+
+    def recycle(self) -> None:
+        """The connection is over and its user reads nothing more from it: its read
+        buffer may serve a later connection (see :func:`_read_buffer`). Kept only
+        when nothing else holds it or a view of it (a memoryview keeps a reference to
+        the bytearray, so the reference count tells)."""
+        buf = self._buf
+        self._buf = bytearray()
+        self._start = self._end = 0
+        size = self.config.read_buffer_size
+        if len(buf) != size or sys.getrefcount(buf) != 2:  # `buf` and the argument
+            return
+        spare = _SPARE_BUFFERS.setdefault(size, [])
+        if len(spare) < _SPARE_BUFFERS_MAX:
+            spare.append(buf)
 
     def connection_lost(self, now: float) -> None:
         """The transport closed (Evt17)."""

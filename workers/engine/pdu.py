@@ -758,11 +758,31 @@ def _decode_associate(
     )
 
 
+#: A-ASSOCIATE-RQs decoded already, by body: a requestor that associates again and
+#: again sends the same request, and decoding it is much of the cost of answering it.
+#: The PDU classes are frozen, so one object serves every connection that sends those
+#: bytes. Bounded (entries and body size: the bytes come from peers); requests with a
+#: user identity (passcodes) are not kept.
+_RQ_MEMO: dict[bytes, AssociateRQ] = {}
+_RQ_MEMO_ENTRIES = 64
+_RQ_MEMO_MAX_BODY = 16 * 1024
+
+
 def _decode_associate_rq(body: _Body) -> AssociateRQ:
+    key = bytes(body) if len(body) <= _RQ_MEMO_MAX_BODY else None
+    if key is not None:
+        known = _RQ_MEMO.get(key)
+        if known is not None:
+            return known
     version, called, calling, contexts, user_info, application_context = _decode_associate(
         body, _PRESENTATION_CONTEXT_RQ, _decode_context_rq
     )
-    return AssociateRQ(called, calling, contexts, user_info, application_context, version)
+    rq = AssociateRQ(called, calling, contexts, user_info, application_context, version)
+    if key is not None and user_info.user_identity_rq is None:
+        if len(_RQ_MEMO) >= _RQ_MEMO_ENTRIES:
+            del _RQ_MEMO[next(iter(_RQ_MEMO))]  # the oldest
+        _RQ_MEMO[key] = rq
+    return rq
 
 
 def _decode_associate_ac(body: _Body) -> AssociateAC:
@@ -1046,7 +1066,14 @@ def encode(pdu: PDU) -> bytes:
     Raises ValueError when a value does not fit its field or breaks a rule of the
     standard this side must keep (AE title over 16 characters, even context ID, ...).
     """
-    encoder = _ENCODERS.get(type(pdu))
+    kind = type(pdu)
+    if kind is AssociateAC:
+        # The same answer object again (acse.NegotiationCache gives one per distinct
+        # request): its encoding too. Keyed by identity; the entry keeps it alive.
+        known = _AC_MEMO.get(id(pdu))
+        if known is not None and known[0] is pdu:
+            return known[1]
+    encoder = _ENCODERS.get(kind)
     if encoder is None:
         raise TypeError(f"not a PDU: {pdu!r}")
     try:
@@ -1055,4 +1082,14 @@ def encode(pdu: PDU) -> bytes:
         parts[0] = _PDU_HEADER.pack(pdu.pdu_type, sum(map(len, parts)))
     except struct.error as exc:
         raise ValueError(f"{type(pdu).__name__}: a value does not fit its field ({exc})") from None
-    return b"".join(parts)
+    raw = b"".join(parts)
+    if kind is AssociateAC:
+        if len(_AC_MEMO) >= _AC_MEMO_ENTRIES:
+            del _AC_MEMO[next(iter(_AC_MEMO))]  # the oldest
+        _AC_MEMO[id(pdu)] = (pdu, raw)  # type: ignore[assignment]
+    return raw
+
+
+#: Encoded A-ASSOCIATE-ACs by id() of the object (see encode()).
+_AC_MEMO: dict[int, tuple[AssociateAC, bytes]] = {}
+_AC_MEMO_ENTRIES = 64
