@@ -199,13 +199,12 @@ class Store:
         sop_class_uid = sop_class_uid.rstrip("\0 ")
         sop_instance_uid = sop_instance_uid.rstrip("\0 ")
         transfer_syntax = transfer_syntax.rstrip("\0 ")
-        for what, uid in (
-            ("SOP Class UID", sop_class_uid),
-            ("SOP Instance UID", sop_instance_uid),
-            ("Transfer Syntax UID", transfer_syntax),
-        ):
-            if not is_valid_uid(uid):
-                raise UnsafeUID(f"invalid {what}: {uid!r}")
+        if not _is_valid_uid_cached(sop_class_uid):
+            raise UnsafeUID(f"invalid SOP Class UID: {sop_class_uid!r}")
+        if not is_valid_uid(sop_instance_uid):  # unique per instance: not worth caching
+            raise UnsafeUID(f"invalid SOP Instance UID: {sop_instance_uid!r}")
+        if not _is_valid_uid_cached(transfer_syntax):
+            raise UnsafeUID(f"invalid Transfer Syntax UID: {transfer_syntax!r}")
         return InstanceWriter(self, sop_class_uid, sop_instance_uid, transfer_syntax, calling_ae)
 
     # -- used by InstanceWriter -------------------------------------------------------
@@ -373,8 +372,27 @@ class Store:
         return published
 
 
+# UIDs that repeat from instance to instance (SOP classes, transfer syntaxes, study and
+# series UIDs) are checked once: validity is a property of the string. Only valid
+# ones are remembered, and the set is emptied when full (bounded memory; a dict's
+# get/set/clear are atomic under the GIL, so commit threads may share it).
+_VALID_UIDS: dict[str, bool] = {}
+_VALID_UIDS_MAX = 4096
+
+
+def _is_valid_uid_cached(uid: str) -> bool:
+    if uid in _VALID_UIDS:
+        return True
+    if not is_valid_uid(uid):
+        return False
+    if len(_VALID_UIDS) >= _VALID_UIDS_MAX:
+        _VALID_UIDS.clear()
+    _VALID_UIDS[uid] = True
+    return True
+
+
 def _uid_or_unknown(uid: str | None) -> str:
-    return uid if uid is not None and is_valid_uid(uid) else UNKNOWN
+    return uid if uid is not None and _is_valid_uid_cached(uid) else UNKNOWN
 
 
 _OPEN, _FAILED, _COMMITTED, _DISCARDED = range(4)
