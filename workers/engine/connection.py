@@ -67,6 +67,9 @@ from .primitives import (
 
 __all__ = ["Connection", "EngineConfig", "LocalProtocolError", "PresentationContext", "Role"]
 
+_STA6 = State.STA6
+assert TABLE[(Event.EVT10, _STA6)] is Action.DT_2 and NEXT_STATE[Action.DT_2] is _STA6
+
 _PDU_HEADER = struct.Struct(">BxL")
 _PDV_HEADER = struct.Struct(">LBB")
 _PDATA_SINGLE_HEADER = struct.Struct(">BxLLBB")  # PDU header + one PDV header
@@ -663,12 +666,18 @@ class Connection:
                     continue
                 self._start += 6
                 self.pdus_received[pdu_type] += 1
-                if self.config.trace_pdus:
+                config = self.config
+                if config.trace_pdus:
                     # Only while someone listens: keep a copy of the body so that the
                     # whole PDU can be reported once it has streamed through.
                     self._trace_body = bytearray()
                     self._trace_length = length
-                self._fire(Event.EVT10, length=length)
+                if self.state is _STA6 and not config.trace_transitions:
+                    # Evt10 in Sta6 is DT-2 back to Sta6 (Table 9-10), the case of
+                    # every data PDU: done here without the table round trip.
+                    self._pdata_left = length
+                else:
+                    self._fire(Event.EVT10, length=length)
                 continue
             event = _CONTROL_PDU_EVENTS.get(pdu_type)
             if event is None:
