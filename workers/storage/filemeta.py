@@ -27,6 +27,7 @@ __all__ = [
     "LONG_VRS",
     "PREAMBLE",
     "encode_file_meta",
+    "encode_file_meta_prechecked",
     "is_valid_ae_title",
 ]
 
@@ -116,6 +117,30 @@ def encode_file_meta(
     ``ValueError`` for an invalid UID or text value: callers validate network input
     first, so this is a programming error, not a peer fault.
     """
+    if not is_valid_uid(sop_instance_uid):
+        raise ValueError(f"not a valid UID: {sop_instance_uid!r}")
+    return encode_file_meta_prechecked(
+        sop_class_uid,
+        sop_instance_uid,
+        transfer_syntax_uid,
+        source_ae=source_ae,
+        implementation_class_uid=implementation_class_uid,
+        implementation_version_name=implementation_version_name,
+    )
+
+
+def encode_file_meta_prechecked(
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax_uid: str,
+    *,
+    source_ae: str | None = None,
+    implementation_class_uid: str = IMPLEMENTATION_CLASS_UID,
+    implementation_version_name: str | None = IMPLEMENTATION_VERSION_NAME,
+) -> bytes:
+    """:func:`encode_file_meta` for a caller that has already checked
+    ``sop_instance_uid`` with :func:`~.uids.is_valid_uid` (the store, per instance);
+    everything else is still checked."""
     ae = source_ae.strip(" ") if source_ae else None
     before, after = _meta_parts(
         sop_class_uid,
@@ -124,7 +149,9 @@ def encode_file_meta(
         implementation_class_uid,
         implementation_version_name,
     )
-    instance = _ui(sop_instance_uid)
+    instance = sop_instance_uid.encode("ascii")
+    if len(instance) & 1:
+        instance += b"\0"
     # (0002,0000) counts the bytes after its own element up to the end of group 0002.
     instance_header = _SHORT.pack(0x0002, 0x0003, b"UI", len(instance))
     body_length = len(before) + len(instance_header) + len(instance) + len(after)

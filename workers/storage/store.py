@@ -81,7 +81,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 from .config import TEMP_SUFFIX, UNKNOWN, FileOps, StorageConfig
-from .filemeta import encode_file_meta, is_valid_ae_title
+from .filemeta import encode_file_meta_prechecked, is_valid_ae_title
 from .scanner import ScanResult, TagScanner
 from .uids import UnsafeUID, is_valid_uid, safe_path_component, sanitize_component
 
@@ -446,7 +446,8 @@ class InstanceWriter:
         # An AE title that cannot be written as AE is left out of the file meta
         # (0002,0016 is optional); the engine validated it during negotiation anyway.
         source_ae = calling_ae if calling_ae and is_valid_ae_title(calling_ae) else None
-        header = encode_file_meta(
+        # Store.begin checked the instance UID (the other UIDs are checked once each).
+        header = encode_file_meta_prechecked(
             sop_class_uid, sop_instance_uid, transfer_syntax, source_ae=source_ae
         )
         try:
