@@ -773,7 +773,8 @@ class AssociationProtocol(asyncio.BufferedProtocol):
                 f"request beyond the asynchronous operations window of {self._window}",
             )
             return
-        op = Operation(ev.context_id, cmd, self.loop.time())
+        # The command arrived with the last read: its time is the loop time of that read.
+        op = Operation(ev.context_id, cmd, self._last_rx)
         self._outstanding[op.message_id] = op
         if cf == dimse.CommandField.C_STORE_RQ:
             self._begin_store(op)

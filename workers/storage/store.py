@@ -160,12 +160,15 @@ class Store:
     worker that cannot create its storage root should fail at start, not per instance.
     """
 
-    __slots__ = ("_fsync", "_incoming", "_known_dirs", "_ops", "_root", "config")
+    __slots__ = ("_fsync", "_incoming", "_known_dirs", "_ops", "_root", "_root_slash", "config")
 
     def __init__(self, config: StorageConfig, *, ops: FileOps | None = None) -> None:
         self.config = config
         self._ops = ops if ops is not None else FileOps()
         self._root = os.fspath(config.root)
+        # root + "/" + relative path is os.path.join(root, rel): the root is absolute
+        # and normalised (StorageConfig) and a rendered layout never starts with "/".
+        self._root_slash = self._root if self._root.endswith("/") else self._root + "/"
         self._incoming = os.path.join(self._root, config.temp_dir_name)
         self._fsync = config.fsync == "always"
         os.makedirs(self._incoming, mode=config.dir_mode, exist_ok=True)
@@ -301,7 +304,9 @@ class Store:
     def _publish(self, temp_path: str, final_path: str) -> bool:
         """Move the temp file to ``final_path``; return True if it was a duplicate."""
         ops = self._ops
-        directory = os.path.dirname(final_path)
+        # os.path.dirname for these paths (absolute, no empty or trailing component),
+        # without its generality: this runs once per instance.
+        directory = final_path[: final_path.rfind("/")] or "/"
         new_dirs: list[str] = []
         duplicate = False
         for attempt in range(2):
@@ -338,7 +343,8 @@ class Store:
                     _unlink_quietly(ops, final_path)
                 raise _StageError("fsync dir", exc) from exc
         # Only now are the new directories durable: other threads may skip them.
-        self._remember(new_dirs)
+        if new_dirs:
+            self._remember(new_dirs)
         return duplicate
 
     def _link_exclusive(self, temp_path: str, final_path: str) -> bool:
@@ -533,7 +539,7 @@ class InstanceWriter:
                 ops.close(fd)  # close can report deferred write errors (NFS, quotas)
             except OSError as exc:
                 raise _StageError("close", exc) from exc
-            final_path = os.path.join(store._root, store._relative_path(self, scan))
+            final_path = store._root_slash + store._relative_path(self, scan)
             duplicate = store._publish(temp_path, final_path)
         except _StageError as err:
             self._cleanup()
