@@ -83,6 +83,11 @@ def main() -> None:
     ap.add_argument("--fsync", default="never")
     ap.add_argument("--strace", action="store_true", help="also count syscalls (extra run)")
     ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="receiver on the last CPU, pacs-loadtest on the others (taskset)",
+    )
+    ap.add_argument(
         "--storage-parent",
         default="/tmp",
         help="where the storage root is made. On ext4 without a journal, creating a file "
