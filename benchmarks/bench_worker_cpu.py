@@ -96,7 +96,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     port, mport = free_port(), free_port()
-    storage = tempfile.mkdtemp(prefix="bench-cpu-", dir=args.storage_parent)
+    storage = os.path.abspath(tempfile.mkdtemp(prefix="bench-cpu-", dir=args.storage_parent))
     rx = subprocess.Popen(
         [
             str(BIN / "pacs-receiver"),
@@ -114,6 +114,9 @@ def main() -> None:
             "WARNING",
         ],
         start_new_session=True,
+        # Not the caller's directory: "python -m workers.main" puts its working
+        # directory first on sys.path, which would shadow PYTHONPATH (comparing trees).
+        cwd="/",
     )
     try:
         wpid = worker_pid(rx.pid)
