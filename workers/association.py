@@ -856,7 +856,8 @@ class AssociationProtocol(asyncio.BufferedProtocol):
                 f"request beyond the asynchronous operations window of {self._window}",
             )
             return
-        op = Operation(ev.context_id, cmd, self.loop.time())
+        # The command arrived with the last read: its time is the loop time of that read.
+        op = Operation(ev.context_id, cmd, self._last_rx)
         self._outstanding[op.message_id] = op
         if cf == dimse.CommandField.C_STORE_RQ:
             self._begin_store(op)
@@ -1076,6 +1077,27 @@ class AssociationProtocol(asyncio.BufferedProtocol):
             telemetry.dimse(1, command.CommandField, None if command.is_request else command.Status)
         if self.registry.has_notification(evt.EVT_DIMSE_SENT):
             self._emit(evt.EVT_DIMSE_SENT, {"message": command})
+        self._flush()
+
+    def send_store_response(self, op: Operation, status: int) -> None:
+        """Send the C-STORE-RSP to ``op`` with ``status`` and no ErrorComment: what
+        ``send(op.context_id, dimse.response_for(op.command, status))`` sends, encoded
+        straight from the request's values (the Command is only built for
+        EVT_DIMSE_SENT handlers)."""
+        cmd = op.command
+        cls, inst = cmd.AffectedSOPClassUID, cmd.AffectedSOPInstanceUID
+        if cls is None or inst is None:  # not a valid request: the general path
+            self.send(op.context_id, dimse.response_for(cmd, status))
+            return
+        if self._lost or not self.conn.is_established:
+            raise ConnectionError("association is no longer established")
+        raw = dimse.encode_c_store_rsp(cmd.MessageID or 0, cls, inst, status)
+        self.conn.send_command(op.context_id, raw)
+        telemetry = self.server.telemetry
+        if telemetry is not None:
+            telemetry.dimse(1, dimse.CommandField.C_STORE_RSP, status)
+        if self.registry.has_notification(evt.EVT_DIMSE_SENT):
+            self._emit(evt.EVT_DIMSE_SENT, {"message": dimse.response_for(cmd, status)})
         self._flush()
 
     def request(

@@ -540,7 +540,14 @@ def answer_store(proto: AssociationProtocol, op: Operation, result: StoreResult)
     if result.comment and not result.ok:
         _respond(proto, op, result.status, ErrorComment=result.comment[:64])
     else:
-        _respond(proto, op, result.status)
+        try:
+            proto.send_store_response(op, result.status)
+        except ConnectionError:
+            log.info(
+                "%s: response to message %d not sent: association gone",
+                proto.assoc.name,
+                op.message_id,
+            )
     proto.store_done(op, result)
 
 

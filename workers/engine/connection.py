@@ -75,6 +75,11 @@ __all__ = [
     "Role",
 ]
 
+_STA6 = State.STA6
+assert TABLE[(Event.EVT10, _STA6)] is Action.DT_2 and NEXT_STATE[Action.DT_2] is _STA6
+assert TABLE[(Event.EVT9, _STA6)] is Action.DT_1 and NEXT_STATE[Action.DT_1] is _STA6
+assert p.PDUType.P_DATA_TF == 4
+
 _PDU_HEADER = struct.Struct(">BxL")
 _PDV_HEADER = struct.Struct(">LBB")
 _PDATA_SINGLE_HEADER = struct.Struct(">BxLLBB")  # PDU header + one PDV header
@@ -383,6 +388,24 @@ class Connection:
     def send_command(self, context_id: int, command: dimse.Command | bytes) -> None:
         """Send a command set on ``context_id`` (Evt9, fragmented to the peer's max)."""
         raw = command if isinstance(command, bytes) else dimse.encode_command(command)
+        config = self.config
+        if (
+            self.state is _STA6
+            and not config.trace_transitions
+            and not config.trace_pdus
+            and context_id in self.contexts
+        ):
+            # Evt9 in Sta6 is DT-1 back to Sta6 (Table 9-10). A command set that fits
+            # one PDU (every response does) is queued here as _send_pdata would.
+            n = len(raw)
+            limit = self.peer_max_pdu_length or UNLIMITED_SEND_CAP
+            if config.max_send_pdu_length:
+                limit = min(limit, config.max_send_pdu_length)
+            if n <= max((limit - 6) & ~1, 2) and n < _JOIN_BELOW:
+                self._out.append(_PDATA_SINGLE_HEADER.pack(4, n + 6, n + 2, context_id, 3) + raw)
+                self.pdus_sent[4] += 1
+                self.bytes_sent += n + 12
+                return
         self._fire(Event.EVT9, context_id=context_id, data=raw, control=0x01, last=True)
 
     def send_dataset(
@@ -745,12 +768,18 @@ class Connection:
                     continue
                 self._start += 6
                 self.pdus_received[pdu_type] += 1
-                if self.config.trace_pdus:
+                config = self.config
+                if config.trace_pdus:
                     # Only while someone listens: keep a copy of the body so that the
                     # whole PDU can be reported once it has streamed through.
                     self._trace_body = bytearray()
                     self._trace_length = length
-                self._fire(Event.EVT10, length=length)
+                if self.state is _STA6 and not config.trace_transitions:
+                    # Evt10 in Sta6 is DT-2 back to Sta6 (Table 9-10), the case of
+                    # every data PDU: done here without the table round trip.
+                    self._pdata_left = length
+                else:
+                    self._fire(Event.EVT10, length=length)
                 continue
             event = _CONTROL_PDU_EVENTS.get(pdu_type)
             if event is None:

@@ -408,6 +408,47 @@ def encode_command(cmd: Command) -> bytes:
     return _GROUP_LENGTH.pack(0, 0, 4, len(body)) + body
 
 
+# C-STORE-RSP (PS3.7 9.3.1.2) as encode_command(response_for(rq, status)) makes it:
+# (0000,0002) UI, then CommandField 0x8001, MessageIDBeingRespondedTo,
+# CommandDataSetType 0x0101 and Status (four US elements, one struct), then
+# (0000,1000) UI. Built directly because it is sent once per stored instance.
+_UI_0002 = _AT_PAIR.pack(0, 0x0002)
+_UI_1000 = _AT_PAIR.pack(0, 0x1000)
+_STORE_RSP_US = struct.Struct("<HHIHHHIHHHIHHHIH")
+_UI_CACHE: dict[str, bytes] = {}  # SOP Class UID -> its encoded element, few distinct
+
+
+def _ui_element(tag: bytes, value: str) -> bytes:
+    raw = value.encode("ascii", "replace")
+    if len(raw) & 1:
+        raw += b"\x00"
+    return tag + _U32.pack(len(raw)) + raw
+
+
+def encode_c_store_rsp(
+    message_id: int, sop_class_uid: str, sop_instance_uid: str, status: int
+) -> bytes:
+    """The C-STORE-RSP to a request with these values, without an ErrorComment:
+    byte for byte what ``encode_command(response_for(rq, status))`` gives for it.
+    Raises :class:`DIMSEError` for a message ID or status outside 0..65535."""
+    cls = _UI_CACHE.get(sop_class_uid)
+    if cls is None:
+        cls = _ui_element(_UI_0002, sop_class_uid)
+        if len(_UI_CACHE) < 256:
+            _UI_CACHE[sop_class_uid] = cls
+    try:
+        mid = _STORE_RSP_US.pack(
+            0, 0x0100, 2, CommandField.C_STORE_RSP,
+            0, 0x0120, 2, message_id,
+            0, 0x0800, 2, NO_DATASET,
+            0, 0x0900, 2, status,
+        )  # fmt: skip
+    except struct.error as exc:
+        raise DIMSEError(f"cannot encode C-STORE-RSP: {exc}") from None
+    inst = _ui_element(_UI_1000, sop_instance_uid)
+    return _GROUP_LENGTH.pack(0, 0, 4, len(cls) + len(mid) + len(inst)) + cls + mid + inst
+
+
 def _encode_with_extra(cmd: Command) -> bytes:
     """The slow path of :func:`encode_command`: known and ``extra`` elements merged."""
     elements: list[tuple[int, bytes]] = []
@@ -620,23 +661,32 @@ def validate_command(cmd: Command) -> str | None:
     if rule is None:
         return f"unknown CommandField {cmd.CommandField:#06x}"
     required, dataset_rule = rule
-    label = _label(cmd.CommandField)
+    # Runs for every request: the label is only made when there is a problem to name.
     for name in required:
         value = getattr(cmd, name)
         if value is None:
-            return f"{label} lacks (0000,{_TAG_OF[name]:04X}) {name}"
-        if name in _NON_EMPTY and not value:
-            return f"{label} has an empty (0000,{_TAG_OF[name]:04X}) {name}"
+            return f"{_label(cmd.CommandField)} lacks (0000,{_TAG_OF[name]:04X}) {name}"
+        if not value and name in _NON_EMPTY:
+            return f"{_label(cmd.CommandField)} has an empty (0000,{_TAG_OF[name]:04X}) {name}"
     for name, limit in _MAX_LENGTH:
         value = getattr(cmd, name)
         if value is not None and len(value) > limit:
-            return f"{label}: {name} is {len(value)} characters long (at most {limit})"
+            return (
+                f"{_label(cmd.CommandField)}: {name} is {len(value)} characters long"
+                f" (at most {limit})"
+            )
     if cmd.Priority is not None and cmd.Priority not in (0, 1, 2):
-        return f"{label}: Priority {cmd.Priority:#06x} is not LOW, MEDIUM or HIGH"
-    if dataset_rule == _DS_REQUIRED and not cmd.has_dataset:
-        return f"{label} needs a data set but CommandDataSetType is 0x0101"
-    if dataset_rule == _DS_FORBIDDEN and cmd.has_dataset:
-        return f"{label} has no data set but CommandDataSetType is {cmd.CommandDataSetType:#06x}"
+        return (
+            f"{_label(cmd.CommandField)}: Priority {cmd.Priority:#06x} is not LOW, MEDIUM or HIGH"
+        )
+    has_dataset = cmd.CommandDataSetType != NO_DATASET
+    if dataset_rule == _DS_REQUIRED and not has_dataset:
+        return f"{_label(cmd.CommandField)} needs a data set but CommandDataSetType is 0x0101"
+    if dataset_rule == _DS_FORBIDDEN and has_dataset:
+        return (
+            f"{_label(cmd.CommandField)} has no data set but CommandDataSetType is"
+            f" {cmd.CommandDataSetType:#06x}"
+        )
     return None
 
 

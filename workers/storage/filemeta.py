@@ -27,6 +27,7 @@ __all__ = [
     "LONG_VRS",
     "PREAMBLE",
     "encode_file_meta",
+    "encode_file_meta_prechecked",
     "is_valid_ae_title",
 ]
 
@@ -116,19 +117,72 @@ def encode_file_meta(
     ``ValueError`` for an invalid UID or text value: callers validate network input
     first, so this is a programming error, not a peer fault.
     """
-    body = b"".join(
+    if not is_valid_uid(sop_instance_uid):
+        raise ValueError(f"not a valid UID: {sop_instance_uid!r}")
+    return encode_file_meta_prechecked(
+        sop_class_uid,
+        sop_instance_uid,
+        transfer_syntax_uid,
+        source_ae=source_ae,
+        implementation_class_uid=implementation_class_uid,
+        implementation_version_name=implementation_version_name,
+    )
+
+
+def encode_file_meta_prechecked(
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax_uid: str,
+    *,
+    source_ae: str | None = None,
+    implementation_class_uid: str = IMPLEMENTATION_CLASS_UID,
+    implementation_version_name: str | None = IMPLEMENTATION_VERSION_NAME,
+) -> bytes:
+    """:func:`encode_file_meta` for a caller that has already checked
+    ``sop_instance_uid`` with :func:`~.uids.is_valid_uid` (the store, per instance);
+    everything else is still checked."""
+    ae = source_ae.strip(" ") if source_ae else None
+    before, after = _meta_parts(
+        sop_class_uid,
+        transfer_syntax_uid,
+        ae or None,
+        implementation_class_uid,
+        implementation_version_name,
+    )
+    instance = sop_instance_uid.encode("ascii")
+    if len(instance) & 1:
+        instance += b"\0"
+    # (0002,0000) counts the bytes after its own element up to the end of group 0002.
+    instance_header = _SHORT.pack(0x0002, 0x0003, b"UI", len(instance))
+    body_length = len(before) + len(instance_header) + len(instance) + len(after)
+    return b"".join((_HEAD, _UL.pack(body_length), before, instance_header, instance, after))
+
+
+#: Preamble, "DICM" and the header of (0002,0000) UL (length 4): its value follows.
+_HEAD = PREAMBLE + DICM + _SHORT.pack(0x0002, 0x0000, b"UL", 4)
+
+
+# Everything but the SOP Instance UID is the same for a run of instances (one SOP
+# class and transfer syntax per sender, a handful of peers): encoded once per
+# combination, the per-instance work is one UID element and a join.
+@functools.lru_cache(maxsize=64)
+def _meta_parts(
+    sop_class_uid: str,
+    transfer_syntax_uid: str,
+    source_ae: str | None,
+    implementation_class_uid: str,
+    implementation_version_name: str | None,
+) -> tuple[bytes, bytes]:
+    """The group 0002 elements before (0002,0003) and after it."""
+    before = _VERSION_ELEMENT + _element(0x0002, 0x0002, b"UI", _ui(sop_class_uid))
+    after = b"".join(
         (
-            _VERSION_ELEMENT,
-            _element(0x0002, 0x0002, b"UI", _ui(sop_class_uid)),
-            _element(0x0002, 0x0003, b"UI", _ui(sop_instance_uid)),
             _element(0x0002, 0x0010, b"UI", _ui(transfer_syntax_uid)),
             _implementation_elements(implementation_class_uid, implementation_version_name),
-            _source_ae_element(source_ae.strip(" ")) if source_ae and source_ae.strip(" ") else b"",
+            _source_ae_element(source_ae) if source_ae else b"",
         )
     )
-    # (0002,0000) counts the bytes after its own element up to the end of group 0002.
-    group_length = _element(0x0002, 0x0000, b"UL", _UL.pack(len(body)))
-    return PREAMBLE + DICM + group_length + body
+    return before, after
 
 
 def is_valid_ae_title(value: str) -> bool:

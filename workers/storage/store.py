@@ -81,7 +81,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 from .config import TEMP_SUFFIX, UNKNOWN, FileOps, StorageConfig
-from .filemeta import encode_file_meta, is_valid_ae_title
+from .filemeta import encode_file_meta_prechecked, is_valid_ae_title
 from .scanner import ScanResult, TagScanner
 from .uids import UnsafeUID, is_valid_uid, safe_path_component, sanitize_component
 
@@ -160,12 +160,15 @@ class Store:
     worker that cannot create its storage root should fail at start, not per instance.
     """
 
-    __slots__ = ("_fsync", "_incoming", "_known_dirs", "_ops", "_root", "config")
+    __slots__ = ("_fsync", "_incoming", "_known_dirs", "_ops", "_root", "_root_slash", "config")
 
     def __init__(self, config: StorageConfig, *, ops: FileOps | None = None) -> None:
         self.config = config
         self._ops = ops if ops is not None else FileOps()
         self._root = os.fspath(config.root)
+        # root + "/" + relative path is os.path.join(root, rel): the root is absolute
+        # and normalised (StorageConfig) and a rendered layout never starts with "/".
+        self._root_slash = self._root if self._root.endswith("/") else self._root + "/"
         self._incoming = os.path.join(self._root, config.temp_dir_name)
         self._fsync = config.fsync == "always"
         os.makedirs(self._incoming, mode=config.dir_mode, exist_ok=True)
@@ -199,13 +202,12 @@ class Store:
         sop_class_uid = sop_class_uid.rstrip("\0 ")
         sop_instance_uid = sop_instance_uid.rstrip("\0 ")
         transfer_syntax = transfer_syntax.rstrip("\0 ")
-        for what, uid in (
-            ("SOP Class UID", sop_class_uid),
-            ("SOP Instance UID", sop_instance_uid),
-            ("Transfer Syntax UID", transfer_syntax),
-        ):
-            if not is_valid_uid(uid):
-                raise UnsafeUID(f"invalid {what}: {uid!r}")
+        if not _is_valid_uid_cached(sop_class_uid):
+            raise UnsafeUID(f"invalid SOP Class UID: {sop_class_uid!r}")
+        if not is_valid_uid(sop_instance_uid):  # unique per instance: not worth caching
+            raise UnsafeUID(f"invalid SOP Instance UID: {sop_instance_uid!r}")
+        if not _is_valid_uid_cached(transfer_syntax):
+            raise UnsafeUID(f"invalid Transfer Syntax UID: {transfer_syntax!r}")
         return InstanceWriter(self, sop_class_uid, sop_instance_uid, transfer_syntax, calling_ae)
 
     # -- used by InstanceWriter -------------------------------------------------------
@@ -302,7 +304,9 @@ class Store:
     def _publish(self, temp_path: str, final_path: str) -> bool:
         """Move the temp file to ``final_path``; return True if it was a duplicate."""
         ops = self._ops
-        directory = os.path.dirname(final_path)
+        # os.path.dirname for these paths (absolute, no empty or trailing component),
+        # without its generality: this runs once per instance.
+        directory = final_path[: final_path.rfind("/")] or "/"
         new_dirs: list[str] = []
         duplicate = False
         for attempt in range(2):
@@ -339,7 +343,8 @@ class Store:
                     _unlink_quietly(ops, final_path)
                 raise _StageError("fsync dir", exc) from exc
         # Only now are the new directories durable: other threads may skip them.
-        self._remember(new_dirs)
+        if new_dirs:
+            self._remember(new_dirs)
         return duplicate
 
     def _link_exclusive(self, temp_path: str, final_path: str) -> bool:
@@ -373,8 +378,27 @@ class Store:
         return published
 
 
+# UIDs that repeat from instance to instance (SOP classes, transfer syntaxes, study and
+# series UIDs) are checked once: validity is a property of the string. Only valid
+# ones are remembered, and the set is emptied when full (bounded memory; a dict's
+# get/set/clear are atomic under the GIL, so commit threads may share it).
+_VALID_UIDS: dict[str, bool] = {}
+_VALID_UIDS_MAX = 4096
+
+
+def _is_valid_uid_cached(uid: str) -> bool:
+    if uid in _VALID_UIDS:
+        return True
+    if not is_valid_uid(uid):
+        return False
+    if len(_VALID_UIDS) >= _VALID_UIDS_MAX:
+        _VALID_UIDS.clear()
+    _VALID_UIDS[uid] = True
+    return True
+
+
 def _uid_or_unknown(uid: str | None) -> str:
-    return uid if uid is not None and is_valid_uid(uid) else UNKNOWN
+    return uid if uid is not None and _is_valid_uid_cached(uid) else UNKNOWN
 
 
 _OPEN, _FAILED, _COMMITTED, _DISCARDED = range(4)
@@ -428,7 +452,8 @@ class InstanceWriter:
         # An AE title that cannot be written as AE is left out of the file meta
         # (0002,0016 is optional); the engine validated it during negotiation anyway.
         source_ae = calling_ae if calling_ae and is_valid_ae_title(calling_ae) else None
-        header = encode_file_meta(
+        # Store.begin checked the instance UID (the other UIDs are checked once each).
+        header = encode_file_meta_prechecked(
             sop_class_uid, sop_instance_uid, transfer_syntax, source_ae=source_ae
         )
         try:
@@ -514,7 +539,7 @@ class InstanceWriter:
                 ops.close(fd)  # close can report deferred write errors (NFS, quotas)
             except OSError as exc:
                 raise _StageError("close", exc) from exc
-            final_path = os.path.join(store._root, store._relative_path(self, scan))
+            final_path = store._root_slash + store._relative_path(self, scan)
             duplicate = store._publish(temp_path, final_path)
         except _StageError as err:
             self._cleanup()
