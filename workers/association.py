@@ -1040,6 +1040,11 @@ class AssociationProtocol(asyncio.BufferedProtocol):
                 log.exception("%s: internal error after an operation", self.assoc.name)
                 self.abort_association(p.AbortSource.SERVICE_PROVIDER, 0, "internal error")
             return
+        if op.command.CommandField == dimse.CommandField.C_ECHO_RQ and services.answer_echo(
+            self, op
+        ):
+            self._operation_done(op, None)
+            return
         self._start(services.serve(self, op), lambda result, error: self._operation_done(op, error))
 
     def _operation_done(self, op: Operation, error: BaseException | None) -> None:

@@ -84,6 +84,20 @@ def serve(proto: AssociationProtocol, op: Operation) -> Step[None]:
     return (yield from service(proto, op, event))
 
 
+def answer_echo(proto: AssociationProtocol, op: Operation) -> bool:
+    """A valid C-ECHO with no EVT_C_ECHO handler bound: answer Success at once, as
+    :func:`serve` would, without a step (the association set-up benchmark's whole
+    work). False, and nothing sent, when :func:`serve` has to decide."""
+    if (
+        op.status is not None
+        or proto.registry.intervention_handler(evt.EVT_C_ECHO) is not None
+        or dimse.validate_command(op.command) is not None
+    ):
+        return False
+    _respond(proto, op, 0x0000)
+    return True
+
+
 # --------------------------------------------------------------------- helpers
 
 
