@@ -35,6 +35,7 @@ import logging
 import os
 import socket
 import tempfile
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +66,10 @@ if TYPE_CHECKING:
     from .server import AssociationServer
 
 log = logging.getLogger("workers.association")
+
+#: With fsync, a worker commits C-STOREs on its event loop while their running
+#: average stays under this many seconds (see _dispatch_operation), else in its pool.
+INLINE_COMMIT_BELOW = 0.002
 
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 _STATUS_PROCESSING_FAILURE = 0x0110
@@ -1015,23 +1020,35 @@ class AssociationProtocol(asyncio.BufferedProtocol):
 
     def _dispatch_operation(self, op: Operation) -> None:
         writer = op.writer
+        server = self.server
         if writer is not None and (
-            self.server.store.config.fsync == "never"
-            or (self._window == 1 and len(self.server.established) <= 1)
+            server.store.config.fsync == "never"
+            or (
+                self._window == 1
+                and (len(server.established) <= 1 or server.commit_seconds < INLINE_COMMIT_BELOW)
+            )
         ):
             # The built-in C-STORE with a synchronous commit: what services.serve ->
             # builtin_store would do through drive(), without a generator, closures
             # and a list per instance (same order: commit, answer, then done).
-            # With fsync, only when this is the worker's one association and it has
-            # one operation at a time: nobody else is held up while the fsync blocks
-            # the loop, and handing the commit to the I/O pool would cost more than
-            # it saves (measured: 8 KiB, one association: about 2x the instances/s and
-            # half the user CPU; the loop thread and the pool thread pass the GIL back
-            # and forth several times per instance). Otherwise the pool lets the fsyncs
-            # of several instances overlap.
+            # With fsync too, one operation at a time, when this is the worker's only
+            # association or its commits have been quick: handing a commit to the I/O
+            # pool costs more than the loop loses while a short fsync blocks it (the
+            # loop thread and the pool thread pass the GIL back and forth several
+            # times per instance). Measured, 8 KiB, 2 workers, same run: 1 association
+            # 251-267 -> 447-577 instances/s; 4 associations 856 -> 1656/s, at half
+            # the CPU. On storage where fsync is slow the running average passes the
+            # bound and commits go to the pool, where several fsyncs overlap; so do
+            # those of an asynchronous operations window.
             error: BaseException | None = None
             try:
-                services.answer_store(self, op, writer.commit())
+                if server.store.config.fsync == "never":
+                    result = writer.commit()
+                else:
+                    started = time.perf_counter()
+                    result = writer.commit()
+                    server.commit_took(time.perf_counter() - started)
+                services.answer_store(self, op, result)
             except Exception as exc:
                 error = exc
             try:
@@ -1171,12 +1188,20 @@ class AssociationProtocol(asyncio.BufferedProtocol):
             self.conn.set_dataset_sink(op.spool.write)
 
     def commit_store(self, op: Operation) -> Step[StoreResult]:
-        """Commit a built-in store in the I/O pool (it fsyncs); without fsync, or with
-        one association and one operation at a time, the commit runs inline in
-        :meth:`_dispatch_operation` and never comes here."""
+        """Commit a built-in store in the I/O pool (it fsyncs); without fsync, or
+        when a short fsync costs less than the hand-off (see :meth:`_dispatch_operation`),
+        the commit runs inline and never comes here."""
         writer = op.writer
         assert writer is not None
-        result = yield self.loop.run_in_executor(self.server.io_pool, writer.commit)
+        server = self.server
+
+        def commit() -> StoreResult:
+            started = time.perf_counter()
+            result = writer.commit()
+            server.commit_took(time.perf_counter() - started)
+            return result
+
+        result = yield self.loop.run_in_executor(server.io_pool, commit)
         return result
 
     def store_done(self, op: Operation, result: Any) -> None:

@@ -73,6 +73,8 @@ class AssociationServer:
         ) = None
         #: answers to the A-ASSOCIATE-RQs seen last (the same request, the same answer)
         self.negotiations = acse.NegotiationCache()
+        #: running average of a built-in C-STORE commit (fsync included), seconds
+        self.commit_seconds = 0.0
         self.registry = HandlerRegistry()
         self.identity: IdentityPolicy | None = None
         if config.identity is not None:
@@ -215,6 +217,11 @@ class AssociationServer:
             )
             return acse.reject_local_limit()
         return None
+
+    def commit_took(self, seconds: float) -> None:
+        """One built-in commit took ``seconds`` (called from the loop or a pool thread:
+        a lost update of this average is harmless)."""
+        self.commit_seconds += (seconds - self.commit_seconds) * 0.1
 
     def connection_opened(self, proto: AssociationProtocol) -> None:
         self.protocols.add(proto)

@@ -251,3 +251,53 @@ def test_window_overrun_is_aborted(worker_factory: WorkerFactory) -> None:
     error = asyncio.run(run())
     assert isinstance(error, ConnectionError), error
     w.wait_idle()
+
+
+class ThreadRecordingStorage(SlowDurableStorage):
+    """Also remembers which thread ran each fsync."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(delay)
+        self.threads: list[str] = []
+
+    def fsync(self, fd: int) -> None:
+        with self.lock:
+            self.threads.append(threading.current_thread().name)
+        super().fsync(fd)
+
+
+@pytest.mark.parametrize(("delay", "pooled"), [(0.0, False), (0.01, True)])
+def test_commits_go_to_the_pool_only_when_fsync_is_slow(
+    worker_factory: WorkerFactory, delay: float, pooled: bool
+) -> None:
+    """With two associations open and one request at a time, a worker commits on its
+    event loop while fsyncs are quick (handing them to the pool would cost more), and
+    in its I/O pool once they are slow (10 ms here, against a 2 ms bound), so that the
+    loop is not held up; either way Success follows the fsync."""
+    ops = ThreadRecordingStorage(delay)
+    w = worker_factory(fsync="always", store_ops=replace(FileOps(), fsync=ops.fsync))
+    instances = [instance() for _ in range(20)]
+
+    async def run() -> None:
+        first = await open_association(w.port, None)
+        second = await open_association(w.port, None)  # the worker's second one
+        try:
+            for uid, data in instances:
+                rsp = await first.send_c_store(
+                    data,
+                    sop_class_uid=CT,
+                    sop_instance_uid=uid,
+                    transfer_syntax=ExplicitVRLittleEndian,
+                )
+                assert rsp.Status == 0x0000
+                final = w.root / STUDY / SERIES / f"{uid}.dcm"
+                with ops.lock:
+                    assert final.stat().st_ino in ops.durable, uid
+        finally:
+            await first.release()
+            await second.release()
+
+    asyncio.run(run())
+    # Two fsyncs per instance (the file, then its directory); the last ten instances'.
+    in_pool = [name.startswith("store") for name in ops.threads[-20:]]
+    assert in_pool == [pooled] * 20, ops.threads
