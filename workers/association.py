@@ -233,6 +233,7 @@ class Operation:
         "command",
         "context_id",
         "data",
+        "held",
         "message_id",
         "spool",
         "started",
@@ -247,6 +248,8 @@ class Operation:
         self.command = command
         self.message_id = command.MessageID or 0
         self.data: bytes | None = None
+        #: bytes of the worker's memory budget ``data`` holds until the operation ends
+        self.held = 0
         self.writer: InstanceWriter | None = None
         self.spool: Spool | None = None
         #: a status decided before the data set arrived (refused, bad UID ...)
@@ -328,7 +331,8 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self._window = 1
         self._release_pending = False
         self._idle_grace_rx: float | None = None
-        self._rate_mark: tuple[float, int] | None = None  # (time, bytes) of the rate window
+        #: (time, bytes received, messages received) where the rate window starts
+        self._rate_mark: tuple[float, int, int] | None = None
         self._cancelled: set[int] = set()
         self._awaiting: dict[int, asyncio.Future[tuple[dimse.Command, bytes | None]]] = {}
         self._awaiting_data: tuple[int, dimse.Command] | None = None
@@ -556,11 +560,14 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self._idle_grace_rx = None
         next_check = self._last_rx + timeout
         rate = self.config.min_receive_rate
-        if rate and self.conn.mid_message:
-            received = self.conn.bytes_received
+        conn = self.conn
+        if rate and conn.mid_message:
+            received = conn.bytes_received
             mark = self._rate_mark
-            if mark is None:
-                self._rate_mark = mark = (now, received)
+            if mark is None or mark[2] != conn.messages_received:
+                # Judged only over a window inside one message: one that saw a message
+                # complete may hold an idle gap between two.
+                self._rate_mark = mark = (now, received, conn.messages_received)
             elif now - mark[0] >= timeout:
                 got = (received - mark[1]) / (now - mark[0])
                 if got < rate:
@@ -578,7 +585,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
                         hard_close=True,
                     )
                     return
-                self._rate_mark = mark = (now, received)
+                self._rate_mark = mark = (now, received, mark[2])
             next_check = min(next_check, mark[0] + timeout)
         else:
             self._rate_mark = None
@@ -884,6 +891,11 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         if op is None:
             return
         op.data = ev.data
+        if ev.data:
+            # The engine counted the data set while it arrived; it stays counted while
+            # a handler has it (given back in _operation_done).
+            op.held = len(ev.data)
+            self.server.memory_budget.hold(op.held)
         if op.spool is not None and op.spool.error is not None and op.status is None:
             log.error("%s: cannot spool C-STORE data set: %s", self.assoc.name, op.spool.error)
             op.status = _STATUS_OUT_OF_RESOURCES
@@ -1023,23 +1035,21 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         server = self.server
         if writer is not None and (
             server.store.config.fsync == "never"
-            or (
-                self._window == 1
-                and (len(server.established) <= 1 or server.commit_seconds < INLINE_COMMIT_BELOW)
-            )
+            or (self._window == 1 and server.commit_seconds < INLINE_COMMIT_BELOW)
         ):
             # The built-in C-STORE with a synchronous commit: what services.serve ->
             # builtin_store would do through drive(), without a generator, closures
             # and a list per instance (same order: commit, answer, then done).
-            # With fsync too, one operation at a time, when this is the worker's only
-            # association or its commits have been quick: handing a commit to the I/O
-            # pool costs more than the loop loses while a short fsync blocks it (the
-            # loop thread and the pool thread pass the GIL back and forth several
-            # times per instance). Measured, 8 KiB, 2 workers, same run: 1 association
-            # 251-267 -> 447-577 instances/s; 4 associations 856 -> 1656/s, at half
-            # the CPU. On storage where fsync is slow the running average passes the
-            # bound and commits go to the pool, where several fsyncs overlap; so do
-            # those of an asynchronous operations window.
+            # With fsync too, one operation at a time, while the worker's commits have
+            # been quick: handing a commit to the I/O pool costs more than the loop
+            # loses while a short fsync blocks it (the loop thread and the pool thread
+            # pass the GIL back and forth several times per instance). Measured, 8 KiB,
+            # 2 workers, same run: 1 association 251-267 -> 447-577 instances/s; 4
+            # associations 856 -> 1656/s, at half the CPU. A worker starts out
+            # committing in the pool (AssociationServer.commit_seconds); where fsync is
+            # slow the average stays above the bound, so the loop (heartbeats, timers,
+            # other associations) is never held up by it. An asynchronous operations
+            # window always uses the pool, where its fsyncs overlap.
             error: BaseException | None = None
             try:
                 if server.store.config.fsync == "never":
@@ -1069,6 +1079,9 @@ class AssociationProtocol(asyncio.BufferedProtocol):
             log.error("%s: %s failed: %r", self.assoc.name, _label(op.command), error)
         self._outstanding.pop(op.message_id, None)
         self._cancelled.discard(op.message_id)
+        if op.held:
+            self.server.memory_budget.give_back(op.held)
+            op.held = 0
         if op.spool is not None:
             op.spool.close()
         if self._release_pending and not self._outstanding:

@@ -249,6 +249,8 @@ class Worker:
     def _report_closed(self) -> None:
         if self.server.closed_ids:
             ids, self.server.closed_ids = self.server.closed_ids, []
+            for connection_id in ids:  # a question the supervisor never answered
+                self._admissions.pop(connection_id, None)
             self._send({"op": "closed", "ids": ids})
 
     def _heartbeat(self) -> None:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .association import AssociationProtocol, Operation
+from .association import INLINE_COMMIT_BELOW, AssociationProtocol, Operation
 from .config import WorkerConfig
 from .engine import acse
 from .engine import events as evt
@@ -73,8 +73,9 @@ class AssociationServer:
         ) = None
         #: answers to the A-ASSOCIATE-RQs seen last (the same request, the same answer)
         self.negotiations = acse.NegotiationCache()
-        #: running average of a built-in C-STORE commit (fsync included), seconds
-        self.commit_seconds = 0.0
+        #: running average of a built-in C-STORE commit (fsync included), seconds;
+        #: it starts above the inline bound, so the first commits go to the pool
+        self.commit_seconds = 2 * INLINE_COMMIT_BELOW
         self.registry = HandlerRegistry()
         self.identity: IdentityPolicy | None = None
         if config.identity is not None:

@@ -117,7 +117,10 @@ def _read_buffer(size: int) -> bytearray:
     every byte of it is received anew."""
     spare = _SPARE_BUFFERS.get(size)
     if spare:
-        return spare.pop()
+        try:
+            return spare.pop()
+        except IndexError:  # another thread (an SCU in a handler) took the last one
+            pass
     return bytearray(size)
 
 
@@ -152,6 +155,10 @@ class MemoryBudget:
 
     def give_back(self, n: int) -> None:
         self.used = max(0, self.used - n)
+
+    def hold(self, n: int) -> None:
+        """Count ``n`` bytes already in memory (a data set handed on), unconditionally."""
+        self.used += n
 
 
 @dataclass(slots=True)
@@ -205,6 +212,9 @@ class Connection:
         self.pdus_received = [0] * 8
         self.pdus_sent = [0] * 8
         self.bytes_received = 0
+        #: command sets and data sets received whole (the minimum receive rate is
+        #: judged within one of them)
+        self.messages_received = 0
         self.bytes_sent = 0
 
         self._now = 0.0
@@ -816,6 +826,8 @@ class Connection:
 
     def _invalid(self, detail: str, reason: int) -> None:
         """Evt19: an unrecognised or invalid PDU. Framing is lost: input is discarded."""
+        self._give_back_memory()
+        self._dataset_buf = None
         self._fire(Event.EVT19, reason=reason, detail=detail)
         self._discard_input = True
 
@@ -948,6 +960,7 @@ class Connection:
                 self._sink = None
             else:
                 self._msg_context = 0
+            self.messages_received += 1
             self._events.append(CommandReceived(context_id, command, raw))
         else:
             data = None if self._sink is not None else bytes(self._dataset_buf or b"")
@@ -956,6 +969,7 @@ class Connection:
             self._dataset_buf = None
             self._sink = None
             self._msg_context = 0
+            self.messages_received += 1
             self._events.append(DataSetReceived(context_id, data))
 
     def _give_back_memory(self) -> None:
