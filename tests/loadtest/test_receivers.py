@@ -100,23 +100,32 @@ def test_sink_discards_everything(tmp_path: Path) -> None:
         proc.wait(10)
 
 
-def test_compare_smoke(tmp_path: Path) -> None:
-    receivers = ["pacs-receiver"]
-    if compare.dcmtk_binary("storescp") and netns.unavailable() is None:
-        receivers += ["dcmtk-storescp-fork"]  # the one with a process per association
-    md = tmp_path / "cmp.md"
-    proc = subprocess.run(
+def run_compare(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``pacs-loadtest compare`` on 20 instances of 8 KiB per cell, no warm-up,
+    storing under ``tmp_path``, plus ``args``."""
+    return subprocess.run(
         [
-            *(sys.executable, "-m", "loadtest", "compare", "--receivers", ",".join(receivers)),
-            *("--sizes", "8k", "--associations", "1,2", "--count", "20", "--warmup", "0"),
-            *("--markdown", str(md), "--json", str(tmp_path / "cmp.json")),
-            *("--png", str(tmp_path / "cmp.png"), "--workdir", str(tmp_path)),
+            *(sys.executable, "-m", "loadtest", "compare", "--sizes", "8k"),
+            *("--count", "20", "--warmup", "0", "--workdir", str(tmp_path), *args),
         ],
         capture_output=True,
         text=True,
         timeout=120,
         env=env(),
         cwd=tmp_path,
+    )
+
+
+def test_compare_smoke(tmp_path: Path) -> None:
+    receivers = ["pacs-receiver"]
+    if compare.dcmtk_binary("storescp") and netns.unavailable() is None:
+        receivers += ["dcmtk-storescp-fork"]  # the one with a process per association
+    md = tmp_path / "cmp.md"
+    proc = run_compare(
+        tmp_path,
+        *("--receivers", ",".join(receivers), "--associations", "1,2"),
+        *("--markdown", str(md), "--json", str(tmp_path / "cmp.json")),
+        *("--png", str(tmp_path / "cmp.png")),
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     table = proc.stdout
@@ -190,17 +199,8 @@ def test_compare_skips_all_interface_receivers_without_a_namespace(
 @pytest.mark.skipif(netns.unavailable() is not None, reason=f"{netns.unavailable()}")
 def test_compare_orthanc_stores_everything(tmp_path: Path) -> None:
     out = tmp_path / "cmp.json"
-    proc = subprocess.run(
-        [
-            *(sys.executable, "-m", "loadtest", "compare", "--receivers", "orthanc"),
-            *("--sizes", "8k", "--associations", "2", "--count", "20", "--warmup", "0"),
-            *("--json", str(out), "--workdir", str(tmp_path)),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env(),
-        cwd=tmp_path,
+    proc = run_compare(
+        tmp_path, "--receivers", "orthanc", "--associations", "2", "--json", str(out)
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (cell,) = json.loads(out.read_text())["cells"]
