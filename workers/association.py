@@ -67,10 +67,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("workers.association")
 
-#: With fsync, a worker commits C-STOREs on its event loop while their running
-#: average stays under this many seconds (see _dispatch_operation), else in its pool.
-INLINE_COMMIT_BELOW = 0.002
-
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 _STATUS_PROCESSING_FAILURE = 0x0110
 _STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
@@ -1035,7 +1031,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         server = self.server
         if writer is not None and (
             server.store.config.fsync == "never"
-            or (self._window == 1 and server.commit_seconds < INLINE_COMMIT_BELOW)
+            or (self._window == 1 and server.commit_seconds < self.config.inline_commit_below)
         ):
             # The built-in C-STORE with a synchronous commit: what services.serve ->
             # builtin_store would do through drive(), without a generator, closures

@@ -60,6 +60,10 @@ class WorkerConfig:
     handler_threads: int = 8
     #: pause reading from a peer when this many received bytes are unparsed
     read_high_water: int = 8 * 1024 * 1024
+    #: with fsync, C-STOREs are committed on the event loop while the running average
+    #: of a commit stays under this many seconds, else in the I/O pool (see
+    #: AssociationProtocol._dispatch_operation); 0: always in the pool
+    inline_commit_below: float = 0.002
     #: largest asynchronous operations window granted (invoked, performed)
     max_async_ops: int = 1
     #: the built-in user identity policy (EVT_USER_ID); None: identity not checked

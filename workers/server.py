@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .association import INLINE_COMMIT_BELOW, AssociationProtocol, Operation
+from .association import AssociationProtocol, Operation
 from .config import WorkerConfig
 from .engine import acse
 from .engine import events as evt
@@ -75,7 +75,7 @@ class AssociationServer:
         self.negotiations = acse.NegotiationCache()
         #: running average of a built-in C-STORE commit (fsync included), seconds;
         #: it starts above the inline bound, so the first commits go to the pool
-        self.commit_seconds = 2 * INLINE_COMMIT_BELOW
+        self.commit_seconds = 2 * config.inline_commit_below
         self.registry = HandlerRegistry()
         self.identity: IdentityPolicy | None = None
         if config.identity is not None:
