@@ -35,7 +35,6 @@ import logging
 import os
 import socket
 import tempfile
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -1048,12 +1047,11 @@ class AssociationProtocol(asyncio.BufferedProtocol):
             # window always uses the pool, where its fsyncs overlap.
             error: BaseException | None = None
             try:
-                if server.store.config.fsync == "never":
-                    result = writer.commit()
-                else:
-                    started = time.perf_counter()
-                    result = writer.commit()
-                    server.commit_took(time.perf_counter() - started)
+                result = (
+                    writer.commit()
+                    if server.store.config.fsync == "never"
+                    else server.timed_commit(writer)
+                )
                 services.answer_store(self, op, result)
             except Exception as exc:
                 error = exc
@@ -1203,14 +1201,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         writer = op.writer
         assert writer is not None
         server = self.server
-
-        def commit() -> StoreResult:
-            started = time.perf_counter()
-            result = writer.commit()
-            server.commit_took(time.perf_counter() - started)
-            return result
-
-        result = yield self.loop.run_in_executor(server.io_pool, commit)
+        result = yield self.loop.run_in_executor(server.io_pool, server.timed_commit, writer)
         return result
 
     def store_done(self, op: Operation, result: Any) -> None:

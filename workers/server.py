@@ -14,6 +14,7 @@ import collections
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol
@@ -26,7 +27,7 @@ from .engine import pdu as p
 from .engine.connection import MemoryBudget
 from .handlers import HandlerCaller, HandlerRegistry
 from .identity import IdentityPolicy
-from .storage.store import Store, StoreResult
+from .storage.store import InstanceWriter, Store, StoreResult
 from .tls import server_context
 
 if TYPE_CHECKING:
@@ -219,10 +220,13 @@ class AssociationServer:
             return acse.reject_local_limit()
         return None
 
-    def commit_took(self, seconds: float) -> None:
-        """One built-in commit took ``seconds`` (called from the loop or a pool thread:
-        a lost update of this average is harmless)."""
-        self.commit_seconds += (seconds - self.commit_seconds) * 0.1
+    def timed_commit(self, writer: InstanceWriter) -> StoreResult:
+        """``writer.commit()``, its duration folded into :attr:`commit_seconds` (on
+        the loop or in a pool thread: a lost update of this average is harmless)."""
+        started = time.perf_counter()
+        result = writer.commit()
+        self.commit_seconds += (time.perf_counter() - started - self.commit_seconds) * 0.1
+        return result
 
     def connection_opened(self, proto: AssociationProtocol) -> None:
         self.protocols.add(proto)
