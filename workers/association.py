@@ -14,7 +14,9 @@ C-STORE with fsync off do) and in a task when a handler or an fsync has to be
 awaited. Parsing goes on meanwhile, so the peer's responses to our sub-operations
 (C-GET), a C-CANCEL, an A-ABORT or an A-RELEASE-RQ are seen while an operation runs.
 At most ``window`` requests may be outstanding, the negotiated asynchronous
-operations window (1 unless negotiated); a peer that sends more is aborted.
+operations window (1 unless negotiated); a peer that sends more is aborted. A request
+whose Message ID is that of one still outstanding is not served: it is answered with
+the Duplicate Invocation status (PS3.7 C.5, 0210H).
 
 The built-in C-STORE (no user handler bound to EVT_C_STORE) streams each data-set
 fragment from the engine's receive buffer into a temp file
@@ -331,6 +333,8 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self._cancelled: set[int] = set()
         self._awaiting: dict[int, asyncio.Future[tuple[dimse.Command, bytes | None]]] = {}
         self._awaiting_data: tuple[int, dimse.Command] | None = None
+        #: a duplicate invocation whose (discarded) data set is arriving
+        self._duplicate: tuple[int, dimse.Command] | None = None
         self._next_message_id = 0
         self._acse_timer: asyncio.TimerHandle | None = None
         self._writing_paused = False
@@ -863,6 +867,9 @@ class AssociationProtocol(asyncio.BufferedProtocol):
                 f"request beyond the asynchronous operations window of {self._window}",
             )
             return
+        if (cmd.MessageID or 0) in self._outstanding:
+            self._duplicate_invocation(ev.context_id, cmd)
+            return
         # The command arrived with the last read: its time is the loop time of that read.
         op = Operation(ev.context_id, cmd, self._last_rx)
         self._outstanding[op.message_id] = op
@@ -873,7 +880,41 @@ class AssociationProtocol(asyncio.BufferedProtocol):
             return
         self._dispatch_operation(op)
 
+    def _duplicate_invocation(self, context_id: int, cmd: dimse.Command) -> None:
+        """A request reusing the Message ID of an outstanding one (PS3.7 C.5: "the
+        Message ID specified is allocated to another notification or operation").
+
+        It is not served (serving it would lose track of the first one, and of the
+        asynchronous operations window): its data set, if any, is discarded as it
+        arrives, then it is answered with Duplicate Invocation (0210H). The first
+        request goes on and gets its own response.
+        """
+        log.warning(
+            "%s: %s reuses Message ID %d of an outstanding request: Duplicate Invocation",
+            self.assoc.name,
+            _label(cmd),
+            cmd.MessageID or 0,
+        )
+        if cmd.has_dataset:
+            self.conn.set_dataset_sink(_discard)
+            self._duplicate = (context_id, cmd)
+            return
+        self._answer_duplicate(context_id, cmd)
+
+    def _answer_duplicate(self, context_id: int, cmd: dimse.Command) -> None:
+        try:
+            self.send(context_id, dimse.response_for(cmd, dimse.Status.DUPLICATE_INVOCATION))
+        except ConnectionError:
+            pass  # the association is gone: nobody to answer
+        except dimse.DIMSEError:
+            pass  # not a request that has a response
+
     def _on_dataset(self, ev: DataSetReceived) -> None:
+        if self._duplicate is not None:
+            context_id, cmd = self._duplicate
+            self._duplicate = None
+            self._answer_duplicate(context_id, cmd)
+            return
         if self._awaiting_data is not None:
             message_id, command = self._awaiting_data
             self._awaiting_data = None
@@ -897,6 +938,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self._dispatch_operation(op)
 
     def _on_release(self, ev: ReleaseRequested) -> None:
+        self._duplicate = None  # its data set will never complete: nothing to answer
         receiving = self._receiving
         if receiving is not None:
             # A release in the middle of a data set: that request can never complete

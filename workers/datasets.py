@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import zlib
 from typing import Any
+
+from .engine.deflate import deflate
 
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
@@ -25,6 +26,6 @@ def encode_dataset(ds: Any, transfer_syntax: str) -> bytes:
     write_dataset(fp, ds)
     data = fp.getvalue()
     if transfer_syntax == DEFLATED:
-        compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -15)
-        data = compressor.compress(data) + compressor.flush()
+        # padded to even length (PS3.5 A.5): a response identifier is a data set value
+        return deflate(data)
     return bytes(data)

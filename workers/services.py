@@ -137,6 +137,7 @@ def _event(
         dataset_loader=loader,
         transfer_syntax=ctx.transfer_syntax,
         cancel_check=lambda: proto.is_cancelled(op.message_id),
+        max_dataset_length=proto.server.config.max_dataset_in_memory,
     )
 
 

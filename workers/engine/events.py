@@ -166,15 +166,27 @@ _EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
 _DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
-def decode_dataset(data: bytes, transfer_syntax: str) -> Dataset:
-    """Decode an encoded data set (no file meta) in ``transfer_syntax`` with pydicom."""
-    import zlib
+#: Largest inflated Deflated data set a handler is given when the caller names no bound
+#: (the engine's default ``max_dataset_in_memory``).
+DEFAULT_MAX_DATASET = 64 * 1024 * 1024
+
+
+def decode_dataset(
+    data: bytes, transfer_syntax: str, max_length: int = DEFAULT_MAX_DATASET
+) -> Dataset:
+    """Decode an encoded data set (no file meta) in ``transfer_syntax`` with pydicom.
+
+    A Deflated data set is inflated up to ``max_length`` bytes; past it
+    :class:`~workers.engine.deflate.DatasetTooLarge` is raised (a deflate bomb).
+    """
     from io import BytesIO
 
     from pydicom.filereader import read_dataset
 
+    from .deflate import inflate
+
     if transfer_syntax == _DEFLATED:
-        data = zlib.decompress(data, -15)
+        data = inflate(data, max_length)
     ds = read_dataset(
         BytesIO(data),
         is_implicit_VR=transfer_syntax == _IMPLICIT_VR_LITTLE_ENDIAN,
@@ -192,7 +204,9 @@ class Event:
     ``user_id_type``, ``primary_field``, ``secondary_field``, ``items``,
     ``app_info``...). For DIMSE requests with a data set, ``dataset_loader`` returns
     its encoded bytes and ``transfer_syntax`` says how to read them; the data set is
-    decoded only when a handler asks.
+    decoded only when a handler asks. A Deflated data set that would inflate past
+    ``max_dataset_length`` raises ``DatasetTooLarge`` in the handler that reads it, so
+    the request gets the handler-failure status of its event.
     """
 
     def __init__(
@@ -205,8 +219,10 @@ class Event:
         transfer_syntax: str | None = None,
         timestamp: _dt.datetime | None = None,
         cancel_check: Callable[[], bool] | None = None,
+        max_dataset_length: int = DEFAULT_MAX_DATASET,
     ) -> None:
         self.assoc = assoc
+        self._max_dataset_length = max_dataset_length
         self.event = event
         self.timestamp = timestamp or _dt.datetime.now()
         self._loader = dataset_loader
@@ -241,7 +257,9 @@ class Event:
             if self._loader is None:
                 raise AttributeError(f"this {self.event.name} request carried no data set")
             self._decoded = decode_dataset(
-                self._loader(), self._transfer_syntax or _IMPLICIT_VR_LITTLE_ENDIAN
+                self._loader(),
+                self._transfer_syntax or _IMPLICIT_VR_LITTLE_ENDIAN,
+                self._max_dataset_length,
             )
         return self._decoded
 

@@ -8,10 +8,10 @@ worker's C-MOVE sub-operations) never imports it (DESIGN principle 4).
 
 from __future__ import annotations
 
-import zlib
 from typing import TYPE_CHECKING, BinaryIO, cast
 
 from workers.engine import acse
+from workers.engine.deflate import deflate, inflate
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -93,22 +93,26 @@ def encode_dataset(ds: Dataset, transfer_syntax: str) -> bytes:
     write_dataset(fp, ds)
     raw = fp.getvalue()
     if transfer_syntax == acse.DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
-        deflater = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -zlib.MAX_WBITS)
-        raw = deflater.compress(raw) + deflater.flush()
-        if len(raw) & 1:
-            # PS3.5 A.5: an odd-length deflated stream gets one trailing NUL byte; DCMTK
-            # aborts on an odd data-set fragment.
-            raw += b"\x00"
+        raw = deflate(raw)  # padded to even length (PS3.5 A.5)
     return raw
 
 
-def decode_dataset(data: bytes | bytearray | memoryview, transfer_syntax: str) -> Dataset:
-    """Decode DIMSE data-set bytes encoded in ``transfer_syntax``."""
+def decode_dataset(
+    data: bytes | bytearray | memoryview,
+    transfer_syntax: str,
+    max_length: int = 64 * 1024 * 1024,
+) -> Dataset:
+    """Decode DIMSE data-set bytes encoded in ``transfer_syntax``.
+
+    A Deflated data set inflating past ``max_length`` bytes raises
+    :class:`~workers.engine.deflate.DatasetTooLarge` (a deflate bomb from the peer).
+    """
     from pydicom.filebase import DicomBytesIO
     from pydicom.filereader import read_dataset
 
-    raw = bytes(data)
     if transfer_syntax == acse.DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
-        raw = zlib.decompress(raw, -zlib.MAX_WBITS)
+        raw = inflate(data, max_length)
+    else:
+        raw = bytes(data)
     implicit, little = _encoding(transfer_syntax)
     return read_dataset(cast(BinaryIO, DicomBytesIO(raw)), implicit, little)

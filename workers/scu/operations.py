@@ -212,7 +212,11 @@ class DIMSEOperation:
         identifier = None
         if data:
             try:
-                identifier = codec.decode_dataset(data, self._context.transfer_syntax)
+                identifier = codec.decode_dataset(
+                    data,
+                    self._context.transfer_syntax,
+                    self._requestor._conn.config.max_dataset_in_memory,
+                )
             except Exception:
                 log.exception("undecodable identifier in %s", _label(command))
         return _status(command), identifier

@@ -730,7 +730,8 @@ class Requestor:
         context = self.context_for(abstract_syntax)
         raw = None if dataset is None else _encode(dataset, context)
         response, data = await self.send_dimse(context, build, raw)
-        decoded = codec.decode_dataset(data, context.transfer_syntax) if data else None
+        limit = self._conn.config.max_dataset_in_memory
+        decoded = codec.decode_dataset(data, context.transfer_syntax, limit) if data else None
         return _status(response), decoded
 
     async def send_dimse(

@@ -1,0 +1,196 @@
+"""Protocol and resource bugs a code review found, each fed its bad input.
+
+Deflate bombs in data sets given to handlers, Message IDs reused while outstanding,
+odd-length Deflated response identifiers.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import zlib
+from typing import Any
+
+import pytest
+from pydicom.dataset import Dataset
+
+from workers.datasets import encode_dataset
+from workers.engine import acse, dimse
+from workers.engine import events as wevt
+from workers.engine.deflate import DatasetTooLarge, deflate, inflate
+from workers.scu import codec
+
+from .conftest import (
+    CT_IMAGE,
+    EXPLICIT_LE,
+    VERIFICATION,
+    RawPeer,
+    WorkerFactory,
+    encode_plain,
+    make_image,
+)
+
+pytestmark = pytest.mark.interop
+
+FIND = "1.2.840.10008.5.1.4.1.2.1.1"  # Patient Root Query/Retrieve - FIND
+DEFLATED = acse.DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
+
+
+def _bomb(inflated: int) -> bytes:
+    """A small Deflated identifier whose inflated form is ``inflated`` bytes and valid:
+    Query/Retrieve Level, then a private OB element of zeros."""
+    head = b"\x08\x00\x52\x00CS\x08\x00PATIENT "
+    value = inflated - len(head) - 12
+    element = struct.pack("<HH2sHI", 0x0011, 0x1010, b"OB", 0, value)
+    c = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    out = c.compress(head + element)
+    zeros = bytes(1 << 20)
+    for _ in range(value >> 20):
+        out += c.compress(zeros)
+    out += c.compress(bytes(value & ((1 << 20) - 1))) + c.flush()
+    return out + b"\x00" * (len(out) & 1)
+
+
+# ------------------------------------------------------------------ deflate bomb
+
+
+def test_inflate_is_bounded() -> None:
+    data = _bomb(8 << 20)
+    assert len(data) < 64 << 10
+    with pytest.raises(DatasetTooLarge):
+        inflate(data, 1 << 20)
+    assert len(inflate(data, 8 << 20)) == 8 << 20  # the bound is inclusive
+    assert inflate(deflate(b"abc" * 7), 21) == b"abc" * 7  # the pad byte is ignored
+
+
+def test_requestor_codec_bounds_a_deflated_answer() -> None:
+    with pytest.raises(DatasetTooLarge):
+        codec.decode_dataset(_bomb(8 << 20), DEFLATED, 1 << 20)
+    ds = codec.decode_dataset(_bomb(4096), DEFLATED, 1 << 20)
+    assert ds.QueryRetrieveLevel == "PATIENT"
+
+
+def test_deflate_bomb_identifier_gets_the_failure_status(worker_factory: WorkerFactory) -> None:
+    """A 16 MiB identifier deflated to a few KiB, to a worker whose in-memory bound is
+    1 MiB: the handler that reads it fails (C-FIND's failure status), the worker
+    never inflates it whole, and the association goes on."""
+    seen: list[str] = []
+
+    def find(event: Any) -> Any:
+        seen.append(str(event.identifier.QueryRetrieveLevel))
+        yield 0xFF00, event.identifier
+
+    w = worker_factory(evt_handlers=[(wevt.EVT_C_FIND, find)], max_dataset_in_memory=1 << 20)
+    peer = RawPeer(w, [acse.Requested(VERIFICATION), acse.Requested(FIND, (DEFLATED,))])
+    ctx = peer.context_id(FIND)
+    peer.send(ctx, dimse.c_find_rq(1, FIND), _bomb(16 << 20))
+    rsp, data = peer.response()
+    assert rsp.Status == wevt.DEFAULT_STATUS[wevt.EVT_C_FIND]
+    assert data is None and seen == []
+    # a small one on the same association is served
+    peer.send(ctx, dimse.c_find_rq(2, FIND), _bomb(4096))
+    statuses = []
+    while True:
+        rsp, _ = peer.response()
+        statuses.append(rsp.Status)
+        if rsp.Status not in (0xFF00, 0xFF01):
+            break
+    assert statuses == [0xFF00, 0x0000]
+    assert seen == ["PATIENT"]
+    assert peer.echo() == 0
+    peer.release()
+
+
+# ----------------------------------------------------------- duplicate invocation
+
+
+def test_reused_message_id_gets_duplicate_invocation(worker_factory: WorkerFactory) -> None:
+    """PS3.7 C.5: a request whose Message ID is already outstanding is answered with
+    Duplicate Invocation (0210H) and not served; the first one is served once."""
+    gate = threading.Event()
+    calls: list[int] = []
+
+    def echo(event: Any) -> int:
+        calls.append(event.message_id)
+        gate.wait(10)
+        return 0
+
+    w = worker_factory(evt_handlers=[(wevt.EVT_C_ECHO, echo)], max_async_ops=4)
+    peer = RawPeer(w, [acse.Requested(VERIFICATION)], async_ops=(4, 4))
+    ctx = peer.context_id(VERIFICATION)
+    peer.send(ctx, dimse.c_echo_rq(7))
+    peer.send(ctx, dimse.c_echo_rq(7))
+    rsp, _ = peer.response()
+    assert (rsp.MessageIDBeingRespondedTo, rsp.Status) == (7, dimse.Status.DUPLICATE_INVOCATION)
+    gate.set()
+    rsp, _ = peer.response()
+    assert (rsp.MessageIDBeingRespondedTo, rsp.Status) == (7, 0x0000)
+    assert calls == [7]
+    peer.release()
+
+
+def test_reused_message_id_cannot_pass_the_window(worker_factory: WorkerFactory) -> None:
+    """The same Message ID sent again and again while the first is outstanding never
+    gets a second request served (the window of 2 is not a window of 3 this way); the
+    duplicates' data sets are dropped."""
+    gate = threading.Event()
+    stored: list[str] = []
+
+    def store(event: Any) -> int:
+        stored.append(event.request.AffectedSOPInstanceUID)
+        gate.wait(10)
+        return 0
+
+    w = worker_factory(evt_handlers=[(wevt.EVT_C_STORE, store)], max_async_ops=2)
+    peer = RawPeer(w, [acse.Requested(CT_IMAGE, (EXPLICIT_LE,))], async_ops=(2, 2))
+    ctx = peer.context_id(CT_IMAGE)
+    images = [make_image(seed=i) for i in range(3)]
+    for ds in images:
+        peer.send(ctx, dimse.c_store_rq(1, CT_IMAGE, ds.SOPInstanceUID), encode_plain(ds))
+    duplicates = [peer.response()[0] for _ in images[1:]]
+    assert [r.Status for r in duplicates] == [dimse.Status.DUPLICATE_INVOCATION] * 2
+    assert [r.AffectedSOPInstanceUID for r in duplicates] == [
+        ds.SOPInstanceUID for ds in images[1:]
+    ]
+    gate.set()
+    rsp, _ = peer.response()
+    assert (rsp.AffectedSOPInstanceUID, rsp.Status) == (images[0].SOPInstanceUID, 0)
+    assert stored == [images[0].SOPInstanceUID]
+    peer.release()
+
+
+# ------------------------------------------------------ odd-length Deflated answers
+
+
+def _odd_deflated_identifier() -> Dataset:
+    for n in range(200):
+        ds = Dataset()
+        ds.QueryRetrieveLevel = "PATIENT"
+        ds.PatientID = "".join(chr(65 + (i * 7 + n) % 26) for i in range(n % 40 + 1))
+        raw = encode_dataset(ds, EXPLICIT_LE)
+        c = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -zlib.MAX_WBITS)
+        if len(c.compress(raw) + c.flush()) & 1:
+            return ds
+    raise AssertionError("no identifier deflates to an odd length")
+
+
+def test_deflated_response_identifier_has_even_length(worker_factory: WorkerFactory) -> None:
+    """PS3.5 A.5: a deflated data set of odd length gets a trailing pad byte."""
+    match = _odd_deflated_identifier()
+    assert len(encode_dataset(match, DEFLATED)) % 2 == 0
+
+    def find(event: Any) -> Any:
+        yield 0xFF00, match
+
+    w = worker_factory(evt_handlers=[(wevt.EVT_C_FIND, find)])
+    peer = RawPeer(w, [acse.Requested(FIND, (DEFLATED,))])
+    ctx = peer.context_id(FIND)
+    query = Dataset()
+    query.QueryRetrieveLevel = "PATIENT"
+    peer.send(ctx, dimse.c_find_rq(1, FIND), encode_dataset(query, DEFLATED))
+    rsp, data = peer.response()
+    assert rsp.Status == 0xFF00 and data is not None
+    assert len(data) % 2 == 0
+    assert codec.decode_dataset(data, DEFLATED).PatientID == match.PatientID
+    assert peer.response()[0].Status == 0x0000
+    peer.release()
