@@ -81,7 +81,7 @@ def requestor_stream(size: int, count: int) -> tuple[bytes, list[list[bytes]]]:
         p.UserInformation(max_length=1024 * 1024, implementation_class_uid="1.2.3"),
     )
     raw_ac = p.encode(ac)
-    rq.receive_data(raw_ac)
+    rq.receive_data(raw_ac, 0.0)
     while rq.next_event() is not NEED_DATA:
         pass
     uids = UidSource("1", 1)

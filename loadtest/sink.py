@@ -48,7 +48,7 @@ def _discard(view: memoryview) -> None:
 class _SinkAssociation:
     """One connection: the engine, the protocol, and the command awaiting its data set."""
 
-    __slots__ = ("conn", "max_async_ops", "pending", "policy", "protocol")
+    __slots__ = ("conn", "loop", "max_async_ops", "pending", "policy", "protocol")
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, policy: acse.AcceptorPolicy, max_async_ops: int
@@ -57,6 +57,7 @@ class _SinkAssociation:
         self.conn = Connection(Role.ACCEPTOR, config)
         self.policy = policy
         self.max_async_ops = max_async_ops
+        self.loop = loop
         self.pending: dimse.Command | None = None
         self.protocol = EngineProtocol(self.conn, loop, self.on_event, self.on_lost)
 
@@ -86,11 +87,11 @@ class _SinkAssociation:
                 window = p.AsyncOpsWindow(granted, granted)
             answer = acse.negotiate(rq, self.policy, acse.Extended(async_ops=window))
             if isinstance(answer, p.AssociateAC):
-                conn.accept(answer)
+                conn.accept(answer, self.loop.time())
             else:
-                conn.reject(answer)
+                conn.reject(answer, self.loop.time())
         elif kind is ReleaseRequested:
-            conn.release_response()
+            conn.release_response(self.loop.time())
 
     def _answer(self, context_id: int, command: dimse.Command) -> None:
         field = command.CommandField

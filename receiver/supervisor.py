@@ -146,7 +146,7 @@ class Rejector(asyncio.Protocol):
         self.timer = loop.call_later(self.timeout, transport.close)
 
     def data_received(self, data: bytes) -> None:
-        self.conn.receive_data(data)
+        self.conn.receive_data(data, asyncio.get_running_loop().time())
         while (ev := self.conn.next_event()) is not NEED_DATA:
             if isinstance(ev, AssociateIndication) and not self.answered:
                 self.answered = True
@@ -158,7 +158,7 @@ class Rejector(asyncio.Protocol):
                     self.peer,
                     self.why,
                 )
-                self.conn.reject(self.rj)
+                self.conn.reject(self.rj, asyncio.get_running_loop().time())
                 if self.telemetry is not None:
                     rj = self.rj
                     self.telemetry.association_rejected(

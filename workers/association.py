@@ -380,8 +380,9 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         return self.conn.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.conn.buffer_updated(nbytes)
-        self._last_rx = self.loop.time()
+        now = self.loop.time()
+        self.conn.buffer_updated(nbytes, now)
+        self._last_rx = now
         qsock = self._quickack_sock
         if qsock is not None:
             try:
@@ -602,7 +603,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         if self._lost or self.conn.state in (State.STA1, State.STA13):
             return
         log.info("%s: aborting: %s", self.assoc.name, detail)
-        self.conn.abort(source, reason)
+        self.conn.abort(source, reason, now=self.loop.time())
         self._association_ended(aborted=True, source=source, reason=reason, by_peer=False)
         if flush:
             self._flush()
@@ -803,7 +804,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
             return  # the peer aborted or left while we were deciding
         assoc = self.assoc
         if isinstance(answer, p.AssociateRJ):
-            self.conn.reject(answer)
+            self.conn.reject(answer, self.loop.time())
             assoc.is_rejected = True
             log.info(
                 "%s: rejected %r -> %r (result %d, source %d, reason %d)",
@@ -817,7 +818,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
             self._emit(evt.EVT_ACSE_SENT, {"primitive": answer})
             self._emit(evt.EVT_REJECTED, {"response": answer})
             return
-        self.conn.accept(answer)
+        self.conn.accept(answer, self.loop.time())
         assoc.is_established = True
         ui = answer.user_info
         if ui.async_ops is not None:
@@ -962,7 +963,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
     def _release(self) -> None:
         self._release_pending = False
         if self.conn.state in (State.STA8, State.STA9, State.STA12):
-            self.conn.release_response()
+            self.conn.release_response(self.loop.time())
             self.assoc.is_released = True
             self._association_ended(aborted=False)
             self._emit(evt.EVT_RELEASED, {})

@@ -48,9 +48,9 @@ class Pair:
             return
         if self.split:
             for i in range(0, len(data), self.split):
-                conn.receive_data(data[i : i + self.split])
+                conn.receive_data(data[i : i + self.split], 0.0)
         else:
-            conn.receive_data(data)
+            conn.receive_data(data, 0.0)
 
     def pump(self, on_acceptor: Callable[[Indication], None] | None = None) -> None:
         """Exchange bytes until both sides are quiet."""
@@ -87,9 +87,9 @@ class Pair:
                 result = acse.negotiate(ev.request, policy)
                 answer.append(result)
                 if isinstance(result, p.AssociateAC):
-                    self.acceptor.accept(result)
+                    self.acceptor.accept(result, 0.0)
                 else:
-                    self.acceptor.reject(result)
+                    self.acceptor.reject(result, 0.0)
 
         self.requestor.request_association(rq, now=0.0)
         self.requestor.connection_made(0.0)

@@ -78,11 +78,11 @@ def test_associate_echo_release(split: int) -> None:
     answer = pair.requestor_events[-1]
     assert isinstance(answer, CommandReceived) and answer.command.Status == 0
 
-    pair.requestor.release()
+    pair.requestor.release(0.0)
     pair.pump()
     assert pair.acceptor_events[-1] == ReleaseRequested()
     assert pair.acceptor.state is State.STA8
-    pair.acceptor.release_response()
+    pair.acceptor.release_response(0.0)
     pair.pump()
     assert pair.requestor_events[-1] == Released()
     assert pair.requestor.state is State.STA1 and pair.requestor.wants_close
@@ -139,7 +139,7 @@ def test_many_messages_in_one_read() -> None:
 def test_abort_reaches_the_peer() -> None:
     pair = Pair()
     pair.associate()
-    pair.requestor.abort()
+    pair.requestor.abort(now=0.0)
     assert pair.requestor.state is State.STA13
     pair.pump()
     assert pair.acceptor_events[-1] == Aborted(0, 0, by_peer=True, detail="A-ABORT")
@@ -162,11 +162,13 @@ def test_rejections(policy: acse.AcceptorPolicy, called: str, expected: tuple[in
     result = acse.negotiate(rq, policy)
     assert isinstance(result, p.AssociateRJ)
     assert (result.result, result.source, result.reason) == expected
-    pair.requestor.request_association(rq)
+    pair.requestor.request_association(rq, 0.0)
     pair.requestor.connection_made(0.0)
     pair.acceptor.connection_made(0.0)
     pair.pump(
-        lambda ev: pair.acceptor.reject(result) if isinstance(ev, AssociateIndication) else None
+        lambda ev: (
+            pair.acceptor.reject(result, 0.0) if isinstance(ev, AssociateIndication) else None
+        )
     )
     assert pair.requestor_events == [AssociateRejected(result)]
     assert pair.requestor.wants_close and pair.acceptor.state is State.STA13
@@ -276,7 +278,7 @@ def test_peer_faults_abort(name: str, split: int) -> None:
     conn = established_acceptor()
     events: list[object] = []
     for chunk in [data] if not split else [data[i : i + 1] for i in range(len(data))]:
-        conn.receive_data(chunk)
+        conn.receive_data(chunk, 0.0)
         events += drain(conn)
         if any(isinstance(e, Aborted) for e in events):
             break
@@ -285,7 +287,7 @@ def test_peer_faults_abort(name: str, split: int) -> None:
     assert abort_of(conn) == p.Abort(2, reason)
     assert conn.state is State.STA13
     # whatever else arrives is ignored, and the peer's close ends it
-    conn.receive_data(os.urandom(100))
+    conn.receive_data(os.urandom(100), 0.0)
     assert drain(conn) == []
     conn.connection_lost(2.0)
     assert conn.state is State.STA1
@@ -293,7 +295,7 @@ def test_peer_faults_abort(name: str, split: int) -> None:
 
 def test_oversized_pdata_refused_before_buffering() -> None:
     conn = established_acceptor(EngineConfig(max_pdu_length=16384))
-    conn.receive_data(b"\x04\x00" + (16385).to_bytes(4, "big"))
+    conn.receive_data(b"\x04\x00" + (16385).to_bytes(4, "big"), 0.0)
     (event,) = drain(conn)
     assert isinstance(event, Aborted)
     assert abort_of(conn) == p.Abort(2, p.AbortReason.INVALID_PDU_PARAMETER)
@@ -302,7 +304,7 @@ def test_oversized_pdata_refused_before_buffering() -> None:
 def test_oversized_control_pdu_refused_before_buffering() -> None:
     conn = Connection(Role.ACCEPTOR, EngineConfig(max_control_pdu_length=4096))
     conn.connection_made(0.0)
-    conn.receive_data(b"\x01\x00" + (1 << 31).to_bytes(4, "big") + b"x" * 1000)
+    conn.receive_data(b"\x01\x00" + (1 << 31).to_bytes(4, "big") + b"x" * 1000, 0.0)
     (event,) = drain(conn)
     assert isinstance(event, Aborted) and "maximum 4096" in event.detail
     assert conn.buffered == 0
@@ -312,7 +314,7 @@ def test_oversized_control_pdu_refused_before_buffering() -> None:
 def test_large_pdu_streams_without_buffering_whole() -> None:
     """A 4 MiB P-DATA-TF fed in 64 KiB reads never needs a 4 MiB buffer."""
     conn = established_acceptor(EngineConfig(max_pdu_length=0, read_buffer_size=65536))
-    conn.receive_data(pdata((3, 3, STORE_RAW)))
+    conn.receive_data(pdata((3, 3, STORE_RAW)), 0.0)
     (cmd,) = drain(conn)
     assert isinstance(cmd, CommandReceived)
     total = 0
@@ -325,7 +327,7 @@ def test_large_pdu_streams_without_buffering_whole() -> None:
     size = 4 * 1024 * 1024
     wire = pdata((3, 2, b"\0" * size))
     for i in range(0, len(wire), 65536):
-        conn.receive_data(wire[i : i + 65536])
+        conn.receive_data(wire[i : i + 65536], 0.0)
         events = drain(conn)
         assert len(conn._buf) <= 2 * 65536
     assert events == [DataSetReceived(3, None)] and total == size
@@ -333,7 +335,7 @@ def test_large_pdu_streams_without_buffering_whole() -> None:
 
 def test_dataset_in_memory_limit() -> None:
     conn = established_acceptor(EngineConfig(max_dataset_in_memory=1000))
-    conn.receive_data(pdata((3, 3, STORE_RAW), (3, 2, b"x" * 1001)))
+    conn.receive_data(pdata((3, 3, STORE_RAW), (3, 2, b"x" * 1001)), 0.0)
     events = drain(conn)
     assert isinstance(events[-1], Aborted) and "1000 bytes in memory" in events[-1].detail
 
@@ -345,19 +347,19 @@ def test_memory_budget_bounds_all_connections_together() -> None:
     transport closes."""
     budget = MemoryBudget(10_000)
     a, b, c = (established_acceptor(EngineConfig(memory_budget=budget)) for _ in range(3))
-    a.receive_data(pdata((3, 3, STORE_RAW), (3, 0, b"a" * 6000)))
+    a.receive_data(pdata((3, 3, STORE_RAW), (3, 0, b"a" * 6000)), 0.0)
     assert [type(e) for e in drain(a)] == [CommandReceived]
     assert budget.used == 6000
-    b.receive_data(pdata((3, 3, STORE_RAW), (3, 0, b"b" * 6000)))
+    b.receive_data(pdata((3, 3, STORE_RAW), (3, 0, b"b" * 6000)), 0.0)
     events = drain(b)
     assert isinstance(events[-1], Aborted) and "6000 of 10000 bytes" in events[-1].detail
     assert abort_of(b) == p.Abort(2, p.AbortReason.NOT_SPECIFIED)
     assert budget.used == 6000  # b's refused fragment was never counted
-    a.receive_data(pdata((3, 2, b"a" * 1000)))
+    a.receive_data(pdata((3, 2, b"a" * 1000)), 0.0)
     (done,) = drain(a)
     assert isinstance(done, DataSetReceived) and done.data == b"a" * 7000
     assert budget.used == 0
-    c.receive_data(pdata((3, 3, STORE_RAW), (3, 0, b"c" * 9000)))
+    c.receive_data(pdata((3, 3, STORE_RAW), (3, 0, b"c" * 9000)), 0.0)
     assert [type(e) for e in drain(c)] == [CommandReceived]
     assert budget.used == 9000
     c.connection_lost(1.0)  # the peer went away halfway: its bytes are given back
@@ -372,7 +374,7 @@ def test_read_buffer_shrinks_after_a_large_control_pdu() -> None:
     conn.connection_made(0.0)
     identity = p.UserIdentityRQ(1, False, b"u" * 60_000, b"")
     rq = acse.build_request("A", "B", [acse.Requested(VERIFICATION)], user_identity=identity)
-    conn.receive_data(p.encode(rq))
+    conn.receive_data(p.encode(rq), 0.0)
     (event,) = drain(conn)
     assert isinstance(event, AssociateIndication)
     assert len(conn.get_buffer()) == 4096
@@ -382,12 +384,12 @@ def test_mid_message_tells_when_the_peer_owes_bytes() -> None:
     conn = established_acceptor()
     assert not conn.mid_message
     wire = pdata((3, 3, STORE_RAW), (3, 2, b"x" * 100))
-    conn.receive_data(wire[:3])  # half a PDU header
+    conn.receive_data(wire[:3], 0.0)  # half a PDU header
     assert conn.mid_message
-    conn.receive_data(wire[3:40])  # the command is not complete yet
+    conn.receive_data(wire[3:40], 0.0)  # the command is not complete yet
     drain(conn)
     assert conn.mid_message
-    conn.receive_data(wire[40:])
+    conn.receive_data(wire[40:], 0.0)
     drain(conn)
     assert not conn.mid_message
 
@@ -416,7 +418,7 @@ def test_get_buffer_receives_in_place() -> None:
     data = pdata((1, 3, ECHO_RAW))
     view = conn.get_buffer(len(data))
     view[: len(data)] = data
-    conn.buffer_updated(len(data))
+    conn.buffer_updated(len(data), 0.0)
     (event,) = drain(conn)
     assert isinstance(event, CommandReceived) and event.command.MessageID == 1
 
@@ -427,7 +429,7 @@ def test_random_bytes_never_raise(data: bytes, state: State) -> None:
     conn = established_acceptor() if state is State.STA6 else Connection(Role.ACCEPTOR)
     if state is State.STA2:
         conn.connection_made(0.0)
-    conn.receive_data(data)
+    conn.receive_data(data, 0.0)
     drain(conn)
     conn.handle_timer(100.0)
     drain(conn)
@@ -456,16 +458,16 @@ def test_mutated_sessions_never_raise(data: st.DataObject) -> None:
     conn.connection_made(0.0)
     step = data.draw(st.sampled_from([1, 3, 64, len(wire) or 1]))
     for i in range(0, cut, step):
-        conn.receive_data(bytes(wire[i : i + step]))
+        conn.receive_data(bytes(wire[i : i + step]), 0.0)
         for event in drain(conn):
             if isinstance(event, AssociateIndication):
                 answer = acse.negotiate(event.request, acse.AcceptorPolicy())
                 if isinstance(answer, p.AssociateAC):
-                    conn.accept(answer)
+                    conn.accept(answer, 0.0)
                 else:
-                    conn.reject(answer)
+                    conn.reject(answer, 0.0)
             elif isinstance(event, ReleaseRequested):
-                conn.release_response()
+                conn.release_response(0.0)
         conn.data_to_send()
     conn.handle_timer(1000.0)
     conn.connection_lost(1000.0)
@@ -498,7 +500,7 @@ def test_traced_pdata_is_reported_whole() -> None:
     drain(conn)
     wire = pdata((1, 1, ECHO_RAW[:10]), (1, 3, ECHO_RAW[10:]))
     for i in range(len(wire)):  # byte by byte, to cross every boundary
-        conn.receive_data(wire[i : i + 1])
+        conn.receive_data(wire[i : i + 1], 0.0)
     events = drain(conn)
     traced = [e for e in events if isinstance(e, PDUReceived)]
     assert len(traced) == 1 and isinstance(traced[0].pdu, p.PDataTF)

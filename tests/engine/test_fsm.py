@@ -116,24 +116,24 @@ def role_for(event: Event, state: State) -> Role:
 
 def fire(conn: Connection, event: Event) -> None:
     if event in PDU_INPUTS:
-        conn.receive_data(PDU_INPUTS[event]())
+        conn.receive_data(PDU_INPUTS[event](), 0.0)
         drain(conn)
     elif event is Event.EVT1:
         conn.request_association(RQ, now=0.0)
     elif event in (Event.EVT2, Event.EVT5):
         conn.connection_made(0.0)
     elif event is Event.EVT7:
-        conn.accept(AC)  # type: ignore[arg-type]
+        conn.accept(AC, 0.0)  # type: ignore[arg-type]
     elif event is Event.EVT8:
-        conn.reject(RJ)
+        conn.reject(RJ, 0.0)
     elif event is Event.EVT9:
         conn.send_command(1, ECHO)
     elif event is Event.EVT11:
-        conn.release()
+        conn.release(0.0)
     elif event is Event.EVT14:
-        conn.release_response()
+        conn.release_response(0.0)
     elif event is Event.EVT15:
-        conn.abort()
+        conn.abort(now=0.0)
     elif event is Event.EVT17:
         conn.connection_lost(1.0)
     elif event is Event.EVT18:
@@ -204,7 +204,7 @@ def test_ae6_rejects_unsupported_protocol_version() -> None:
     conn = Connection(Role.ACCEPTOR)
     conn.connection_made(0.0)
     rq = p.AssociateRQ("A", "B", RQ.contexts, RQ.user_info, protocol_version=2)
-    conn.receive_data(p.encode(rq))
+    conn.receive_data(p.encode(rq), 0.0)
     drain(conn)
     assert conn.state is State.STA13
     rj = p.decode(p.PDUType.ASSOCIATE_RJ, wire_bytes(conn)[6:])
@@ -215,21 +215,21 @@ def test_ae6_rejects_unsupported_protocol_version() -> None:
 def test_release_collision_requestor_and_acceptor() -> None:
     pair = Pair()
     pair.associate([acse.Requested(VERIFICATION)])
-    pair.requestor.release()
-    pair.acceptor.release()
+    pair.requestor.release(0.0)
+    pair.acceptor.release(0.0)
     rq_out, ac_out = wire_bytes(pair.requestor), wire_bytes(pair.acceptor)
-    pair.requestor.receive_data(ac_out)
-    pair.acceptor.receive_data(rq_out)
+    pair.requestor.receive_data(ac_out, 0.0)
+    pair.acceptor.receive_data(rq_out, 0.0)
     assert drain(pair.requestor) == [ReleaseRequested(collision=True)]
     assert drain(pair.acceptor) == [ReleaseRequested(collision=True)]
     assert pair.requestor.state is State.STA9
     assert pair.acceptor.state is State.STA10
     # PS3.8 9.2.2: the requestor answers first (AR-9), then the acceptor (AR-10, AR-4).
-    pair.requestor.release_response()
+    pair.requestor.release_response(0.0)
     assert pair.requestor.state is State.STA11
     pair.pump()
     assert pair.acceptor.state is State.STA12
-    pair.acceptor.release_response()
+    pair.acceptor.release_response(0.0)
     pair.pump()
     assert pair.requestor.state is State.STA1 and pair.requestor.wants_close
     assert pair.acceptor.state is State.STA13
@@ -250,6 +250,6 @@ def test_artim_expiry_without_request_closes() -> None:
 def test_indication_for_acceptable_request() -> None:
     conn = Connection(Role.ACCEPTOR)
     conn.connection_made(0.0)
-    conn.receive_data(p.encode(RQ))
+    conn.receive_data(p.encode(RQ), 0.0)
     assert drain(conn) == [AssociateIndication(RQ)]
     assert conn.get_timer() is None  # AE-6 stops ARTIM

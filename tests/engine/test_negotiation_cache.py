@@ -102,6 +102,6 @@ def test_read_buffers_are_recycled_only_when_unreferenced() -> None:
     # A recycled buffer's old bytes are never seen: only what is received anew.
     rq = _rq()
     third.connection_made(0.0)
-    third.receive_data(p.encode(rq))
+    third.receive_data(p.encode(rq), 0.0)
     event = third.next_event()
     assert getattr(event, "request", None) == rq

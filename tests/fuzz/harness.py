@@ -360,9 +360,9 @@ def run_acceptor(
             assert len(view) >= len(chunk)
             view[: len(chunk)] = chunk
             view.release()
-            conn.buffer_updated(len(chunk))
+            conn.buffer_updated(len(chunk), 0.0)
         else:
-            conn.receive_data(chunk)
+            conn.receive_data(chunk, 0.0)
         _drive_acceptor(conn, session, policy, sink if use_sink else None)
         check_output(conn.data_to_send(), session.sent)
         check_bounds(conn, limits)
@@ -398,11 +398,11 @@ def _drive_acceptor(
         if isinstance(ev, AssociateIndication):
             answer = acse.negotiate(ev.request, policy)
             if isinstance(answer, p.AssociateAC):
-                conn.accept(answer)
+                conn.accept(answer, 0.0)
             else:
-                conn.reject(answer)
+                conn.reject(answer, 0.0)
         elif isinstance(ev, ReleaseRequested):
-            conn.release_response()
+            conn.release_response(0.0)
         elif isinstance(ev, CommandReceived):
             if ev.command.has_dataset and sink is not None:
                 conn.set_dataset_sink(sink)  # type: ignore[arg-type]
@@ -434,7 +434,7 @@ def run_requestor(
     conn.connection_made(now)
     check_output(conn.data_to_send(), session.sent)
     for chunk in _chunks(data, splits):
-        conn.receive_data(chunk)
+        conn.receive_data(chunk, 0.0)
         _drive_requestor(conn, session, send_echo)
         check_output(conn.data_to_send(), session.sent)
         check_bounds(conn, limits)
@@ -464,9 +464,9 @@ def _drive_requestor(conn: Connection, session: Session, send_echo: bool) -> Non
                 conn.send_message(context_id, dimse.c_echo_rq(1))
                 # a data set bigger than the peer's maximum: fragmentation to its size
                 conn.send_dataset(context_id, b"\0\0" * 40)
-            conn.release()
+            conn.release(0.0)
         elif isinstance(ev, ReleaseRequested):
-            conn.release_response()
+            conn.release_response(0.0)
         elif isinstance(ev, Aborted):
             check_aborted(ev)
         elif isinstance(ev, AssociateRejected | Released):

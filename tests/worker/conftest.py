@@ -474,7 +474,7 @@ class RawPeer:
                 if ev is NEED_DATA:
                     raise ConnectionError("connection closed by the worker")
                 return ev
-            self.conn.receive_data(data)
+            self.conn.receive_data(data, time.monotonic())
 
     def wait_for(self, kinds: Any) -> Any:
         for _ in range(10_000):

@@ -400,7 +400,7 @@ class EngineSCPConnection:
                 if not data:
                     self.conn.connection_lost(loop.time())
                     return
-                self.conn.receive_data(data)
+                self.conn.receive_data(data, time.monotonic())
                 while True:
                     ev = self.conn.next_event()
                     if ev is NEED_DATA:
@@ -412,7 +412,7 @@ class EngineSCPConnection:
                             acse.Extended(async_ops=self.scp.grant),
                         )
                         if isinstance(answer, p.AssociateAC):
-                            self.conn.accept(answer)
+                            self.conn.accept(answer, time.monotonic())
                         if self.scp.stall:  # accept, then never read again
                             self.flush()
                             await asyncio.Event().wait()
@@ -428,7 +428,7 @@ class EngineSCPConnection:
                         pending = None
                     elif isinstance(ev, ReleaseRequested):
                         self.scp.ended.append(ev)
-                        self.conn.release_response()
+                        self.conn.release_response(time.monotonic())
                     elif isinstance(ev, Aborted | Released):
                         self.scp.ended.append(ev)
                 self.flush()

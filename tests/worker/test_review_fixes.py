@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 import threading
+import time
 import zlib
 from typing import Any
 
@@ -194,3 +195,40 @@ def test_deflated_response_identifier_has_even_length(worker_factory: WorkerFact
     assert codec.decode_dataset(data, DEFLATED).PatientID == match.PatientID
     assert peer.response()[0].Status == 0x0000
     peer.release()
+
+
+# ------------------------------------------------------------ ARTIM after release
+
+
+def test_artim_after_release_counts_from_the_release(worker_factory: WorkerFactory) -> None:
+    """An association older than the ARTIM timeout: after its A-RELEASE-RP the worker
+    waits (ARTIM, PS3.8 Sta13) for the peer to close, instead of closing at once
+    because the timer was started from the connection's opening."""
+    w = worker_factory(artim_timeout=1.0)
+    peer = RawPeer(w, [acse.Requested(VERIFICATION)])
+    for _ in range(4):  # older than ARTIM, never idle
+        time.sleep(0.35)
+        assert peer.echo() == 0
+    peer.conn.release(time.monotonic())
+    peer.flush()
+    pdu_type, _ = peer.read_pdu(5.0)
+    assert pdu_type == 0x06  # A-RELEASE-RP
+    peer.sock.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        peer.sock.recv(1)  # not closed by the worker: it waits for us
+    peer.close()
+    w.wait_idle()
+
+
+def test_engine_timer_starts_at_the_local_primitive() -> None:
+    from workers.engine import pdu as p
+    from workers.engine.connection import Connection, EngineConfig, Role
+
+    conn = Connection(Role.ACCEPTOR, EngineConfig(artim_timeout=30.0))
+    conn.connection_made(0.0)
+    rq = acse.build_request("PACSRX", "PEER", [acse.Requested(VERIFICATION)])
+    conn.receive_data(p.encode(rq), 1.0)
+    conn.next_event()
+    # the answer comes at 100 s (a slow user identity check ...): ARTIM from then
+    conn.reject(p.AssociateRJ(p.RejectResult.PERMANENT, 1, 1), 100.0)
+    assert conn.get_timer() == 130.0

@@ -1008,7 +1008,7 @@ def test_peer_that_stops_reading_times_out_the_sender(tmp_path: Path) -> None:
 
 def test_peer_initiated_release_fails_the_waiting_call() -> None:
     def release(conn: EngineSCPConnection, command: dimse.Command, data: Any, ctx: int) -> None:
-        conn.conn.release()  # instead of answering the C-ECHO
+        conn.conn.release(time.monotonic())  # instead of answering the C-ECHO
         conn.flush()
 
     async def main() -> None:

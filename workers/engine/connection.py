@@ -18,7 +18,9 @@ connection, in either role. It never touches a socket or a clock:
 * :attr:`wants_close` turns true when the state machine closes the transport;
   :meth:`connection_lost` reports that the transport closed;
 * the ARTIM timer is :meth:`get_timer` / :meth:`handle_timer`, with ``now`` given by
-  the caller (any monotonic clock, in seconds).
+  the caller (any monotonic clock, in seconds); every input and local primitive that
+  can start a timer (received bytes, accept, reject, release, abort ...) takes ``now``
+  too, required, so that no timer counts from a stale time.
 
 A local answer that arrives after the association already ended (the peer aborted
 while the user was deciding, so the state is Sta13 or Sta1) is a race, not misuse:
@@ -245,14 +247,15 @@ class Connection:
 
     # ------------------------------------------------------------------ inputs
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Buffer bytes received from the peer; :meth:`next_event` parses them."""
+    def receive_data(self, data: bytes | bytearray | memoryview, now: float) -> None:
+        """Buffer bytes received from the peer at ``now``; :meth:`next_event` parses them."""
+        self._now = now
         n = len(data)
         if n:
             view = self.get_buffer(n)
             view[:n] = data
             view.release()
-            self.buffer_updated(n)
+            self.buffer_updated(n, now)
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """A writable view where the next bytes from the peer can be received in place.
@@ -272,8 +275,13 @@ class Connection:
             self._make_room(need)
         return memoryview(self._buf)[self._end :]
 
-    def buffer_updated(self, nbytes: int) -> None:
-        """``nbytes`` were written into the view of :meth:`get_buffer`."""
+    def buffer_updated(self, nbytes: int, now: float) -> None:
+        """``nbytes`` were written into the view of :meth:`get_buffer` at ``now``.
+
+        ``now`` is the clock the timers the parse may start (ARTIM after an A-ABORT
+        for a bad PDU) count from.
+        """
+        self._now = now
         self._end += nbytes
         self.bytes_received += nbytes
 
@@ -378,19 +386,19 @@ class Connection:
 
     # --------------------------------------------------------- local primitives
 
-    def request_association(self, request: p.AssociateRQ, now: float | None = None) -> None:
+    def request_association(self, request: p.AssociateRQ, now: float) -> None:
         """A-ASSOCIATE request (Evt1); then open the transport and call connection_made."""
         if self.role is not Role.REQUESTOR:
             raise LocalProtocolError("only a requestor requests an association")
         self._clock(now)
         self._fire(Event.EVT1, pdu=request)
 
-    def accept(self, response: p.AssociateAC, now: float | None = None) -> None:
+    def accept(self, response: p.AssociateAC, now: float) -> None:
         """A-ASSOCIATE response, accept (Evt7)."""
         self._clock(now)
         self._fire(Event.EVT7, pdu=response)
 
-    def reject(self, response: p.AssociateRJ, now: float | None = None) -> None:
+    def reject(self, response: p.AssociateRJ, now: float) -> None:
         """A-ASSOCIATE response, reject (Evt8)."""
         self._clock(now)
         self._fire(Event.EVT8, pdu=response)
@@ -441,12 +449,12 @@ class Connection:
         if dataset is not None:
             self.send_dataset(context_id, dataset)
 
-    def release(self, now: float | None = None) -> None:
+    def release(self, now: float) -> None:
         """A-RELEASE request (Evt11)."""
         self._clock(now)
         self._fire(Event.EVT11)
 
-    def release_response(self, now: float | None = None) -> None:
+    def release_response(self, now: float) -> None:
         """A-RELEASE response (Evt14), answering a :class:`ReleaseRequested`."""
         self._clock(now)
         self._fire(Event.EVT14)
@@ -455,7 +463,8 @@ class Connection:
         self,
         source: int = p.AbortSource.SERVICE_USER,
         reason: int = p.AbortReason.NOT_SPECIFIED,
-        now: float | None = None,
+        *,
+        now: float,
     ) -> None:
         """A-ABORT request (Evt15). In Sta1 and Sta2 there is nothing to abort."""
         self._clock(now)
@@ -473,9 +482,11 @@ class Connection:
 
     # ------------------------------------------------------------ state machine
 
-    def _clock(self, now: float | None) -> None:
-        if now is not None:
-            self._now = now
+    def _clock(self, now: float) -> None:
+        # Every local primitive says when it happens: a timer it starts (ARTIM after
+        # an A-RELEASE-RP, A-ASSOCIATE-RJ or A-ABORT) counts from then, never from an
+        # older time the engine last saw (the connection's opening).
+        self._now = now
 
     def _fire(self, event: Event, **ctx: object) -> None:
         previous = self.state

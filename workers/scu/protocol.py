@@ -86,7 +86,7 @@ class EngineProtocol(asyncio.BufferedProtocol):
         return self.conn.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.conn.buffer_updated(nbytes)
+        self.conn.buffer_updated(nbytes, self.loop.time())
         self.pump()
 
     def eof_received(self) -> bool | None:
@@ -123,7 +123,7 @@ class EngineProtocol(asyncio.BufferedProtocol):
             # One boundary for owner bugs: log, abort, keep the loop alive.
             log.exception("requestor failed handling an indication; aborting")
             with contextlib.suppress(Exception):
-                conn.abort()
+                conn.abort(now=self.loop.time())
             self.flush()
             self.close()
             return
