@@ -512,3 +512,28 @@ def test_command_set_for_pynetdicom_style_handlers() -> None:
     cmd = dimse.Command(dimse.CommandField.C_ECHO_RQ, MessageID=5, AffectedSOPClassUID=VERIFICATION)
     assert cmd.command_set.MessageID == 5
     assert cmd.command_set.AffectedSOPClassUID == VERIFICATION
+
+
+def test_read_buffer_is_small_until_associated() -> None:
+    """A connection that has not associated (a peer that connects and sends nothing,
+    or one being refused) holds a small read buffer; once associated, the configured
+    one, no larger than our Maximum Length needs."""
+    config = EngineConfig(read_buffer_size=256 * 1024, max_pdu_length=1024 * 1024)
+    pair = Pair(acceptor_config=config)
+    pair.acceptor.connection_made(0.0)
+    unassociated = len(pair.acceptor.get_buffer(-1))
+    assert unassociated <= 16 * 1024
+    assert isinstance(pair.associate(), p.AssociateAC)
+    assert len(pair.acceptor.get_buffer(-1)) >= 256 * 1024
+    small_pdu = Pair(
+        acceptor_config=EngineConfig(read_buffer_size=256 * 1024, max_pdu_length=16384)
+    )
+    small = small_pdu.associate(policy=acse.AcceptorPolicy(max_pdu_length=16384))
+    assert isinstance(small, p.AssociateAC)
+    assert 16384 + 6 <= len(small_pdu.acceptor.get_buffer(-1)) < 256 * 1024
+    # and data still flows through it, a message larger than the buffer included
+    data = os.urandom(600 * 1024)
+    small_pdu.requestor.send_message(3, store_rq(), data)
+    small_pdu.pump()
+    received = [e for e in small_pdu.acceptor_events if isinstance(e, DataSetReceived)]
+    assert received[0].data == data

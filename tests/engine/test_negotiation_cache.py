@@ -86,7 +86,7 @@ def test_the_cache_is_bounded() -> None:
 def test_read_buffers_are_recycled_only_when_unreferenced() -> None:
     from workers.engine import connection as c
 
-    size = c.EngineConfig().read_buffer_size
+    size = c.UNASSOCIATED_READ_SIZE  # the buffer of a connection not yet associated
     c._SPARE_BUFFERS.clear()
     first = c.Connection(c.Role.ACCEPTOR)
     view = first.get_buffer(10)  # a view still held: not recycled

@@ -111,6 +111,12 @@ _SPARE_BUFFERS: dict[int, list[bytearray]] = {}
 _SPARE_BUFFERS_MAX = 16
 
 
+#: Read buffer of a connection that is not yet associated: an A-ASSOCIATE-RQ is a few
+#: hundred bytes to a few KiB, and a peer that connects and sends nothing (or is
+#: refused) must not hold the full read buffer (see Connection.get_buffer).
+UNASSOCIATED_READ_SIZE = 4096
+
+
 def _read_buffer(size: int) -> bytearray:
     """A read buffer of ``size`` bytes: a recycled one when there is one. A fresh one is
     zero-filled, and at hundreds of associations a second that memset (and the cache
@@ -180,6 +186,8 @@ class EngineConfig:
     artim_timeout: float = 30.0
     trace_pdus: bool = False
     trace_transitions: bool = False
+    #: read buffer once associated (bounded by ``max_pdu_length`` + header); before,
+    #: :data:`UNASSOCIATED_READ_SIZE`
     read_buffer_size: int = 256 * 1024
     #: shared by every connection of the process; None: no process-wide bound
     memory_budget: MemoryBudget | None = None
@@ -224,7 +232,10 @@ class Connection:
         self._events: deque[Indication] = deque()
         self._out: list[bytes | memoryview] = []
 
-        self._buf = _read_buffer(self.config.read_buffer_size)
+        # Small until associated (_establish sizes it): connections that never get
+        # there cost a page, not a full read buffer.
+        self._read_size = min(UNASSOCIATED_READ_SIZE, self.config.read_buffer_size)
+        self._buf = _read_buffer(self._read_size)
         self._start = 0
         self._end = 0
         self._discard_input = False
@@ -263,13 +274,15 @@ class Connection:
         For ``asyncio.BufferedProtocol.get_buffer``: its size is at least ``sizehint``
         (or the configured read size), and :meth:`buffer_updated` must follow.
         """
-        size = self.config.read_buffer_size
+        size = self._read_size
         need = max(sizehint, size // 4, 1)
         if self._start == self._end:
             # Everything received is parsed: start again at the front, and after a
-            # large control PDU grew the buffer, go back to the configured size.
+            # large control PDU grew the buffer, go back to the read size (or up to it,
+            # once associated).
             self._start = self._end = 0
-            if len(self._buf) > 2 * size and need <= size:
+            n = len(self._buf)
+            if n < size or (n > 2 * size and need <= size):
                 self._buf = _read_buffer(size)
         if len(self._buf) - self._end < need:
             self._make_room(need)
@@ -331,8 +344,9 @@ class Connection:
         buf = self._buf
         self._buf = bytearray()
         self._start = self._end = 0
-        size = self.config.read_buffer_size
-        if len(buf) != size or sys.getrefcount(buf) != 2:  # `buf` and the argument
+        size = len(buf)
+        # two references: `buf` and getrefcount's argument
+        if size not in (self._read_size, UNASSOCIATED_READ_SIZE) or sys.getrefcount(buf) != 2:
             return
         spare = _SPARE_BUFFERS.setdefault(size, [])
         if len(spare) < _SPARE_BUFFERS_MAX:
@@ -596,6 +610,12 @@ class Connection:
             if c.result == p.ContextResult.ACCEPTANCE and c.id in proposed
         }
         self.peer_max_pdu_length = peer_max or 0
+        # Associated: the full read buffer, no larger than the biggest PDU we accept
+        # (our Maximum Length plus the 6-byte PDU header) needs.
+        size = self.config.read_buffer_size
+        if self.config.max_pdu_length:
+            size = min(size, max(self.config.max_pdu_length + 6, UNASSOCIATED_READ_SIZE))
+        self._read_size = size
 
     # DT: data transfer (PS3.8 Table 9-7)
 
