@@ -24,6 +24,7 @@ import asyncio
 import importlib
 import inspect
 import logging
+import threading
 from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -129,19 +130,122 @@ def _log_task_failure(task: asyncio.Future[Any]) -> None:
         log.error("handler task failed", exc_info=task.exception())
 
 
+class _ThreadPool:
+    """A handler thread pool that accounts for threads lost to timed-out handlers.
+
+    A thread cannot be stopped: a plain-function handler that hangs past its timeout
+    keeps its thread until it returns. Such threads are counted (``stuck``); once as
+    many are stuck as the pool has threads, new calls go to a fresh executor (the old
+    one keeps its stuck threads until they return), so a few hung handlers never
+    leave the worker with no thread to run handlers in. Stuck threads are bounded
+    too: past ``max_stuck``, calls fail at once (the caller answers its failure
+    status) instead of starting ever more threads.
+    """
+
+    def __init__(self, name: str, threads: int, max_stuck: int) -> None:
+        self.name = name
+        self.threads = threads
+        self.max_stuck = max_stuck
+        #: threads still running a handler whose caller gave up on it
+        self.stuck = 0
+        self._stuck_here = 0  # of them, in the current executor
+        self._executor: ThreadPoolExecutor | None = None
+        self._retired: list[ThreadPoolExecutor] = []
+        self._lock = threading.Lock()
+
+    def executor(self) -> ThreadPoolExecutor:
+        if self.stuck >= self.max_stuck:
+            raise RuntimeError(
+                f"{self.stuck} {self.name} handler threads are still running handlers "
+                "that timed out: refusing to start more"
+            )
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(
+                self.threads, thread_name_prefix=f"handler-{self.name}"
+            )
+        return self._executor
+
+    async def run(self, fn: Callable[[], T], timeout: float | None) -> T:
+        """Run ``fn`` in a thread of this pool, waiting at most ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        executor = self.executor()
+        state = [False, False, False]  # started, abandoned, finished
+
+        def thread() -> T:
+            with self._lock:
+                state[0] = True
+            try:
+                return fn()
+            finally:
+                with self._lock:
+                    state[2] = True
+                    if state[1]:
+                        self.stuck -= 1
+                        if executor is self._executor:
+                            self._stuck_here -= 1
+
+        future = loop.run_in_executor(executor, thread)
+        if timeout is None:
+            return await future
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            with self._lock:
+                # Not started: wait_for's cancel took it off the queue. Started: its
+                # thread is lost until the handler returns.
+                if state[0] and not state[2]:
+                    state[1] = True
+                    self.stuck += 1
+                    if executor is self._executor:
+                        self._stuck_here += 1
+                        if self._stuck_here >= self.threads:
+                            self._retire()
+            raise
+
+    def _retire(self) -> None:
+        assert self._executor is not None
+        log.warning(
+            "all %d %s handler threads are running handlers that timed out: "
+            "starting new ones (%d stuck in all)",
+            self.threads,
+            self.name,
+            self.stuck,
+        )
+        self._executor.shutdown(wait=False)
+        self._retired.append(self._executor)
+        self._executor = None
+        self._stuck_here = 0
+
+    def shutdown(self) -> None:
+        for executor in [*self._retired, self._executor]:
+            if executor is not None:
+                executor.shutdown(wait=False, cancel_futures=True)
+        self._executor = None
+        self._retired.clear()
+
+
+#: Intervention events of association negotiation (user identity key derivation,
+#: extended negotiation): their handlers get threads of their own, so that DIMSE
+#: handlers that block cannot hold up new associations, nor the other way round.
+_ASSOCIATION_EVENTS = frozenset(
+    {"EVT_USER_ID", "EVT_ASYNC_OPS", "EVT_SOP_COMMON", "EVT_SOP_EXTENDED"}
+)
+
+
 class HandlerCaller:
     """Calls intervention handlers the way the worker wants: user plain functions in
-    a thread pool, every user handler under a timeout."""
+    a thread pool, every user handler under a timeout.
+
+    Two pools: one for association negotiation (EVT_USER_ID ...) and one for DIMSE
+    handlers, each ``threads`` threads, each accounting for the threads that
+    timed-out handlers still hold (:class:`_ThreadPool`).
+    """
 
     def __init__(self, timeout: float | None = 60.0, threads: int = 8) -> None:
         self.timeout = timeout
-        self._pool: ThreadPoolExecutor | None = None
-        self._threads = threads
-
-    def _executor(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="handler")
-        return self._pool
+        threads = max(1, threads)
+        self.association_pool = _ThreadPool("association", threads, 4 * threads)
+        self.dimse_pool = _ThreadPool("dimse", threads, 4 * threads)
 
     def call(self, binding: Binding, event: Event, inline: bool = False) -> Any:
         """Call the handler. Returns its result, or an awaitable of it when it has to
@@ -151,8 +255,8 @@ class HandlerCaller:
             return handler(event, *args)
         if inspect.iscoroutinefunction(handler):
             return self._timed(handler(event, *args))
-        loop = asyncio.get_running_loop()
-        return self._timed(loop.run_in_executor(self._executor(), lambda: handler(event, *args)))
+        pool = self.association_pool if event.event.name in _ASSOCIATION_EVENTS else self.dimse_pool
+        return pool.run(lambda: handler(event, *args), self.timeout)
 
     async def _timed(self, awaitable: Awaitable[T]) -> T:
         if self.timeout is None:
@@ -166,12 +270,11 @@ class HandlerCaller:
             return self._timed(_anext_or_done(iterator))
         if inline:
             return next(iterator, DONE)
-        loop = asyncio.get_running_loop()
-        return self._timed(loop.run_in_executor(self._executor(), next, iterator, DONE))
+        return self.dimse_pool.run(lambda: next(iterator, DONE), self.timeout)
 
     def shutdown(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        self.association_pool.shutdown()
+        self.dimse_pool.shutdown()
 
 
 DONE = object()

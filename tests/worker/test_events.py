@@ -393,9 +393,9 @@ def test_user_store_handler(
     decoded: list[int] = []
     real_decode = events_module.decode_dataset
 
-    def counting_decode(data: bytes, transfer_syntax: str) -> Dataset:
+    def counting_decode(data: bytes, transfer_syntax: str, *args: Any) -> Dataset:
         decoded.append(len(data))
-        return real_decode(data, transfer_syntax)
+        return real_decode(data, transfer_syntax, *args)
 
     monkeypatch.setattr(events_module, "decode_dataset", counting_decode)
     got: list[Any] = []

@@ -232,3 +232,90 @@ def test_engine_timer_starts_at_the_local_primitive() -> None:
     # the answer comes at 100 s (a slow user identity check ...): ARTIM from then
     conn.reject(p.AssociateRJ(p.RejectResult.PERMANENT, 1, 1), 100.0)
     assert conn.get_timer() == 130.0
+
+
+# ---------------------------------------------------------- handler thread pools
+
+
+def test_stuck_dimse_handlers_do_not_block_identity_or_later_calls(
+    worker_factory: WorkerFactory,
+) -> None:
+    """One handler thread; a C-ECHO handler that hangs far past its timeout. User
+    identity checks still run (they have threads of their own), the hung call gets
+    its failure status, and later C-ECHOs are served by a fresh thread instead of
+    queueing behind the hung one."""
+    from pynetdicom import AE
+    from pynetdicom.pdu_primitives import UserIdentityNegotiation
+
+    release_hung = threading.Event()
+    checked: list[bytes] = []
+    echoes = [0]
+
+    def echo(event: Any) -> int:
+        echoes[0] += 1
+        if echoes[0] == 1:
+            release_hung.wait(30)  # hangs (until the test ends)
+        return 0
+
+    def user_id(event: Any) -> tuple[bool, bytes | None]:
+        checked.append(event.primary_field)
+        return True, None
+
+    w = worker_factory(
+        evt_handlers=[(wevt.EVT_C_ECHO, echo), (wevt.EVT_USER_ID, user_id)],
+        handler_threads=1,
+        handler_timeout=1.0,
+        acse_timeout=5.0,
+    )
+    try:
+        hung = RawPeer(w, [acse.Requested(VERIFICATION)], timeout=10.0)
+        assert hung.echo() == 0x0110  # timed out: the failure status
+        ae = AE(ae_title="IDSCU")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+        ae.add_requested_context(VERIFICATION)
+        item = UserIdentityNegotiation()
+        item.user_identity_type = 1
+        item.primary_field = b"alice"
+        assoc = ae.associate(w.host, w.port, ae_title="PACSRX", ext_neg=[item])
+        try:
+            assert assoc.is_established
+            assert checked == [b"alice"]
+            # the only DIMSE thread is still hung: a fresh one answers
+            assert assoc.send_c_echo().Status == 0x0000
+        finally:
+            assoc.release()
+        assert hung.echo() == 0x0000
+        hung.release()
+    finally:
+        release_hung.set()
+
+
+def test_threads_lost_to_hung_handlers_are_bounded() -> None:
+    """Past ``max_stuck`` threads held by hung handlers, calls fail at once (the
+    caller answers its failure status) rather than starting more threads."""
+    import asyncio
+
+    from workers.handlers import _ThreadPool
+
+    gate = threading.Event()
+    pool = _ThreadPool("test", threads=1, max_stuck=2)
+
+    async def scenario() -> list[str]:
+        outcomes = []
+        for _ in range(3):
+            try:
+                await pool.run(lambda: gate.wait(30), 0.5)
+                outcomes.append("done")
+            except TimeoutError:
+                outcomes.append("timeout")
+            except RuntimeError:
+                outcomes.append("refused")
+        gate.set()
+        await asyncio.sleep(0)
+        return outcomes
+
+    try:
+        assert asyncio.run(scenario()) == ["timeout", "timeout", "refused"]
+    finally:
+        gate.set()
+        pool.shutdown()
