@@ -202,7 +202,8 @@ def make_parser() -> argparse.ArgumentParser:
         "--tls-profile",
         choices=("bcp195", "bcp195-nd", "bcp195-extended"),
         help="'bcp195' (default): TLS 1.2+, BCP 195 cipher suites; 'bcp195-nd': "
-        "non-downgrading, TLS 1.2+ ECDHE/AEAD only; 'bcp195-extended': TLS 1.3 only",
+        "non-downgrading, TLS 1.2+ ECDHE/AEAD only; 'bcp195-extended': TLS 1.2 only, "
+        "the ECDHE/DHE AES-GCM suites of PS3.15 B.11",
     )
     g.add_argument(
         "--tls-handshake-timeout",

@@ -23,10 +23,12 @@ off in every profile):
     (AES-GCM, ChaCha20-Poly1305): no RSA key transport, no CBC, nothing weaker to
     fall back to.
 ``bcp195-extended``
-    PS3.15 B.11 "Extended BCP 195 TLS Profile", taken here as TLS 1.3 only
-    (``minimum_version = TLSv1_3``). Note: DCMTK's ``+pz`` (Extended) speaks TLS 1.2
-    only (ECDHE/DHE AES-GCM suites), so it cannot connect to this profile; DCMTK
-    peers use ``+px`` (bcp195) or ``+py`` (bcp195-nd).
+    PS3.15 B.11 "Extended BCP 195 TLS Profile": never TLS 1.0 or 1.1, and "no other
+    cipher suites shall be used" than its list: TLS_{DHE,ECDHE}_RSA_WITH_AES_{128,256}_GCM
+    (required) and TLS_ECDHE_ECDSA_WITH_AES_{128,256}_GCM (optional; its Camellia-GCM
+    suites are not in OpenSSL). TLS 1.3 has cipher suites of its own, none of them in
+    that list, so this profile is TLS 1.2 only (``minimum_version`` and
+    ``maximum_version`` TLSv1_2), as DCMTK's ``+pz`` reads it too.
 """
 
 from __future__ import annotations
@@ -36,10 +38,12 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-#: profile name -> (minimum TLS version, OpenSSL cipher list for TLS 1.2)
-PROFILES: dict[str, tuple[ssl.TLSVersion, str | None]] = {
+#: profile name -> (minimum TLS version, maximum TLS version or None, OpenSSL cipher
+#: list for TLS 1.2)
+PROFILES: dict[str, tuple[ssl.TLSVersion, ssl.TLSVersion | None, str | None]] = {
     "bcp195": (
         ssl.TLSVersion.TLSv1_2,
+        None,
         "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
         "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
         "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384:"
@@ -48,13 +52,14 @@ PROFILES: dict[str, tuple[ssl.TLSVersion, str | None]] = {
     ),
     "bcp195-nd": (
         ssl.TLSVersion.TLSv1_2,
+        None,
         "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
         "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
         "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305",
     ),
-    # PS3.15 B.11 as DCMTK reads it (its +pz): TLS 1.2 limited to the AEAD suites with
-    # forward secrecy; TLS 1.3 (all AEAD) stays allowed for peers that offer it.
+    # PS3.15 B.11: only the listed suites, none of which is a TLS 1.3 suite: TLS 1.2.
     "bcp195-extended": (
+        ssl.TLSVersion.TLSv1_2,
         ssl.TLSVersion.TLSv1_2,
         "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
         "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
@@ -92,14 +97,16 @@ def _no_password() -> bytes:
 
 
 def apply_profile(ctx: ssl.SSLContext, profile: str) -> None:
-    """Set the minimum version and cipher suites of ``profile`` on ``ctx``."""
+    """Set the TLS versions and cipher suites of ``profile`` on ``ctx``."""
     try:
-        minimum, ciphers = PROFILES[profile]
+        minimum, maximum, ciphers = PROFILES[profile]
     except KeyError:
         raise ValueError(
             f"unknown TLS profile {profile!r} (one of {', '.join(PROFILES)})"
         ) from None
     ctx.minimum_version = minimum
+    if maximum is not None:
+        ctx.maximum_version = maximum
     if ciphers is not None:
         ctx.set_ciphers(ciphers)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION

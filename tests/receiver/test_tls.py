@@ -194,8 +194,11 @@ def test_profiles_map_to_context_settings(pki: Pki) -> None:
         if profile == "bcp195-nd":
             assert names and all(n.startswith("ECDHE-") for n in names)
             assert all("GCM" in n or "CHACHA20" in n for n in names)
-        if profile == "bcp195-extended":  # DCMTK's +pz: the six AES-GCM suites, no CBC
+        if profile == "bcp195-extended":  # PS3.15 B.11, DCMTK's +pz: AES-GCM suites only
             assert names and all("GCM" in n and n.startswith(("ECDHE-", "DHE-")) for n in names)
+            assert ctx.maximum_version == ssl.TLSVersion.TLSv1_2  # no TLS 1.3 suite allowed
+        else:
+            assert ctx.maximum_version == ssl.TLSVersion.MAXIMUM_SUPPORTED
     assert server_context(tls_settings(pki)).verify_mode == ssl.CERT_OPTIONAL
     assert server_context(tls_settings(pki, verify_client=True)).verify_mode == ssl.CERT_REQUIRED
 
@@ -277,9 +280,20 @@ def test_worker_stores_over_tls(tmp_path: Path, pki: Pki, loop_name: str, use_li
 
 
 @pytest.mark.parametrize("loop_name", sorted(LOOPS))
-def test_worker_extended_profile_negotiates_tls13(tmp_path: Path, pki: Pki, loop_name: str) -> None:
+def test_worker_extended_profile_negotiates_tls12(tmp_path: Path, pki: Pki, loop_name: str) -> None:
+    """PS3.15 B.11 allows none of TLS 1.3's suites: a client that offers TLS 1.3 gets
+    TLS 1.2 with one of the profile's AES-GCM suites."""
     out = LOOPS[loop_name](_store_over_tls(tmp_path, pki, profile="bcp195-extended"))
-    assert out["store"] == 0 and out["version"] == "TLSv1.3"
+    assert out["store"] == 0 and out["version"] == "TLSv1.2"
+
+
+def test_help_describes_the_extended_profile_as_the_code_applies_it(pki: Pki) -> None:
+    from receiver.__main__ import make_parser
+
+    help_text = " ".join(make_parser().format_help().split())
+    assert "'bcp195-extended': TLS 1.2 only" in help_text
+    ctx = server_context(tls_settings(pki, profile="bcp195-extended"))
+    assert ctx.minimum_version == ctx.maximum_version == ssl.TLSVersion.TLSv1_2
 
 
 async def _handshake(port: int, ctx: ssl.SSLContext) -> str:
