@@ -250,6 +250,9 @@ class State:
         self.cstore: dict[tuple[str, str, str, str], list[int]] = {}
         #: (calling, sop class) -> [duration sum, bucket counts...]
         self.cstore_hist: dict[tuple[str, str], list[Any]] = {}
+        #: (calling, called) pairs ever open: their pacs_associations_open reads 0 when
+        #: idle rather than vanishing (bounded: AE labels go through the limiter)
+        self.assoc_pairs: set[tuple[str, str]] = set()
         self.restarts: dict[tuple[str, str], int] = {}
         self.decode = w.DecodeStats()
         self.records_without_hello = 0
@@ -324,6 +327,7 @@ class State:
         for calling, called, n in r.open_associations:
             _add(per_ae, (self.ae(calling), self.ae(called)), n)
         source.open_associations = per_ae
+        self.assoc_pairs.update(per_ae)
 
     def _connections(self, source: Source, r: w.Connections) -> None:
         self.totals(source).connections += r.opened
@@ -495,7 +499,7 @@ class StateCollector(Collector):
             "Associations established and not yet ended.",
             labels=ae2,
         )
-        per_ae: dict[tuple[str, str], int] = {}
+        per_ae: dict[tuple[str, str], int] = dict.fromkeys(s.assoc_pairs, 0)
         for src in s.sources:
             for pair, n in src.open_associations.items():
                 _add(per_ae, pair, n)

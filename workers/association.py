@@ -37,6 +37,7 @@ import logging
 import os
 import socket
 import tempfile
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -240,7 +241,7 @@ class Operation:
 
     def __init__(self, context_id: int, command: dimse.Command, started: float = 0.0) -> None:
         self.context_id = context_id
-        #: loop time the command set arrived (C-STORE duration metrics)
+        #: time.perf_counter() when the command set arrived (C-STORE duration metrics)
         self.started = started
         self.command = command
         self.message_id = command.MessageID or 0
@@ -871,8 +872,9 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         if (cmd.MessageID or 0) in self._outstanding:
             self._duplicate_invocation(ev.context_id, cmd)
             return
-        # The command arrived with the last read: its time is the loop time of that read.
-        op = Operation(ev.context_id, cmd, self._last_rx)
+        # perf_counter, not the loop's clock: uvloop's loop.time() counts whole
+        # milliseconds, and a C-STORE answered within one would be recorded as 0 s.
+        op = Operation(ev.context_id, cmd, time.perf_counter())
         self._outstanding[op.message_id] = op
         if cf == dimse.CommandField.C_STORE_RQ:
             self._begin_store(op)
@@ -1251,7 +1253,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         """A C-STORE was answered: ``result`` has ``status`` and ``bytes_written``."""
         telemetry = self.server.telemetry
         if telemetry is not None:
-            telemetry.stored(self, op, result, self.loop.time() - op.started)
+            telemetry.stored(self, op, result, time.perf_counter() - op.started)
         if isinstance(result, StoreResult):
             self.server.instance_stored(self, op, result)
 

@@ -129,6 +129,13 @@ def test_real_worker_reports(tmp_path: Path, caplog: pytest.LogCaptureFixture) -
             assert v("pacs_storage_write_duration_seconds_count", worker="0") >= 3
             assert v("pacs_storage_fsync_duration_seconds_count", worker="0") >= 3
             assert v("pacs_telemetry_dropped_total", worker="0") == 0
+            # idle: the pair that was open reads 0 rather than vanishing
+            assert got[("pacs_associations_open", frozenset(ae.items()))] == 0
+            # durations at full resolution: not whole milliseconds (uvloop's clock)
+            h = {"calling_ae": "MODALITY", "sop_class": CT}
+            assert v("pacs_cstore_duration_seconds_count", **h) == 3
+            total_ms = v("pacs_cstore_duration_seconds_sum", **h) * 1000
+            assert total_ms > 0 and abs(total_ms - round(total_ms)) > 1e-6
             await server.close(graceful_timeout=1.0)
             await telemetry.close()
             await agg.close()
