@@ -608,6 +608,16 @@ def markdown(cells: Sequence[Cell], meta: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+#: What --png says when matplotlib is missing (one line, before anything runs).
+PNG_NEEDS = "--png needs matplotlib, which is not installed: pip install 'pacs-receiver[plot]'"
+
+
+def _matplotlib_missing() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is None
+
+
 def write_png(path: str, cells: Sequence[Cell]) -> str | None:
     """A bar chart of instances/s per cell; None when done, else why not."""
     try:
@@ -616,7 +626,7 @@ def write_png(path: str, cells: Sequence[Cell]) -> str | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return "matplotlib is not installed: --png skipped"
+        return PNG_NEEDS
     keys = sorted({(c.size, c.associations) for c in cells})
     names = list(dict.fromkeys(c.receiver for c in cells))
     width = 0.8 / max(1, len(names))
@@ -688,7 +698,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_load_options(parser, for_compare=True)
     parser.add_argument("--json", metavar="FILE", help="write the cells as JSON")
     parser.add_argument("--markdown", metavar="FILE", help="write the table as Markdown")
-    parser.add_argument("--png", metavar="FILE", help="bar chart (needs matplotlib)")
+    parser.add_argument(
+        "--png", metavar="FILE", help="bar chart (needs matplotlib: the 'plot' extra)"
+    )
     parser.add_argument(
         "--workdir", metavar="DIR", help="where the receivers store (default: a temp dir)"
     )
@@ -709,6 +721,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in RECEIVERS]
     if unknown:
         parser.error(f"unknown receiver(s) {', '.join(unknown)}; known: {', '.join(RECEIVERS)}")
+    # Checked before any receiver starts: one line and exit status 2, not a traceback
+    # (or a chart silently missing) after a run of many minutes.
+    if args.workdir and not os.path.isdir(args.workdir):
+        print(f"compare: --workdir {args.workdir}: no such directory", file=sys.stderr)
+        return 2
+    if args.png and _matplotlib_missing():
+        print(f"compare: {PNG_NEEDS}", file=sys.stderr)
+        return 2
     meta: dict[str, Any] = {
         "count": args.count,
         "processes": args.processes,
@@ -738,7 +758,11 @@ def main(argv: list[str] | None = None) -> int:
             "every receiver and the load generator ran in one network namespace that has "
             "only lo (storescp and Orthanc listen on every interface)"
         )
-    base = Path(tempfile.mkdtemp(prefix="pacs-loadtest-compare-", dir=args.workdir))
+    try:
+        base = Path(tempfile.mkdtemp(prefix="pacs-loadtest-compare-", dir=args.workdir))
+    except OSError as exc:
+        print(f"compare: --workdir {args.workdir}: {exc.strerror}", file=sys.stderr)
+        return 2
     cells: list[Cell] = []
     status = 0
     interrupted = False

@@ -148,6 +148,10 @@ class Stats:
         self.interrupted = self.interrupted or other.interrupted
 
 
+#: Runs shorter than this give no rates (see Report.rate).
+MIN_RATE_INTERVAL = 1e-3
+
+
 def _short(detail: str, limit: int = 160) -> str:
     return detail if len(detail) <= limit else detail[: limit - 3] + "..."
 
@@ -166,7 +170,13 @@ class Report:
     @property
     def elapsed(self) -> float:
         s = self.stats
-        return max(s.finished - s.started, 1e-9) if s.started else 0.0
+        return max(s.finished - s.started, 0.0) if s.started else 0.0
+
+    def rate(self, n: float) -> float:
+        """``n`` per second of the run; 0 when the run was too short to time (every
+        operation failed at once, say): a count over no measurable time is no rate."""
+        elapsed = self.elapsed
+        return n / elapsed if elapsed >= MIN_RATE_INTERVAL else 0.0
 
     @property
     def ok(self) -> bool:
@@ -175,10 +185,7 @@ class Report:
     def to_json(self) -> dict[str, Any]:
         s = self.stats
         elapsed = self.elapsed
-
-        def rate(n: float) -> float:
-            return n / elapsed if elapsed else 0.0
-
+        rate = self.rate
         by_status: dict[str, int] = {}
         by_reason: dict[str, int] = {}
         for (_op, kind, detail), n in s.failures.items():
@@ -233,8 +240,7 @@ class Report:
             head += " (interrupted)"
         out.append(head)
 
-        def per(n: float) -> float:
-            return n / elapsed if elapsed else 0.0
+        per = self.rate
 
         out.append(
             f"  elapsed {elapsed:.2f} s, {s.operations} operations ({per(s.operations):.1f}/s), "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from pathlib import Path
 
 import pytest
 
@@ -121,3 +122,57 @@ def test_shares_split_everything() -> None:
     assert sum(s.rate or 0 for s in shares) == pytest.approx(70.0)
     # never more processes than associations
     assert len(RunConfig(processes=4, associations=2).shares()) == 2
+
+
+def test_a_run_too_short_to_time_gives_no_rate() -> None:
+    """Every operation failed at the same instant: the report says 0/s, not 3e9/s."""
+    from loadtest.stats import Report, Stats
+
+    stats = Stats(operations=3, failed=3, started=100.0, finished=100.0)
+    report = Report(stats, "store", {}, 8192, 1)
+    data = report.to_json()
+    assert data["operations_per_second"] == 0.0
+    assert data["instances_per_second"] == 0.0
+    assert "(0.0/s)" in report.text()
+    timed = Report(Stats(operations=3, started=100.0, finished=101.5), "store", {}, 8192, 1)
+    assert timed.to_json()["operations_per_second"] == 2.0
+
+
+def test_compare_refuses_a_missing_workdir_in_one_line(tmp_path: Path) -> None:
+    from loadtest import compare
+
+    missing = tmp_path / "nope"
+    code, err = _run_compare(["--receivers", "pacs-receiver", "--workdir", str(missing)])
+    assert code == 2
+    assert err.strip().splitlines() == [f"compare: --workdir {missing}: no such directory"]
+    assert compare.PNG_NEEDS.startswith("--png needs matplotlib")
+
+
+def test_compare_png(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With matplotlib (the 'plot' extra) a PNG is drawn; without it, --png is refused
+    before anything runs, in one line."""
+    from loadtest import compare
+
+    cells = [
+        compare.Cell(receiver=name, size=8192, associations=1, instances_per_second=v)
+        for name, v in (("pacs-receiver", 900.0), ("storescp", 300.0))
+    ]
+    out = tmp_path / "chart.png"
+    assert compare.write_png(str(out), cells) is None
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    monkeypatch.setattr(compare, "_matplotlib_missing", lambda: True)
+    code, err = _run_compare(["--receivers", "pacs-receiver", "--png", str(tmp_path / "x.png")])
+    assert code == 2
+    assert err.strip().splitlines() == [f"compare: {compare.PNG_NEEDS}"]
+
+
+def _run_compare(argv: list[str]) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    from loadtest import compare
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = compare.main(argv)
+    return code, err.getvalue()
