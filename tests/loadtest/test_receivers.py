@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from loadtest import compare, netns
+from tests.dcmtk import dcmtk
 from workers.scu import parse_part10_header
 
 from .conftest import REPO, env, loadtest
@@ -118,7 +119,7 @@ def run_compare(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_compare_smoke(tmp_path: Path) -> None:
     receivers = ["pacs-receiver"]
-    if compare.dcmtk_binary("storescp") and netns.unavailable() is None:
+    if dcmtk("storescp") and netns.unavailable() is None:
         receivers += ["dcmtk-storescp-fork"]  # the one with a process per association
     md = tmp_path / "cmp.md"
     proc = run_compare(

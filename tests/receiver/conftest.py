@@ -32,8 +32,8 @@ from pydicom.uid import UID, generate_uid
 from pynetdicom import AE, _config, evt
 from pynetdicom.pdu import A_ASSOCIATE_RJ
 
-from loadtest.compare import dcmtk_binary
 from loadtest.proctree import children
+from tests.dcmtk import dcmtk as dcmtk_binary
 
 REPO = Path(__file__).resolve().parents[2]
 PACS_RECEIVER = str(Path(sys.executable).with_name("pacs-receiver"))

@@ -16,7 +16,6 @@ import concurrent.futures
 import inspect
 import logging
 import os
-import shutil
 import socket
 import struct
 import threading
@@ -32,6 +31,7 @@ import uvloop
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import generate_uid
 
+import tests.dcmtk as dcmtk_tools
 from workers.config import WorkerConfig
 from workers.engine import acse, dimse
 from workers.engine import pdu as p
@@ -57,8 +57,7 @@ CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
 VERIFICATION = "1.2.840.10008.1.1"
 
-HAVE_DCMTK = shutil.which("storescu") is not None and shutil.which("echoscu") is not None
-needs_dcmtk = pytest.mark.skipif(not HAVE_DCMTK, reason="DCMTK (storescu, echoscu) not installed")
+needs_dcmtk = dcmtk_tools.needs("storescu", "echoscu")
 
 
 # ------------------------------------------------------- a pynetdicom race, closed

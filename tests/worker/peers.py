@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import UID
 
+import tests.dcmtk as dcmtk_tools
 from loadtest import netns
 from workers.engine import acse, dimse
 from workers.engine import pdu as p
@@ -326,8 +326,7 @@ def storescp(out_dir: Path, ae_title: str = "STORESCP") -> Iterator[int]:
     from this thread (not from threads started before). Without the namespace (not
     root) the test is skipped, never run with storescp outside.
     """
-    exe = shutil.which("storescp")
-    assert exe is not None
+    exe = dcmtk_tools.require("storescp")
     why_not = netns.unavailable()
     if why_not:
         pytest.skip(f"DCMTK storescp listens on all interfaces: {why_not}")

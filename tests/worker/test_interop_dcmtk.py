@@ -15,6 +15,7 @@ from typing import Any
 import pydicom
 import pytest
 
+import tests.dcmtk as dcmtk_tools
 from workers.engine import events as wevt
 
 from .conftest import (
@@ -33,12 +34,19 @@ from .conftest import (
 
 pytestmark = [pytest.mark.interop, needs_dcmtk]
 
+STORESCU = dcmtk_tools.dcmtk("storescu") or "storescu"  # needs_dcmtk skips without it
+
 TIMEOUT = 60
 
 
-def run(*args: Any) -> subprocess.CompletedProcess[str]:
+def run(tool: str, *args: Any) -> subprocess.CompletedProcess[str]:
+    """Run DCMTK's ``tool`` (never pynetdicom's script of the same name)."""
     return subprocess.run(
-        [str(a) for a in args], capture_output=True, text=True, timeout=TIMEOUT, check=False
+        [dcmtk_tools.require(tool), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
     )
 
 
@@ -138,7 +146,7 @@ def test_storescu_parallel_associations(worker_factory: WorkerFactory, tmp_path:
     batches = [make_files(tmp_path / f"src{i}", 12, EXPLICIT_LE) for i in range(4)]
     procs = [
         subprocess.Popen(
-            ["storescu", "-aec", "PACSRX", "-xe", w.host, str(w.port), *map(str, files)],
+            [STORESCU, "-aec", "PACSRX", "-xe", w.host, str(w.port), *map(str, files)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -179,7 +187,7 @@ def test_adopted_socket(worker: WorkerThread, tmp_path: Path) -> None:
         port = listener.getsockname()[1]
         files = make_files(tmp_path / "src", 2, EXPLICIT_LE)
         proc = subprocess.Popen(
-            ["storescu", "-aec", "PACSRX", "-xe", "127.0.0.1", str(port), *map(str, files)],
+            [STORESCU, "-aec", "PACSRX", "-xe", "127.0.0.1", str(port), *map(str, files)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

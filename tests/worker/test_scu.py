@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import socket
 import threading
 import time
@@ -26,6 +25,7 @@ import uvloop
 from pydicom.dataset import Dataset
 from pynetdicom import build_context, evt
 
+import tests.dcmtk as dcmtk_tools
 from loadtest import netns
 from workers.engine import dimse
 from workers.engine import pdu as p
@@ -1143,9 +1143,7 @@ def test_part10_header_tolerates_implicit_vr_meta_and_rejects_junk() -> None:
 # ---------------------------------------------------------------------- DCMTK
 
 
-needs_storescp = pytest.mark.skipif(
-    shutil.which("storescp") is None, reason="DCMTK storescp is not on PATH"
-)
+needs_storescp = dcmtk_tools.needs("storescp")
 
 
 @needs_storescp
