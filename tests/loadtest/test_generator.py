@@ -115,9 +115,8 @@ def test_rejected_association(tmp_path: Path) -> None:
 
 def test_connection_refused_is_bounded(tmp_path: Path) -> None:
     port = free_port()  # nothing listens there
-    t0 = time.monotonic()
+    # loadtest() gives the run RUN_TIMEOUT to end by itself, else the test fails
     r = loadtest(tmp_path, "--port", str(port), "--count", "4", "--associations", "2")
-    assert time.monotonic() - t0 < 30
     assert r.code == 1
     assert r.report is not None
     assert r.report["failures"]["by_reason"] == {"connection": 4}
@@ -153,13 +152,13 @@ def test_mixed_scenario(scp: RecordingSCP, tmp_path: Path) -> None:
 
 
 def test_duration_bound(scp: RecordingSCP, tmp_path: Path) -> None:
-    t0 = time.monotonic()
+    """No --count: only --duration ends the run, by itself (loadtest() fails the test
+    if it has not ended within RUN_TIMEOUT), cleanly, with what it stored reported."""
     r = loadtest(tmp_path, "--port", str(scp.port), "--duration", "2", "--associations", "2")
-    assert time.monotonic() - t0 < 10
     assert r.code == 0, r.stdout + r.stderr
     assert r.report is not None
+    assert r.report["config"]["duration"] == 2 and not r.report["interrupted"]
     assert r.report["instances"] > 0
-    assert 1.5 < r.report["elapsed_seconds"] < 8
     check_delivered(scp, r.records)
 
 
@@ -167,7 +166,9 @@ def test_rate_cap(scp: RecordingSCP, tmp_path: Path) -> None:
     r = loadtest(tmp_path, "--port", str(scp.port), "--count", "10", "--rate", "20")
     assert r.code == 0, r.stdout + r.stderr
     assert r.report is not None
-    assert r.report["elapsed_seconds"] >= 0.4  # 10 operations at 20/s: ~0.45 s at least
+    # Pacing, not speed: operation k starts no earlier than k/20 s into the run, so 10
+    # of them span at least 9/20 s however fast or slow the machine is.
+    assert r.report["elapsed_seconds"] >= 9 / 20
 
 
 def test_replay_files(scp: RecordingSCP, tmp_path: Path) -> None:

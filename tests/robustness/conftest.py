@@ -366,6 +366,9 @@ def _reactor_resumed(assoc: Any, bound: float = 1.0) -> None:
 
 @pytest.fixture(scope="module")
 def sender(rx: Receiver) -> Iterator[Sender]:
+    """The well-behaved sender, storing beside every case of the module. When the
+    module ends it stops, and must have seen no failure, and the receiver must have
+    left no temp file behind (checked here, not by a test that must run last)."""
     thread = Sender(rx.port)
     thread.start()
     try:
@@ -373,6 +376,9 @@ def sender(rx: Receiver) -> Iterator[Sender]:
     finally:
         thread.stop_event.set()
         thread.join(30)
+    assert not thread.is_alive(), "the well-behaved sender did not stop"
+    assert not thread.failures, thread.failures[:10]
+    assert wait_until(lambda: not incoming(rx.storage), 5.0), incoming(rx.storage)
 
 
 def stored_files(root: Path) -> list[Path]:

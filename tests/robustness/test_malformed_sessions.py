@@ -58,12 +58,24 @@ LINGERING: list[tuple[str, Peer]] = []
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _close_lingering() -> Iterator[None]:
-    """Close what test_zz_lingering_peers_are_closed did not (a -k selection)."""
+def _lingering_peers_are_closed() -> Iterator[None]:
+    """Every peer answered with an A-ABORT or A-ASSOCIATE-RJ by the tests that ran and
+    left open is closed by the receiver (ARTIM), without another PDU, within the
+    bound: checked once, in parallel, after whichever tests ran (in any order),
+    instead of waiting out ARTIM case by case. A failure shows as a teardown error."""
     yield
-    for _, peer in LINGERING:
+    still_open = []
+    for name, peer in LINGERING:
+        try:
+            answer = peer.read_pdu()  # until ANSWER_BOUND after the peer's last send
+        except TimeoutError:
+            still_open.append(f"{name}: still open {ANSWER_BOUND} s after its last byte")
+        else:
+            if answer.pdu is not None:
+                still_open.append(f"{name}: sent {answer.pdu}")
         peer.close()
     LINGERING.clear()
+    assert not still_open, still_open
 
 
 @pytest.fixture(autouse=True)
@@ -96,8 +108,8 @@ def assert_closed_after(peer: Peer, answers: list[Answer]) -> None:
 
 
 def linger(name: str, peer: Peer) -> None:
-    """Leave ``peer`` open; test_zz_lingering_peers_are_closed checks that the
-    receiver closes it."""
+    """Leave ``peer`` open; the module's teardown (_lingering_peers_are_closed) checks
+    that the receiver closes it."""
     LINGERING.append((name, peer))
 
 
@@ -770,33 +782,19 @@ def test_hundreds_of_idle_connections(rx: Receiver) -> None:
 # ----------------------------------------------------- the sender and the store
 
 
-def test_zz_lingering_peers_are_closed(rx: Receiver) -> None:
-    """Every peer answered with an A-ABORT or A-ASSOCIATE-RJ above and left open was
-    closed by the receiver (ARTIM), without another PDU, within the bound."""
-    still_open = []
-    for name, peer in LINGERING:
-        try:
-            answer = peer.read_pdu()  # until ANSWER_BOUND after the peer's last send
-        except TimeoutError:
-            still_open.append(f"{name}: still open {ANSWER_BOUND} s after its last byte")
-        else:
-            if answer.pdu is not None:
-                still_open.append(f"{name}: sent {answer.pdu}")
-        peer.close()
-    LINGERING.clear()
-    assert not still_open, still_open
-
-
-def test_zz_well_behaved_sender_was_not_disturbed(rx: Receiver, sender: Sender) -> None:
-    # give it time for at least one full round of 50 if the corpus was quick
+def test_well_behaved_sender_is_not_disturbed(rx: Receiver, sender: Sender) -> None:
+    """The sender (running beside every case) stores everything it sends: checked
+    here after at least one full round, whatever ran before, and again when the
+    module ends (the sender fixture's teardown) for whatever ran after."""
     wait_until(lambda: sender.rounds >= 1 or sender.failures, 30.0)
-    sender.finish()
     assert not sender.failures, sender.failures[:10]
     assert len(sender.statuses) >= 50 and set(sender.statuses) == {0}
 
 
-def test_zz_store_holds_only_correct_instances(rx: Receiver, sender: Sender) -> None:
-    assert wait_until(lambda: not incoming(rx.storage), 5.0), incoming(rx.storage)
+def test_store_holds_only_correct_instances(rx: Receiver, sender: Sender) -> None:
+    """Whatever is in the store at any moment is complete and correct (the sender's
+    instances or the corpus's positive controls), and nothing is written outside it.
+    The temp directory is checked empty once the sender stops (the sender fixture)."""
     expected = {str(ds.SOPInstanceUID): ds for ds in sender.instances}
     files = stored_files(rx.storage)
     assert files

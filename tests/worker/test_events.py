@@ -567,13 +567,11 @@ def test_async_ops_window_is_honoured(worker_factory: WorkerFactory) -> None:
     window = peer.accepted.response.user_info.async_ops
     assert (window.invoked, window.performed) == (3, 3)
     ctx = peer.context_id(VERIFICATION)
-    start = time.monotonic()
     for message_id in (1, 2, 3):
         peer.send(ctx, dimse.c_echo_rq(message_id))
     answered = sorted(peer.response()[0].MessageIDBeingRespondedTo for _ in range(3))
     assert answered == [1, 2, 3]
-    assert time.monotonic() - start < 0.5  # concurrently, not one after the other
-    assert running[1] == 3
+    assert running[1] == 3  # concurrently, not one after the other
     # pipelined C-STOREs to the built-in store
     images = [make_image(seed=i) for i in range(3)]
     ct = peer.context_id(CT_IMAGE)
