@@ -500,6 +500,11 @@ class StateCollector(Collector):
             labels=ae2,
         )
         per_ae: dict[tuple[str, str], int] = dict.fromkeys(s.assoc_pairs, 0)
+        # Pairs ever accepted too: an association shorter than one gauge interval is
+        # never in a gauge snapshot, and its pair must read 0 as well.
+        for outcome, calling, called in s.assoc:
+            if outcome == 2:
+                per_ae.setdefault((calling, called), 0)
         for src in s.sources:
             for pair, n in src.open_associations.items():
                 _add(per_ae, pair, n)
