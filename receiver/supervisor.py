@@ -153,6 +153,7 @@ class Rejector(asyncio.Protocol):
                 self.answered = True
                 calling, called = str(ev.request.calling_ae), str(ev.request.called_ae)
                 rj = self.rj
+                names = reject_names(rj.result, rj.source, rj.reason)
                 log_fields(
                     log,
                     logging.WARNING,
@@ -161,9 +162,11 @@ class Rejector(asyncio.Protocol):
                         "peer": self.peer,
                         "calling_ae": calling,
                         "called_ae": called,
-                        **reject_names(rj.result, rj.source, rj.reason),
+                        **names,
                         "why": self.why,
                     },
+                    f"rejecting association from {calling!r} to {called!r} (peer {self.peer}): "
+                    f"{self.why} ({', '.join(names.values())})",
                 )
                 self.conn.reject(self.rj)
                 if self.telemetry is not None:

@@ -117,13 +117,20 @@ def _text(value: Any) -> str:
     return text
 
 
-def log_fields(logger: logging.Logger, level: int, what: str, fields: dict[str, Any]) -> None:
-    """One line: ``what key=value ...`` as text; in JSON the fields are keys and
-    ``event`` is ``what``."""
+def log_fields(
+    logger: logging.Logger,
+    level: int,
+    what: str,
+    fields: dict[str, Any],
+    text: str | None = None,
+) -> None:
+    """One line: ``what key=value ...`` as text (or ``text``, a sentence for people,
+    where one was always written); in JSON the fields are keys, ``event`` is ``what``."""
     if not logger.isEnabledFor(level):
         return
-    message = what + " " + " ".join(f"{k}={_text(v)}" for k, v in fields.items())
-    logger.log(level, "%s", message, extra={"fields": {"event": what, **fields}})
+    if text is None:
+        text = what + " " + " ".join(f"{k}={_text(v)}" for k, v in fields.items())
+    logger.log(level, "%s", text, extra={"fields": {"event": what, **fields}})
 
 
 class Activity:

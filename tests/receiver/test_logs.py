@@ -120,14 +120,27 @@ def test_rejections_named(receiver_factory, tmp_path: Path, fmt: str) -> None:  
     assert ECHOSCU is not None
     assert run(ECHOSCU, "-aet", "STRANGER", rx.host, str(rx.port)) != 0  # by the worker
     assert run(ECHOSCU, "-aet", "MOD", rx.host, str(rx.port)) != 0  # by the supervisor
-    lines = wait_events(rx, fmt, "association-rejected", 2)
-    by_ae = {line["calling_ae"]: line for line in lines}
-    for ae in ("STRANGER", "MOD"):
-        line = by_ae[ae]
-        assert line["reject_result"] == "rejected-permanent"
-        assert line["reject_source"] == "service-user"
-    assert by_ae["STRANGER"]["reject_reason"] == "calling-ae-title-not-recognized"
-    assert by_ae["MOD"]["reject_reason"] == "calling-ae-title-not-recognized"
+    names = {
+        "reject_result": "rejected-permanent",
+        "reject_source": "service-user",
+        "reject_reason": "calling-ae-title-not-recognized",
+    }
+    if fmt == "json":
+        lines = wait_events(rx, fmt, "association-rejected", 2)
+        by_ae = {line["calling_ae"]: line for line in lines}
+        for ae in ("STRANGER", "MOD"):
+            assert {k: by_ae[ae][k] for k in names} == names
+        assert by_ae["MOD"]["logger"] == "receiver.supervisor"
+        assert "[ae-sources]" in by_ae["MOD"]["why"]
+    else:
+        (line,) = wait_events(rx, fmt, "association-rejected", 1)
+        assert line["calling_ae"] == "STRANGER"
+        assert {k: line[k] for k in names} == names
+        # the acceptor's sentence, as before, with the names
+        rx.wait_log(
+            r"rejecting association from 'MOD' .*\[ae-sources\] \(rejected-permanent, "
+            r"service-user, calling-ae-title-not-recognized\)"
+        )
     (assoc_line,) = [
         a for a in wait_events(rx, fmt, "association") if a["calling_ae"] == "STRANGER"
     ]
