@@ -105,7 +105,8 @@ def instance_level(setting: str) -> int | None:
     """The level of per-instance lines for ``--log-instances``, or None when they
     would not be written at all (off, or below the logger's level)."""
     level = {"info": logging.INFO, "debug": logging.DEBUG}.get(setting.lower())
-    if level is None or not log.isEnabledFor(level):
+    # The lines are written by the association's logger: its level decides.
+    if level is None or not logging.getLogger("workers.association").isEnabledFor(level):
         return None
     return level
 

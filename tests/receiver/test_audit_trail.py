@@ -134,9 +134,12 @@ def udp_collector() -> Collector:
 def test_udp_application_activity_and_instances_transferred(
     receiver_factory, udp_collector: Collector, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
-    rx = receiver_factory("--workers", "1", "--audit-syslog", udp_collector.url)
+    config = tmp_path / "rx.toml"  # the config file key, this time
+    config.write_text(f'audit-syslog = "{udp_collector.url}"\naudit-source-id = "RX-NODE-1"\n')
+    rx = receiver_factory("--workers", "1", "--config", str(config))
     (start,) = wait_events(udp_collector, APP_ACTIVITY, 1)
     assert event_type(start) == "110120"
+    assert start.find("AuditSourceIdentification").get("AuditSourceID") == "RX-NODE-1"
     files, expected = two_patients(tmp_path / "in")
     storescu(rx, files)
     assert len(stored_files(rx.storage)) == 3
@@ -299,3 +302,28 @@ def test_unreachable_collector_costs_reception_nothing(receiver_factory, tmp_pat
         ) from None
     assert total(samples, "pacs_audit_messages_sent_total") == 0
     assert "cannot reach" in rx.log()
+
+
+@pytest.mark.parametrize(
+    ("flags", "mentions"),
+    [
+        (["--audit-syslog", "http://127.0.0.1:514"], "--audit-syslog"),
+        (["--audit-syslog", "tcp://127.0.0.1:99999"], "--audit-syslog"),
+        (["--audit-tls-ca", "/nonexistent.pem"], "--audit-tls-ca"),
+        (["--audit-syslog", "udp://127.0.0.1:514", "--audit-tls-ca", "x.pem"], "tls://"),
+        (["--audit-syslog", "tls://127.0.0.1", "--audit-tls-ca", "/nonexistent.pem"], "no such"),
+        (["--log-instances", "verbose"], "--log-instances"),
+        (["--audit-queue", "0", "--audit-syslog", "udp://127.0.0.1:514"], "--audit-queue"),
+    ],
+)
+def test_bad_audit_and_log_settings_refused(
+    tmp_path: Path, flags: list[str], mentions: str
+) -> None:
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("pacs-receiver")), "--storage", str(tmp_path), *flags],
+        capture_output=True,
+        timeout=30,
+    )
+    lines = done.stderr.decode().splitlines()
+    assert done.returncode == 2
+    assert len(lines) == 1 and mentions in lines[0], lines
