@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import signal
 import sys
 
@@ -43,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", default="INFO", help="logging level: DEBUG, INFO, WARNING ... (INFO)"
     )
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=("text", "json"),
+        help="'text' (default) or 'json' (one object per line)",
+    )
     return parser
 
 
@@ -63,11 +68,9 @@ async def _serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    from workers.logs import setup_logging
+
+    setup_logging(args.log_level, args.log_format, "aggregator")
     try:
         import uvloop
     except ImportError:

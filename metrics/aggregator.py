@@ -254,6 +254,10 @@ class State:
         #: idle rather than vanishing (bounded: AE labels go through the limiter)
         self.assoc_pairs: set[tuple[str, str]] = set()
         self.restarts: dict[tuple[str, str], int] = {}
+        #: presentation contexts refused, by PS3.8 reason name
+        self.contexts_rejected: dict[str, int] = {}
+        #: audit messages by outcome ("sent", "dropped")
+        self.audit: dict[str, int] = {"sent": 0, "dropped": 0}
         self.decode = w.DecodeStats()
         self.records_without_hello = 0
         self.oversized_frames = 0
@@ -273,6 +277,8 @@ class State:
             w.HandlerError: self._handler_error,
             w.Dropped: self._dropped,
             w.Restart: self._restart,
+            w.ContextRejected: self._context_rejected,
+            w.AuditMessages: self._audit_messages,
         }
 
     # -- sources --
@@ -421,6 +427,13 @@ class State:
 
     def _restart(self, source: Source, r: w.Restart) -> None:
         _add(self.restarts, (self.worker(r.worker), self.name(r.reason)), r.count)
+
+    def _context_rejected(self, source: Source, r: w.ContextRejected) -> None:
+        _add(self.contexts_rejected, self.name(r.reason), r.count)
+
+    def _audit_messages(self, source: Source, r: w.AuditMessages) -> None:
+        if r.outcome in self.audit:  # two names only: nothing else becomes a series
+            self.audit[r.outcome] += r.count
 
 
 # -- exposition ------------------------------------------------------------------------
@@ -646,6 +659,25 @@ class StateCollector(Collector):
         for (worker, reason), n in s.restarts.items():
             restarts.add_metric([worker, reason], n)
         yield restarts
+
+        contexts_rejected = CounterMetricFamily(
+            "pacs_presentation_contexts_rejected",
+            "Presentation contexts refused in an A-ASSOCIATE-AC, by PS3.8 Table 9-18 reason.",
+            labels=["reason"],
+        )
+        for reason, n in s.contexts_rejected.items():
+            contexts_rejected.add_metric([reason], n)
+        yield contexts_rejected
+        yield CounterMetricFamily(
+            "pacs_audit_messages_sent",
+            "DICOM audit messages handed to the syslog collector.",
+            value=s.audit["sent"],
+        )
+        yield CounterMetricFamily(
+            "pacs_audit_messages_dropped",
+            "DICOM audit messages thrown away: queue full, collector down or too slow.",
+            value=s.audit["dropped"],
+        )
 
         # -- processes: the latest connection of each sender, and the aggregator --
         cpu = CounterMetricFamily(

@@ -60,9 +60,11 @@ __all__ = [
     "AbortInitiator",
     "Aborted",
     "Association",
+    "AuditMessages",
     "Bytes",
     "CStore",
     "Connections",
+    "ContextRejected",
     "DecodeStats",
     "Dimse",
     "Direction",
@@ -173,6 +175,8 @@ class Kind(IntEnum):
     HANDLER_ERROR = 14
     DROPPED = 15
     RESTART = 16
+    CONTEXT_REJECTED = 17
+    AUDIT_MESSAGES = 18
 
 
 class Direction(IntEnum):
@@ -426,6 +430,30 @@ class Restart:
     _SPEC: ClassVar[tuple[Any, ...]] = (str, str, COUNT)
 
 
+@dataclass(slots=True, frozen=True)
+class ContextRejected:
+    """Delta: presentation contexts refused in an A-ASSOCIATE-AC, by the PS3.8
+    Table 9-18 reason ("abstract-syntax-not-supported" ...)."""
+
+    reason: str
+    count: int
+
+    KIND: ClassVar[Kind] = Kind.CONTEXT_REJECTED
+    _SPEC: ClassVar[tuple[Any, ...]] = (str, COUNT)
+
+
+@dataclass(slots=True, frozen=True)
+class AuditMessages:
+    """Delta: DICOM audit messages handed to the syslog collector ("sent") or
+    thrown away ("dropped": queue full, collector down or too slow)."""
+
+    outcome: str
+    count: int
+
+    KIND: ClassVar[Kind] = Kind.AUDIT_MESSAGES
+    _SPEC: ClassVar[tuple[Any, ...]] = (str, COUNT)
+
+
 Record = (
     Hello
     | Process
@@ -443,6 +471,8 @@ Record = (
     | HandlerError
     | Dropped
     | Restart
+    | ContextRejected
+    | AuditMessages
 )
 
 #: Record class by kind.
@@ -465,6 +495,8 @@ RECORD_TYPES: dict[int, type[Any]] = {
         HandlerError,
         Dropped,
         Restart,
+        ContextRejected,
+        AuditMessages,
     )
 }
 

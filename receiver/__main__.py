@@ -216,6 +216,39 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--config", help="TOML file with any of these settings; flags override it")
     g.add_argument("--log-level", help="DEBUG, INFO (default), WARNING or ERROR")
     g.add_argument("--log-format", help="'text' (default) or 'json' (one object per line)")
+    g.add_argument(
+        "--log-instances",
+        help="one line per stored instance at level 'info', 'debug', or 'off' (default)",
+    )
+
+    g = ap.add_argument_group("audit trail (DICOM PS3.15 A.5 audit messages, IHE ATNA)")
+    g.add_argument(
+        "--audit-syslog",
+        metavar="URL",
+        help="send audit messages as RFC 5424 syslog to udp://HOST:PORT, tcp://HOST:PORT "
+        "(RFC 6587 octet counting) or tls://HOST:PORT (RFC 5425); default: none",
+    )
+    g.add_argument(
+        "--audit-tls-ca",
+        metavar="FILE",
+        help="CA bundle (PEM) the collector's certificate is checked with (default: the system's)",
+    )
+    g.add_argument(
+        "--audit-tls-cert", metavar="FILE", help="client certificate (PEM) for the collector"
+    )
+    g.add_argument(
+        "--audit-tls-key", metavar="FILE", help="key of --audit-tls-cert (default: in it)"
+    )
+    g.add_argument(
+        "--audit-source-id", help="AuditSourceID of the messages (default AE-TITLE@HOSTNAME)"
+    )
+    g.add_argument("--audit-site-id", help="AuditEnterpriseSiteID (default: none)")
+    g.add_argument(
+        "--audit-queue",
+        type=int,
+        help="audit messages waiting for the collector, per process; more are dropped "
+        "and counted (default 1000)",
+    )
     return ap
 
 

@@ -75,6 +75,19 @@ class ReceiverConfig:
     tls_verify_client: bool = False
     tls_profile: str = "bcp195"
     tls_handshake_timeout: float = 10.0
+    #: one log line per stored instance: "info", "debug" or "off"
+    log_instances: str = "off"
+    #: DICOM audit messages (PS3.15 A.5) as syslog: udp://, tcp:// or tls://host:port
+    audit_syslog: str | None = None
+    #: tls://: CA bundle for the collector's certificate; our client certificate/key
+    audit_tls_ca: str | None = None
+    audit_tls_cert: str | None = None
+    audit_tls_key: str | None = None
+    #: AuditSourceID (default "<ae-title>@<host name>") and AuditEnterpriseSiteID
+    audit_source_id: str | None = None
+    audit_site_id: str | None = None
+    #: audit messages waiting for the collector, per process; more are dropped
+    audit_queue: int = 1000
     #: the [identity] table of the config file (user identity policy), as read
     identity: dict[str, Any] | None = None
     #: directory relative paths in the config file are resolved against
@@ -133,6 +146,11 @@ class ReceiverConfig:
             )
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"--log-format: {self.log_format!r} is neither 'text' nor 'json'")
+        if self.log_instances not in ("info", "debug", "off"):
+            raise ConfigError(
+                f"--log-instances: {self.log_instances!r} is not 'info', 'debug' or 'off'"
+            )
+        self._check_audit()
         try:
             from workers.storage.config import StorageConfig
 
@@ -221,6 +239,48 @@ class ReceiverConfig:
                 f"--tls-cert/--tls-key/--tls-ca: cannot load {self.tls_cert}: {reason}"
             ) from None
 
+    def _check_audit(self) -> None:
+        if not self.audit_syslog:
+            for flag in ("audit_tls_ca", "audit_tls_cert", "audit_tls_key"):
+                if getattr(self, flag):
+                    raise ConfigError(f"--{flag.replace('_', '-')}: needs --audit-syslog")
+            return
+        from workers.audit import parse_url
+
+        try:
+            scheme, _host, _port = parse_url(self.audit_syslog)
+        except ValueError as exc:
+            raise ConfigError(f"--audit-syslog: {exc}") from None
+        if scheme != "tls" and (self.audit_tls_ca or self.audit_tls_cert or self.audit_tls_key):
+            raise ConfigError("--audit-tls-ca/--audit-tls-cert/--audit-tls-key: need tls://")
+        for flag in ("audit_tls_ca", "audit_tls_cert", "audit_tls_key"):
+            path = getattr(self, flag)
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"--{flag.replace('_', '-')}: {path}: no such file")
+        if self.audit_tls_key and not self.audit_tls_cert:
+            raise ConfigError("--audit-tls-key: needs --audit-tls-cert")
+        if not 1 <= self.audit_queue <= 1_000_000:
+            raise ConfigError(f"--audit-queue: {self.audit_queue} is not between 1 and 1000000")
+
+    def audit_settings(self) -> Any:
+        """workers.audit.AuditSettings (absolute paths), or None without --audit-syslog."""
+        if not self.audit_syslog:
+            return None
+        from workers.audit import AuditSettings
+
+        def path(value: str | None) -> str | None:
+            return os.path.abspath(value) if value else None
+
+        return AuditSettings(
+            url=self.audit_syslog,
+            ca=path(self.audit_tls_ca),
+            cert=path(self.audit_tls_cert),
+            key=path(self.audit_tls_key),
+            source_id=self.audit_source_id or "",
+            site_id=self.audit_site_id or "",
+            queue_size=self.audit_queue,
+        )
+
     def tls_settings(self) -> Any:
         """workers.tls.TlsSettings (absolute paths), or None without --tls-cert."""
         if not self.tls_cert:
@@ -295,7 +355,14 @@ def load_toml(path: str) -> dict[str, Any]:
         name = key.replace("-", "_")
         if name not in _FIELDS or name in ("config", "config_dir"):
             raise ConfigError(f"--config: {path}: unknown setting {key!r}")
-        if name in ("tls_cert", "tls_key", "tls_ca") and isinstance(value, str):
+        if name in (
+            "tls_cert",
+            "tls_key",
+            "tls_ca",
+            "audit_tls_ca",
+            "audit_tls_cert",
+            "audit_tls_key",
+        ) and isinstance(value, str):
             value = os.path.join(out["config_dir"], value)  # relative to the file
         out[name] = value
     return out

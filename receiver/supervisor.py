@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from workers import control
+from workers.activity import log_fields, reject_names
 from workers.engine import pdu as p
 from workers.engine.connection import Connection, EngineConfig, Role
 from workers.engine.primitives import NEED_DATA, AssociateIndication
@@ -151,12 +152,21 @@ class Rejector(asyncio.Protocol):
             if isinstance(ev, AssociateIndication) and not self.answered:
                 self.answered = True
                 calling, called = str(ev.request.calling_ae), str(ev.request.called_ae)
-                log.warning(
-                    "rejecting association from %r to %r (peer %s): %s",
-                    calling,
-                    called,
-                    self.peer,
-                    self.why,
+                rj = self.rj
+                names = reject_names(rj.result, rj.source, rj.reason)
+                log_fields(
+                    log,
+                    logging.WARNING,
+                    "association-rejected",
+                    {
+                        "peer": self.peer,
+                        "calling_ae": calling,
+                        "called_ae": called,
+                        **names,
+                        "why": self.why,
+                    },
+                    f"rejecting association from {calling!r} to {called!r} (peer {self.peer}): "
+                    f"{self.why} ({', '.join(names.values())})",
                 )
                 self.conn.reject(self.rj, asyncio.get_running_loop().time())
                 if self.telemetry is not None:
@@ -212,6 +222,7 @@ class Supervisor:
         self._done: asyncio.Future[int] | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
         self.telemetry: Any = None  # workers.telemetry.Telemetry once metrics are on
+        self.audit: Any = None  # workers.audit.AuditTrail with --audit-syslog
         self._rotation = 0
 
     # --------------------------------------------------------------- start
@@ -244,6 +255,8 @@ class Supervisor:
             "handlers": list(cfg.handlers),
             "identity": cfg.identity_settings().to_dict() if cfg.identity else None,
             "tls": cfg.tls_settings().to_dict() if cfg.tls_cert else None,
+            "log_instances": cfg.log_instances,
+            "audit": cfg.audit_settings().to_dict() if cfg.audit_syslog else None,
             # The acceptor cannot peek the calling AE title in TLS traffic: with TLS,
             # each worker asks the supervisor once it has read the A-ASSOCIATE-RQ, and
             # the supervisor applies the per-AE limit and [ae-sources] for all of them.
@@ -292,6 +305,7 @@ class Supervisor:
         if self.cfg.metrics_port:
             self._start_metrics()
             await self._start_telemetry()
+        self._start_audit()
         for index in range(self.cfg.workers):
             self.slots.append(self._spawn(WorkerSlot(index, self.generation)))
         loop.add_reader(self.listener.fileno(), self._on_accept)
@@ -317,6 +331,11 @@ class Supervisor:
             return await self._done
         finally:
             ticker.cancel()
+            if self.audit is not None:
+                self.audit.application(started=False)
+                # Up to 2 s for the queued messages, off the loop; then the telemetry
+                # reports the last counts.
+                await loop.run_in_executor(None, self.audit.close)
             if self.telemetry is not None:
                 await self.telemetry.close()
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
@@ -512,6 +531,8 @@ class Supervisor:
             str(self.cfg.metrics_port),
             "--log-level",
             self.cfg.log_level,
+            "--log-format",
+            self.cfg.log_format,
         ]
         try:
             self.metrics_proc = subprocess.Popen(cmd)
@@ -527,6 +548,19 @@ class Supervisor:
 
         self.telemetry = Telemetry(self.metrics_socket, "supervisor", role="supervisor")
         await self.telemetry.start()
+
+    def _start_audit(self) -> None:
+        """Application Activity (start) and, from now on, Security Alerts for the
+        connections refused here (see workers/audit)."""
+        settings = self.cfg.audit_settings()
+        if settings is None:
+            return
+        from workers.audit import AuditTrail
+
+        self.audit = AuditTrail(settings, self.cfg.ae_title)
+        if self.telemetry is not None:
+            self.telemetry.watch_audit(self.audit.sender)
+        self.audit.application(started=True)
 
     def _check_metrics(self, now: float) -> None:
         if not self.cfg.metrics_port:
@@ -703,6 +737,8 @@ class Supervisor:
             answer, why = refusal
             self.rejected += 1
             log.info("refusing %r from %s (over TLS, in worker %d): %s", ae, host, slot.index, why)
+            if answer == "ae" and self.audit is not None:
+                self.audit.refused(host, why, ae)
         ctrl = slot.ctrl
         if ctrl is None:
             return
@@ -815,6 +851,12 @@ class Supervisor:
         """Who may connect: PS3.8 Table 9-21 rejected-permanent (1), source
         service-user (1), ``reason`` 1 no-reason-given or 3 calling-AE-not-recognized."""
         rj = p.AssociateRJ(p.RejectResult.PERMANENT, p.RejectSource.SERVICE_USER, reason)
+        if self.audit is not None:
+            try:
+                host = str(sock.getpeername()[0])
+            except OSError:
+                host = "unknown"
+            self.audit.refused(host, why)
         self._reject(sock, rj=rj, why=why)
 
     def _track(self, task: asyncio.Future[Any]) -> None:

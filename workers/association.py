@@ -42,6 +42,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import services
+from .activity import Activity, abort_names, context_result_name, log_fields, reject_names
 from .engine import acse, dimse
 from .engine import events as evt
 from .engine import pdu as p
@@ -341,6 +342,8 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self._writing_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._trace_data = False
+        #: what the association did, for its log line and audit message
+        self.activity = Activity(0.0)
         self.refresh_tracing()
 
     # ------------------------------------------------------------- transport
@@ -369,6 +372,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self.assoc.name = f"{peer[0]}:{peer[1]}"
         now = self.loop.time()
         self._last_rx = now
+        self.activity.started = now
         self.conn.connection_made(now)
         self.server.connection_opened(self)
         self._emit(
@@ -405,6 +409,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self.conn.connection_lost(self.loop.time())
         self._run()
         self._cleanup()
+        self._log_activity()
         self._emit(evt.EVT_CONN_CLOSE, {})
         self.server.connection_closed(self)
         self.conn.recycle()
@@ -603,7 +608,14 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         """Send an A-ABORT, report EVT_ABORTED and close the transport."""
         if self._lost or self.conn.state in (State.STA1, State.STA13):
             return
-        log.info("%s: aborting: %s", self.assoc.name, detail)
+        names = abort_names(source, reason)
+        log.info(
+            "%s: aborting (source %s, reason %s): %s",
+            self.assoc.name,
+            names["abort_source"],
+            names["abort_reason"],
+            detail,
+        )
         self.conn.abort(source, reason, now=self.loop.time())
         self._association_ended(aborted=True, source=source, reason=reason, by_peer=False)
         if flush:
@@ -713,6 +725,8 @@ class AssociationProtocol(asyncio.BufferedProtocol):
                 except Exception:
                     log.exception("%s: EVT_USER_ID handler failed: rejecting", self.assoc.name)
                     verified, response = False, None
+                if not verified and self.server.audit is not None:
+                    self._audit_user_refused(identity)
         async_ops = None
         if ui.async_ops is not None:
             async_ops = yield from self._negotiate_async_ops(ui.async_ops)
@@ -747,6 +761,18 @@ class AssociationProtocol(asyncio.BufferedProtocol):
             sop_class_extended=sop_extended,
         )
         return self.server.negotiations.negotiate(rq, self.server.policy, extended)
+
+    def _audit_user_refused(self, identity: p.UserIdentityRQ) -> None:
+        # Only a user name is worth naming: Kerberos, SAML and JWT primary fields
+        # are credentials, and the passcode never goes into an audit message.
+        if identity.type in (1, 2):
+            user = bytes(identity.primary).decode("utf-8", "replace")
+        else:
+            user = f"(user identity type {identity.type})"
+        calling = str(self.assoc.requestor.ae_title)
+        self.server.audit.user_refused(
+            self.assoc.requestor.address, user, calling, "user identity not accepted"
+        )
 
     def _negotiate_async_ops(self, proposed: p.AsyncOpsWindow) -> Step[p.AsyncOpsWindow | None]:
         """The asynchronous operations window to answer with (PS3.7 D.3.3.3).
@@ -807,15 +833,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         if isinstance(answer, p.AssociateRJ):
             self.conn.reject(answer, self.loop.time())
             assoc.is_rejected = True
-            log.info(
-                "%s: rejected %r -> %r (result %d, source %d, reason %d)",
-                assoc.name,
-                assoc.requestor.ae_title,
-                self.conn.request.called_ae if self.conn.request else "",
-                answer.result,
-                answer.source,
-                answer.reason,
-            )
+            self._rejected(answer)
             self._emit(evt.EVT_ACSE_SENT, {"primitive": answer})
             self._emit(evt.EVT_REJECTED, {"response": answer})
             return
@@ -841,6 +859,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
             assoc.rejected_contexts = [
                 c for c in self.conn.request.contexts if c.id not in accepted_ids
             ]
+        self._contexts_answered(answer)
         self._emit(evt.EVT_ACSE_SENT, {"primitive": answer})
         self._emit(evt.EVT_ACCEPTED, {})
         self._emit(evt.EVT_ESTABLISHED, {})
@@ -975,10 +994,23 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self._emit(evt.EVT_RELEASED, {})
 
     def _on_aborted(self, ev: Aborted) -> None:
+        names = abort_names(ev.source, ev.reason)
         if ev.by_peer:
-            log.info("%s: aborted by the peer: %s", self.assoc.name, ev.detail)
+            log.info(
+                "%s: aborted by the peer (source %s, reason %s): %s",
+                self.assoc.name,
+                names["abort_source"],
+                names["abort_reason"],
+                ev.detail,
+            )
         else:
-            log.warning("%s: protocol error, A-ABORT sent: %s", self.assoc.name, ev.detail)
+            log.warning(
+                "%s: protocol error, A-ABORT sent (source %s, reason %s): %s",
+                self.assoc.name,
+                names["abort_source"],
+                names["abort_reason"],
+                ev.detail,
+            )
         self._association_ended(
             aborted=True, source=ev.source, reason=ev.reason, by_peer=ev.by_peer
         )
@@ -1013,6 +1045,16 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         by_peer: bool = False,
     ) -> None:
         self.assoc.is_established = False  # as the contract's Association says after it
+        activity = self.activity
+        if activity.outcome in ("closed", "established"):
+            if aborted:
+                activity.outcome = "aborted"
+                activity.initiator = (
+                    "local" if not by_peer else "peer" if source is not None else "transport"
+                )
+                activity.aborted = abort_names(source, reason)
+            else:
+                activity.outcome = "released"
         if aborted and not self.assoc.is_aborted:
             self.assoc.is_aborted = True
             self._emit(evt.EVT_ABORTED, {"source": source, "reason": reason, "by_peer": by_peer})
@@ -1251,6 +1293,21 @@ class AssociationProtocol(asyncio.BufferedProtocol):
 
     def store_done(self, op: Operation, result: Any) -> None:
         """A C-STORE was answered: ``result`` has ``status`` and ``bytes_written``."""
+        activity = self.activity
+        status = result.status
+        # Success (0x0000) and warnings (0x0001, 0xB...) are stored; the rest failed.
+        if status == 0 or status == 1 or status & 0xF000 == 0xB000:
+            activity.instances += 1
+            activity.bytes += result.bytes_written
+            if self.server.audit is not None:
+                activity.note_instance(
+                    op.command.AffectedSOPClassUID or "", getattr(result, "scan", None)
+                )
+        else:
+            activity.failed += 1
+        level = self.server.instance_level
+        if level is not None:
+            self._log_instance(level, op, result)
         telemetry = self.server.telemetry
         if telemetry is not None:
             telemetry.stored(self, op, result, time.perf_counter() - op.started)
@@ -1262,6 +1319,100 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         telemetry = self.server.telemetry
         if telemetry is not None:
             telemetry.handler_error(event.name)
+
+    # ------------------------------------------------- logs and audit trail
+
+    def _called_ae(self) -> str:
+        request = self.conn.request
+        return str(request.called_ae) if request is not None else ""
+
+    def _rejected(self, answer: p.AssociateRJ) -> None:
+        """Log an A-ASSOCIATE-RJ we send with its PS3.8 names; a permanent one by
+        the service user (who the peer is, not how busy we are) is a Security Alert."""
+        assoc = self.assoc
+        names = reject_names(answer.result, answer.source, answer.reason)
+        activity = self.activity
+        activity.outcome = "rejected"
+        activity.aborted = names
+        calling, called = str(assoc.requestor.ae_title), self._called_ae()
+        log_fields(
+            log,
+            logging.INFO,
+            "association-rejected",
+            {"peer": assoc.name, "calling_ae": calling, "called_ae": called, **names},
+        )
+        audit = self.server.audit
+        if (
+            audit is not None
+            and answer.result == p.RejectResult.PERMANENT
+            and answer.source == p.RejectSource.SERVICE_USER
+        ):
+            why = f"association {calling!r} -> {called!r} rejected: {names['reject_reason']}"
+            audit.refused(assoc.requestor.address, why, calling)
+
+    def _contexts_answered(self, answer: p.AssociateAC) -> None:
+        """Count the contexts of an A-ASSOCIATE-AC; log and count each refused one."""
+        activity = self.activity
+        activity.outcome = "established"
+        proposed = (
+            {c.id: c for c in self.conn.request.contexts} if self.conn.request is not None else {}
+        )
+        telemetry = self.server.telemetry
+        for item in answer.contexts:
+            if item.result == p.ContextResult.ACCEPTANCE:
+                activity.contexts_accepted += 1
+                continue
+            activity.contexts_rejected += 1
+            reason = context_result_name(item.result)
+            if telemetry is not None:
+                telemetry.context_rejected(reason)
+            ctx = proposed.get(item.id)
+            log_fields(
+                log,
+                logging.INFO,
+                "context-rejected",
+                {
+                    "peer": self.assoc.name,
+                    "calling_ae": str(self.assoc.requestor.ae_title),
+                    "context_id": item.id,
+                    "abstract_syntax": ctx.abstract_syntax if ctx else "",
+                    "transfer_syntaxes": ",".join(ctx.transfer_syntaxes) if ctx else "",
+                    "reason": reason,
+                },
+            )
+
+    def _log_instance(self, level: int, op: Operation, result: Any) -> None:
+        cmd = op.command
+        log_fields(
+            log,
+            level,
+            "instance",
+            {
+                "peer": self.assoc.name,
+                "calling_ae": str(self.assoc.requestor.ae_title),
+                "sop_class": cmd.AffectedSOPClassUID or "",
+                "sop_instance": cmd.AffectedSOPInstanceUID or "",
+                "status": f"0x{result.status:04x}",
+                "bytes": result.bytes_written,
+                "path": getattr(result, "path", None) or "",
+            },
+        )
+
+    def _log_activity(self) -> None:
+        """The association's one line, and its DICOM Instances Transferred message."""
+        activity = self.activity
+        assoc = self.assoc
+        calling, called = str(assoc.requestor.ae_title or ""), self._called_ae()
+        fields = activity.fields(assoc.name, calling, called, self.loop.time())
+        # A connection that never asked for an association (a port probe, a health
+        # check) is worth a line only when debugging.
+        level = logging.INFO if activity.outcome != "closed" else logging.DEBUG
+        log_fields(log, level, "association", fields)
+        audit = self.server.audit
+        if audit is not None and activity.studies:
+            audit.instances_transferred(
+                activity.studies, activity.failed, assoc.requestor.address, calling, called
+            )
 
 
 def _label(cmd: dimse.Command) -> str:

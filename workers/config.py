@@ -11,6 +11,7 @@ from .engine.connection import EngineConfig
 from .storage.config import StorageConfig
 
 if TYPE_CHECKING:
+    from .audit import AuditSettings
     from .identity import IdentitySettings
     from .tls import TlsSettings
 
@@ -70,6 +71,10 @@ class WorkerConfig:
     identity: IdentitySettings | None = None
     #: DICOM TLS (workers/tls.py): the handshake runs here, not in the acceptor
     tls: TlsSettings | None = None
+    #: one log line per instance: "info", "debug" or "off" (workers/activity.py)
+    log_instances: str = "off"
+    #: DICOM audit messages to a syslog collector (workers/audit); None: none
+    audit: AuditSettings | None = None
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(

@@ -48,6 +48,7 @@ def worker_config_from_json(text: str) -> tuple[WorkerConfig, list[str], dict[st
     allowed = data.pop("allowed_calling_aes", None)
     identity = data.pop("identity", None)
     tls = data.pop("tls", None)
+    audit = data.pop("audit", None)
     cfg = WorkerConfig(storage=storage, syntaxes=syntaxes, **data)
     if identity is not None:
         from .identity import IdentitySettings
@@ -59,6 +60,10 @@ def worker_config_from_json(text: str) -> tuple[WorkerConfig, list[str], dict[st
         cfg.tls = TlsSettings.from_mapping(tls)
     if allowed is not None:
         cfg.allowed_calling_aes = frozenset(allowed)
+    if audit is not None:
+        from .audit import AuditSettings
+
+        cfg.audit = AuditSettings.from_mapping(audit)
     return cfg, handlers, extra
 
 
@@ -277,38 +282,9 @@ def _peername(sock: socket.socket) -> str:
 
 def setup_logging(level: str, fmt: str, worker_id: int | None = None) -> None:
     """Log lines on stderr: text (default) or one JSON object per line."""
-    name = f"worker-{worker_id}" if worker_id is not None else "supervisor"
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter(name))
-    else:
-        handler.setFormatter(
-            logging.Formatter(
-                f"%(asctime)s {name}[%(process)d] %(levelname)s %(name)s: %(message)s"
-            )
-        )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    from .logs import setup_logging as setup
 
-
-class _JsonFormatter(logging.Formatter):
-    def __init__(self, process_name: str) -> None:
-        super().__init__()
-        self.process_name = process_name
-
-    def format(self, record: logging.LogRecord) -> str:
-        out = {
-            "time": self.formatTime(record),
-            "process": self.process_name,
-            "pid": record.process,
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out)
+    setup(level, fmt, f"worker-{worker_id}" if worker_id is not None else "supervisor")
 
 
 async def _amain(worker_id: int, ctrl_fd: int) -> int:
@@ -330,6 +306,8 @@ async def _amain(worker_id: int, ctrl_fd: int) -> int:
         store_ops=telemetry.file_ops() if telemetry is not None else None,
         graceful_timeout=float(extra.get("graceful_timeout", 30.0)),
     )
+    if telemetry is not None and server.audit is not None:
+        telemetry.watch_audit(server.audit.sender)
     ctrl = socket.socket(fileno=ctrl_fd)
     worker = Worker(worker_id, ctrl, server, telemetry)
     if extra.get("ask_admission"):

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol
 
+from . import activity
 from .association import AssociationProtocol, Operation
 from .config import WorkerConfig
 from .engine import acse
@@ -50,6 +51,8 @@ class Telemetry(Protocol):
     ) -> None: ...
 
     def handler_error(self, event_name: str) -> None: ...
+
+    def context_rejected(self, reason: str) -> None: ...
 
 
 class AssociationServer:
@@ -105,6 +108,14 @@ class AssociationServer:
         #: instances stored since start (for logs and tests)
         self.instances_stored = 0
         self.on_stored: Callable[[AssociationProtocol, Operation, StoreResult], None] | None = None
+        #: level of the per-instance log line, decided once: None writes none
+        self.instance_level = activity.instance_level(config.log_instances)
+        #: DICOM audit messages (workers/audit), or None
+        self.audit: Any = None
+        if config.audit is not None:
+            from .audit import AuditTrail
+
+            self.audit = AuditTrail(config.audit, config.ae_title)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -309,3 +320,6 @@ class AssociationServer:
             await server.wait_closed()
         self.caller.shutdown()
         self.io_pool.shutdown(wait=True)
+        if self.audit is not None:
+            # What is queued gets up to 2 s to reach the collector, off the loop.
+            await loop.run_in_executor(None, self.audit.close)

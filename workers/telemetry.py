@@ -203,6 +203,11 @@ class Telemetry:
         self._transitions: dict[tuple[str, str, str], int] = {}
         self._handler_errors: dict[str, int] = {}
         self._restarts: dict[tuple[str, str], int] = {}
+        self._contexts_rejected: dict[str, int] = {}
+        self._audit: dict[str, int] = {}
+        #: the audit sender whose sent/dropped totals are reported (watch_audit)
+        self._audit_source: Any = None
+        self._audit_seen = (0, 0)
         self._dropped = 0  # not yet reported
         # Storage timings may come from pool threads: deque appends are atomic.
         self._writes: collections.deque[float] = collections.deque()
@@ -357,6 +362,18 @@ class Telemetry:
     def handler_error(self, event_name: str) -> None:
         """Count a user handler that failed (raised, timed out, unusable answer)."""
         self._bump(self._handler_errors, event_name)
+
+    def context_rejected(self, reason: str) -> None:
+        """Count a presentation context refused in an A-ASSOCIATE-AC (its PS3.8
+        Table 9-18 reason name)."""
+        self._bump(self._contexts_rejected, reason)
+
+    def watch_audit(self, sender: Any) -> None:
+        """Report the ``sent`` and ``dropped`` totals of an audit sender
+        (workers.audit.syslog.SyslogSender), read on every tick: it counts in its
+        own thread, this turns the totals into deltas."""
+        self._audit_source = sender
+        self._audit_seen = (0, 0)
 
     def worker_restarted(self, worker: str | int, reason: str) -> None:
         """Supervisor: count a restart of ``worker`` (a worker id, or "aggregator")."""
@@ -631,6 +648,18 @@ class Telemetry:
             out.append(w.HandlerError(name, n))
         for (worker, why), n in self._restarts.items():
             out.append(w.Restart(worker, why, n))
+        for why, n in self._contexts_rejected.items():
+            out.append(w.ContextRejected(why, n))
+        source = self._audit_source
+        if source is not None:
+            sent, dropped = source.sent, source.dropped
+            seen_sent, seen_dropped = self._audit_seen
+            self._audit_seen = (sent, dropped)
+            for word, n in (("sent", sent - seen_sent), ("dropped", dropped - seen_dropped)):
+                if n > 0:
+                    self._audit[word] = self._audit.get(word, 0) + n
+        for word, n in self._audit.items():
+            out.append(w.AuditMessages(word, n))
         if self._dropped:
             out.append(w.Dropped(self._dropped))
             self._dropped = 0
@@ -644,6 +673,8 @@ class Telemetry:
             self._transitions,
             self._handler_errors,
             self._restarts,
+            self._contexts_rejected,
+            self._audit,
         ):
             table.clear()
         self._keys = 0
@@ -696,6 +727,11 @@ class Telemetry:
             self._bump(self._handler_errors, r.event, r.count)
         elif isinstance(r, w.Restart):
             self._bump(self._restarts, (r.worker, r.reason), r.count)
+        elif isinstance(r, w.ContextRejected):
+            self._bump(self._contexts_rejected, r.reason, r.count)
+        elif isinstance(r, w.AuditMessages):
+            # Not _bump: at most two keys, and an audit count must not be lost.
+            self._audit[r.outcome] = self._audit.get(r.outcome, 0) + r.count
         elif isinstance(r, w.Dropped):
             self._dropped += r.count  # already in dropped_total
         # Hello, Process, Gauges: snapshots, sent fresh on the next connection/tick.

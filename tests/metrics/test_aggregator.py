@@ -481,3 +481,48 @@ def test_documentation_and_dashboard_match_the_metrics() -> None:
             assert base in families, f"dashboard uses unknown metric {name}"
             used.add(base)
     assert len(used) >= 20
+
+
+def test_refused_contexts_and_audit_messages_counted(sockdir: str) -> None:
+    """A worker's refused presentation contexts and both processes' audit message
+    totals (read from the real syslog sender, whose collector is not there) arrive as
+    exact counters, across ticks, without double counting."""
+    from workers.audit.syslog import SyslogSender
+
+    async def scenario() -> None:
+        path = os.path.join(sockdir, "agg.sock")
+        agg = Aggregator(path, port=0)
+        await agg.start()
+        worker = Telemetry(path, 0, interval=3600)
+        supervisor = Telemetry(path, "supervisor", role="supervisor", interval=3600)
+        await worker.start()
+        await supervisor.start()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            dead = s.getsockname()[1]
+        senders = [SyslogSender(f"tcp://127.0.0.1:{dead}", timeout=1.0) for _ in range(2)]
+        worker.watch_audit(senders[0])
+        supervisor.watch_audit(senders[1])
+        worker.context_rejected("abstract-syntax-not-supported")
+        worker.context_rejected("abstract-syntax-not-supported")
+        worker.context_rejected("transfer-syntaxes-not-supported")
+        for sender, n in zip(senders, (3, 2), strict=True):
+            for _ in range(n):
+                sender.submit(lambda: b"<AuditMessage/>")
+        await until(lambda: senders[0].dropped == 3 and senders[1].dropped == 2, timeout=15)
+        await _delivered(agg, [worker, supervisor])
+        await _delivered(agg, [worker, supervisor])  # a second tick adds nothing
+        got = await scrape(agg)
+        v = lambda name, **labels: value(got, name, **labels)  # noqa: E731
+        name = "pacs_presentation_contexts_rejected_total"
+        assert v(name, reason="abstract-syntax-not-supported") == 2
+        assert v(name, reason="transfer-syntaxes-not-supported") == 1
+        assert v("pacs_audit_messages_dropped_total") == 5
+        assert v("pacs_audit_messages_sent_total") == 0
+        for sender in senders:
+            sender.close(0.5)
+        await worker.close()
+        await supervisor.close()
+        await agg.close()
+
+    asyncio.run(scenario())

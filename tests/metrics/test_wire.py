@@ -52,6 +52,8 @@ RECORDS: st.SearchStrategy[Any] = st.one_of(
     st.builds(w.HandlerError, texts, counts),
     st.builds(w.Dropped, counts),
     st.builds(w.Restart, texts, texts, counts),
+    st.builds(w.ContextRejected, texts, counts),
+    st.builds(w.AuditMessages, texts, counts),
 )
 
 
