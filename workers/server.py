@@ -31,6 +31,7 @@ from .storage.store import InstanceWriter, Store, StoreResult
 from .tls import server_context
 
 if TYPE_CHECKING:
+    from .indexed import IndexedServices
     from .storage.config import FileOps
 
 log = logging.getLogger("workers.server")
@@ -105,6 +106,9 @@ class AssociationServer:
         #: instances stored since start (for logs and tests)
         self.instances_stored = 0
         self.on_stored: Callable[[AssociationProtocol, Operation, StoreResult], None] | None = None
+        #: services answered from the instance index (storage commitment,
+        #: query/retrieve: workers/indexed.py); None when not installed
+        self.indexed: IndexedServices | None = None
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -307,5 +311,7 @@ class AssociationServer:
             await asyncio.wait(list(self.tasks), timeout=1.0)
         for server in self._servers:
             await server.wait_closed()
+        if self.indexed is not None:
+            await self.indexed.close()
         self.caller.shutdown()
         self.io_pool.shutdown(wait=True)

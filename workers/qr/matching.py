@@ -79,9 +79,7 @@ def _strip(value: str) -> str:
 
 
 def _wildcard(pattern: str, ignore_case: bool) -> Matcher:
-    regex = "".join(
-        ".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern
-    )
+    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
     compiled = re.compile(regex, re.DOTALL | (re.IGNORECASE if ignore_case else 0))
     return lambda value: compiled.fullmatch(_strip(value)) is not None
 

@@ -115,9 +115,7 @@ class QueryRetrieve:
 
     # ------------------------------------------------------------------- parts
 
-    def _prepare(
-        self, event: Any, what: str
-    ) -> int | tuple[str, Any, dict[str, list[Any]]]:
+    def _prepare(self, event: Any, what: str) -> int | tuple[str, Any, dict[str, list[Any]]]:
         """(level, identifier, matching records grouped by entity) or a failure status."""
         levels = QUERY_MODELS.get(event.context.abstract_syntax)
         if levels is None:
@@ -154,7 +152,9 @@ class QueryRetrieve:
         if modalities is not None:
             wanted = values["ModalitiesInStudy"]
             groups = {
-                k: rs for k, rs in groups.items() if _any_modality(wanted, self._study_modalities(rs))
+                k: rs
+                for k, rs in groups.items()
+                if _any_modality(wanted, self._study_modalities(rs))
             }
         return level, identifier, groups
 
