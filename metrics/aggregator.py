@@ -226,6 +226,33 @@ class WorkerTotals:
         self.records = 0
 
 
+#: Service record's service -> (metric name, help, label name)
+SERVICE_METRICS = {
+    "commitment_request": (
+        "pacs_storage_commitment_requests",
+        "Storage commitment N-ACTION requests, by outcome (accepted, refused, failed).",
+        "outcome",
+    ),
+    "commitment_instance": (
+        "pacs_storage_commitment_instances",
+        "Instances decided for storage commitment, by result (committed, failed).",
+        "result",
+    ),
+    "commitment_report": (
+        "pacs_storage_commitment_reports",
+        "Storage commitment N-EVENT-REPORT attempts, by outcome (same_association, "
+        "new_association, retry, given_up).",
+        "outcome",
+    ),
+    "query": ("pacs_queries", "C-FIND queries answered from the index, by level.", "level"),
+    "retrieve": (
+        "pacs_retrieves",
+        "C-GET and C-MOVE answered from the index and the store.",
+        "operation",
+    ),
+}
+
+
 def _add(table: dict[Any, int], key: Any, n: int) -> None:
     table[key] = table.get(key, 0) + n
 
@@ -251,6 +278,8 @@ class State:
         #: (calling, sop class) -> [duration sum, bucket counts...]
         self.cstore_hist: dict[tuple[str, str], list[Any]] = {}
         self.restarts: dict[tuple[str, str], int] = {}
+        #: (service, label) -> count: storage commitment, queries, retrieves
+        self.services: dict[tuple[str, str], int] = {}
         self.decode = w.DecodeStats()
         self.records_without_hello = 0
         self.oversized_frames = 0
@@ -270,6 +299,7 @@ class State:
             w.HandlerError: self._handler_error,
             w.Dropped: self._dropped,
             w.Restart: self._restart,
+            w.Service: self._service,
         }
 
     # -- sources --
@@ -414,6 +444,10 @@ class State:
 
     def _dropped(self, source: Source, r: w.Dropped) -> None:
         self.totals(source).dropped += r.count
+
+    def _service(self, source: Source, r: w.Service) -> None:
+        if r.service in SERVICE_METRICS:
+            _add(self.services, (r.service, self.name(r.label)), r.count)
 
     def _restart(self, source: Source, r: w.Restart) -> None:
         _add(self.restarts, (self.worker(r.worker), self.name(r.reason)), r.count)
@@ -637,6 +671,13 @@ class StateCollector(Collector):
         for (worker, reason), n in s.restarts.items():
             restarts.add_metric([worker, reason], n)
         yield restarts
+        families = {
+            service: CounterMetricFamily(name, doc, labels=[label])
+            for service, (name, doc, label) in SERVICE_METRICS.items()
+        }
+        for (service, value), n in s.services.items():
+            families[service].add_metric([value], n)
+        yield from families.values()
 
         # -- processes: the latest connection of each sender, and the aggregator --
         cpu = CounterMetricFamily(

@@ -80,6 +80,7 @@ __all__ = [
     "Record",
     "Rejected",
     "Restart",
+    "Service",
     "Storage",
     "StorageOp",
     "Transition",
@@ -173,6 +174,9 @@ class Kind(IntEnum):
     HANDLER_ERROR = 14
     DROPPED = 15
     RESTART = 16
+    #: services over the instance index (workers/indexed.py); numbered apart from
+    #: the kinds above so that other additions do not collide with it
+    SERVICE = 20
 
 
 class Direction(IntEnum):
@@ -426,6 +430,20 @@ class Restart:
     _SPEC: ClassVar[tuple[Any, ...]] = (str, str, COUNT)
 
 
+@dataclass(slots=True, frozen=True)
+class Service:
+    """Delta: operations of the services answered from the instance index, by
+    ``service`` ("commitment_request", "commitment_instance", "commitment_report",
+    "query", "retrieve") and ``label`` (outcome, query level, C-GET / C-MOVE)."""
+
+    service: str
+    label: str
+    count: int
+
+    KIND: ClassVar[Kind] = Kind.SERVICE
+    _SPEC: ClassVar[tuple[Any, ...]] = (str, str, COUNT)
+
+
 Record = (
     Hello
     | Process
@@ -443,6 +461,7 @@ Record = (
     | HandlerError
     | Dropped
     | Restart
+    | Service
 )
 
 #: Record class by kind.
@@ -465,6 +484,7 @@ RECORD_TYPES: dict[int, type[Any]] = {
         HandlerError,
         Dropped,
         Restart,
+        Service,
     )
 }
 

@@ -211,6 +211,29 @@ def make_parser() -> argparse.ArgumentParser:
         f"{d.tls_handshake_timeout:g})",
     )
 
+    g = ap.add_argument_group("storage commitment and query/retrieve (over the index)")
+    g.add_argument(
+        "--query-retrieve",
+        action="store_const",
+        const=True,
+        help="answer C-FIND, C-GET and C-MOVE (Patient/Study Root) from the index "
+        "(default off); C-MOVE destinations come from [remote-aes] in --config",
+    )
+    g.add_argument(
+        "--commitment-max-references",
+        type=int,
+        metavar="N",
+        help="most instances one storage commitment request may name "
+        f"(default {d.commitment_max_references})",
+    )
+    g.add_argument(
+        "--commitment-retry",
+        type=float,
+        metavar="SECONDS",
+        help="first delay before an undelivered storage commitment report is sent "
+        f"again, doubling up to 300 (default {d.commitment_retry:g})",
+    )
+
     g = ap.add_argument_group("configuration and logs")
     g.add_argument("--config", help="TOML file with any of these settings; flags override it")
     g.add_argument("--log-level", help="DEBUG, INFO (default), WARNING or ERROR")

@@ -79,6 +79,14 @@ class ReceiverConfig:
     identity: dict[str, Any] | None = None
     #: directory relative paths in the config file are resolved against
     config_dir: str | None = None
+    #: C-FIND / C-GET / C-MOVE SCP over the instance index (off: a receiver receives)
+    query_retrieve: bool = False
+    #: the [remote-aes] table: AE title -> { host, port } (commitment reports, C-MOVE)
+    remote_aes: dict[str, Any] = field(default_factory=dict)
+    #: most Referenced SOP Sequence items a storage commitment request may carry
+    commitment_max_references: int = 10_000
+    #: seconds before a storage commitment report is sent again (doubling, to 300 s)
+    commitment_retry: float = 5.0
 
     def check(self) -> None:
         """Raise :class:`ConfigError` for the first value that cannot be used."""
@@ -152,6 +160,21 @@ class ReceiverConfig:
             except (IdentityConfigError, OSError) as exc:
                 raise ConfigError(f"--config [identity]: {exc}") from None
         self._check_tls()
+        from workers.remote_aes import parse_remote_aes
+
+        try:
+            parse_remote_aes(self.remote_aes)
+        except ValueError as exc:
+            raise ConfigError(f"--config [remote-aes]: {exc}") from None
+        if not 1 <= self.commitment_max_references <= 1_000_000:
+            raise ConfigError(
+                f"--commitment-max-references: {self.commitment_max_references} is not "
+                "between 1 and 1000000"
+            )
+        if not self.commitment_retry > 0:
+            raise ConfigError(
+                f"--commitment-retry: {self.commitment_retry} is not a positive number of seconds"
+            )
         if self.handlers:
             from workers.handlers import parse_bindings
 
@@ -284,13 +307,18 @@ def load_toml(path: str) -> dict[str, Any]:
         if not isinstance(ae_sources, dict):
             raise ConfigError(f"--config: {path}: [ae-sources] must be a table")
         out["ae_sources"] = ae_sources
+    remote_aes = data.get("remote-aes", section.get("remote-aes"))
+    if remote_aes is not None:
+        if not isinstance(remote_aes, dict):
+            raise ConfigError(f"--config: {path}: [remote-aes] must be a table")
+        out["remote_aes"] = remote_aes
     identity = data.get("identity", section.get("identity"))
     if identity is not None:
         if not isinstance(identity, dict):
             raise ConfigError(f"--config: {path}: [identity] must be a table")
         out["identity"] = identity
     for key, value in section.items():
-        if key in ("receiver", "identity", "ae-sources") and isinstance(value, dict):
+        if key in ("receiver", "identity", "ae-sources", "remote-aes") and isinstance(value, dict):
             continue
         name = key.replace("-", "_")
         if name not in _FIELDS or name in ("config", "config_dir"):

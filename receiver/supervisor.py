@@ -254,6 +254,14 @@ class Supervisor:
                 ),
                 "graceful_timeout": cfg.graceful_timeout,
                 "metrics_socket": self.metrics_socket if cfg.metrics_port else None,
+                # storage commitment and query/retrieve over the index (workers/indexed.py)
+                "indexed": {
+                    "index": getattr(cfg, "index", None) or None,
+                    "query_retrieve": cfg.query_retrieve,
+                    "remote_aes": dict(cfg.remote_aes),
+                    "commitment_max_references": cfg.commitment_max_references,
+                    "commitment_retry": cfg.commitment_retry,
+                },
             },
         }
         return json.dumps(data)

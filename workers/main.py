@@ -330,6 +330,19 @@ async def _amain(worker_id: int, ctrl_fd: int) -> int:
         store_ops=telemetry.file_ops() if telemetry is not None else None,
         graceful_timeout=float(extra.get("graceful_timeout", 30.0)),
     )
+    indexed = extra.get("indexed")
+    if indexed is not None:
+        from .indexed import IndexedServices, IndexedSettings
+
+        settings = IndexedSettings.from_mapping(indexed)
+        # One worker takes over the pending reports of workers that died.
+        settings.sweeper = worker_id == 0
+        server.indexed = IndexedServices(server, settings)
+        try:
+            await server.indexed.start()
+        except Exception as exc:
+            log.error("worker %d: index unavailable, no storage commitment: %s", worker_id, exc)
+            server.indexed = None
     ctrl = socket.socket(fileno=ctrl_fd)
     worker = Worker(worker_id, ctrl, server, telemetry)
     if extra.get("ask_admission"):

@@ -203,6 +203,7 @@ class Telemetry:
         self._transitions: dict[tuple[str, str, str], int] = {}
         self._handler_errors: dict[str, int] = {}
         self._restarts: dict[tuple[str, str], int] = {}
+        self._services: dict[tuple[str, str], int] = {}
         self._dropped = 0  # not yet reported
         # Storage timings may come from pool threads: deque appends are atomic.
         self._writes: collections.deque[float] = collections.deque()
@@ -357,6 +358,12 @@ class Telemetry:
     def handler_error(self, event_name: str) -> None:
         """Count a user handler that failed (raised, timed out, unusable answer)."""
         self._bump(self._handler_errors, event_name)
+
+    def service(self, service: str, label: str, n: int = 1) -> None:
+        """Count ``n`` operations of an index-backed service (storage commitment,
+        queries, retrieves: workers/indexed.py); on the loop."""
+        if n:
+            self._bump(self._services, (service, label), n)
 
     def worker_restarted(self, worker: str | int, reason: str) -> None:
         """Supervisor: count a restart of ``worker`` (a worker id, or "aggregator")."""
@@ -631,6 +638,8 @@ class Telemetry:
             out.append(w.HandlerError(name, n))
         for (worker, why), n in self._restarts.items():
             out.append(w.Restart(worker, why, n))
+        for (service, label), n in self._services.items():
+            out.append(w.Service(service, label, n))
         if self._dropped:
             out.append(w.Dropped(self._dropped))
             self._dropped = 0
@@ -644,6 +653,7 @@ class Telemetry:
             self._transitions,
             self._handler_errors,
             self._restarts,
+            self._services,
         ):
             table.clear()
         self._keys = 0
@@ -696,6 +706,8 @@ class Telemetry:
             self._bump(self._handler_errors, r.event, r.count)
         elif isinstance(r, w.Restart):
             self._bump(self._restarts, (r.worker, r.reason), r.count)
+        elif isinstance(r, w.Service):
+            self._bump(self._services, (r.service, r.label), r.count)
         elif isinstance(r, w.Dropped):
             self._dropped += r.count  # already in dropped_total
         # Hello, Process, Gauges: snapshots, sent fresh on the next connection/tick.
