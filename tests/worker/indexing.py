@@ -43,7 +43,9 @@ def install(w: WorkerThread, **settings: Any) -> IndexedServices:
     return result
 
 
-def make_ct(seed: int, *, study: str, series: str, patient: str = "Doe^Jane", **attrs: Any) -> Dataset:
+def make_ct(
+    seed: int, *, study: str, series: str, patient: str = "Doe^Jane", **attrs: Any
+) -> Dataset:
     """A small CT image in the given study and series."""
     ds = Dataset()
     ds.SOPClassUID = CT_IMAGE
@@ -124,7 +126,7 @@ def synthetic_records(n: int, *, study: str, series: str) -> list[IndexRecord]:
     """``n`` index records without files (enough for C-FIND)."""
     return [
         IndexRecord(
-            sop_instance_uid=f"{series}.{i + 1}",
+            sop_instance_uid=f"{series[:48]}.{i + 1}",
             sop_class_uid=CT_IMAGE,
             study_uid=study,
             series_uid=series,

@@ -138,7 +138,9 @@ def test_report_on_a_new_association_with_failures(worker_factory: WorkerFactory
     server = _listener(reports)
     try:
         w = worker_factory()
-        services = install(w, remote_aes={SCU_AE: {"host": "127.0.0.1", "port": server.server_address[1]}})
+        services = install(
+            w, remote_aes={SCU_AE: {"host": "127.0.0.1", "port": server.server_address[1]}}
+        )
         files = _stored_study(w, services, n=4)
         good, altered, deleted, conflict = list(files)
         # Altered on disk after it was stored: its digest no longer matches.
@@ -149,8 +151,13 @@ def test_report_on_a_new_association_with_failures(worker_factory: WorkerFactory
         never = generate_uid()
         status, transaction = _request(
             w,
-            [(CT_IMAGE, good), (CT_IMAGE, altered), (CT_IMAGE, deleted), (MR_IMAGE, conflict),
-             (CT_IMAGE, never)],  # fmt: skip
+            [
+                (CT_IMAGE, good),
+                (CT_IMAGE, altered),
+                (CT_IMAGE, deleted),
+                (MR_IMAGE, conflict),
+                (CT_IMAGE, never),
+            ],  # fmt: skip
         )
         assert status == 0x0000
         (event_type, info, _), *_ = reports.wait()
@@ -159,7 +166,9 @@ def test_report_on_a_new_association_with_failures(worker_factory: WorkerFactory
     assert event_type == 2
     assert info.TransactionUID == transaction
     assert set(_items(info, "ReferencedSOPSequence")) == {good}
-    failed = {uid: int(item.FailureReason) for uid, item in _items(info, "FailedSOPSequence").items()}
+    failed = {
+        uid: int(item.FailureReason) for uid, item in _items(info, "FailedSOPSequence").items()
+    }
     assert failed == {altered: 0x0110, deleted: 0x0112, conflict: 0x0119, never: 0x0112}
     assert services.index is not None
     record = services.index.get(deleted)
