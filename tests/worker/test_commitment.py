@@ -157,7 +157,7 @@ def test_report_on_a_new_association_with_failures(worker_factory: WorkerFactory
                 (CT_IMAGE, deleted),
                 (MR_IMAGE, conflict),
                 (CT_IMAGE, never),
-            ],  # fmt: skip
+            ],
         )
         assert status == 0x0000
         (event_type, info, _), *_ = reports.wait()

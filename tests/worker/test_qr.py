@@ -111,7 +111,7 @@ def test_find_series_and_image_levels_with_uid_list(qr: Any, tmp_path: Path) -> 
             "SeriesInstanceUID",
             "Modality=C?",
             "NumberOfSeriesRelatedInstances",
-        ],  # fmt: skip
+        ],
         "-S",
     )
     assert {str(r.SeriesInstanceUID): int(r.NumberOfSeriesRelatedInstances) for r in found} == {
@@ -129,7 +129,7 @@ def test_find_series_and_image_levels_with_uid_list(qr: Any, tmp_path: Path) -> 
 
 
 def test_find_patient_root(qr: Any, tmp_path: Path) -> None:
-    w, _, s = qr
+    w, _, _ = qr
     found = findscu(
         w,
         tmp_path / "p",
@@ -138,7 +138,7 @@ def test_find_patient_root(qr: Any, tmp_path: Path) -> None:
             "PatientID=PID-2",
             "PatientName",
             "NumberOfPatientRelatedStudies",
-        ],  # fmt: skip
+        ],
         "-P",
     )
     assert [(str(r.PatientID), str(r.PatientName)) for r in found] == [("PID-2", "Roe^Rick")]
