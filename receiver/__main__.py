@@ -77,6 +77,17 @@ def make_parser() -> argparse.ArgumentParser:
         "(answering Success), or 'reject' (0x0111)",
     )
     g.add_argument("--layout", help=f"path template under --storage (default {d.layout})")
+    g.add_argument(
+        "--index",
+        metavar="off|sqlite|sqlite:///PATH|postgresql://...",
+        help="the index of received instances: 'sqlite' (default: STORAGE/.index/index.db), "
+        "a PostgreSQL URL shared by several receivers, or 'off'",
+    )
+    g.add_argument(
+        "--index-node",
+        metavar="NAME",
+        help="this receiver's name in a shared index (default: the host name)",
+    )
 
     g = ap.add_argument_group("processes")
     g.add_argument("--workers", type=int, help="worker processes (default: number of CPUs)")
@@ -259,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pacs-receiver: error: {exc}", file=sys.stderr)
         return 2
+    from workers.index import IndexUnavailable
     from workers.main import setup_logging
 
     from .supervisor import run
@@ -266,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(cfg.log_level, cfg.log_format)
     try:
         return run(cfg, reload)
+    except IndexUnavailable as exc:
+        print(f"pacs-receiver: error: --index: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(
             f"pacs-receiver: error: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}",

@@ -77,6 +77,11 @@ class ReceiverConfig:
     tls_handshake_timeout: float = 10.0
     #: the [identity] table of the config file (user identity policy), as read
     identity: dict[str, Any] | None = None
+    #: the instance index: "sqlite" (embedded, under --storage), "sqlite:///path",
+    #: "postgresql://..." (shared by several receivers) or "off"
+    index: str = "sqlite"
+    #: this receiver's name in a shared index (default: the host name)
+    index_node: str = ""
     #: directory relative paths in the config file are resolved against
     config_dir: str | None = None
     #: C-FIND / C-GET / C-MOVE SCP over the instance index (off: a receiver receives)
@@ -175,6 +180,13 @@ class ReceiverConfig:
             raise ConfigError(
                 f"--commitment-retry: {self.commitment_retry} is not a positive number of seconds"
             )
+        if not (
+            self.index in ("off", "sqlite")
+            or self.index.startswith(("sqlite://", "postgresql://", "postgres://"))
+        ):
+            raise ConfigError(
+                f"--index: {self.index!r} is not off, sqlite, sqlite:///PATH or postgresql://..."
+            )
         if self.handlers:
             from workers.handlers import parse_bindings
 
@@ -266,6 +278,24 @@ class ReceiverConfig:
         from workers.identity import IdentitySettings
 
         return IdentitySettings.from_mapping(self.identity, base_dir=self.config_dir)
+
+    def index_target(self) -> str | None:
+        """What ``workers.index.open_index`` takes; None with ``--index off``."""
+        if self.index == "off":
+            return None
+        return "" if self.index == "sqlite" else self.index
+
+    def index_node_name(self) -> str:
+        """--index-node, or the host name for a shared (PostgreSQL) index; the
+        embedded index has one store, and its rows no node name (so that renaming
+        the host does not orphan them)."""
+        if self.index_node:
+            return self.index_node
+        if self.index.startswith(("postgresql://", "postgres://")):
+            import socket
+
+            return socket.gethostname()
+        return ""
 
     def syntaxes(self) -> dict[str, tuple[str, ...]]:
         """The acceptor's abstract -> transfer syntax policy."""

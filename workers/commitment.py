@@ -82,6 +82,9 @@ _LEASE = 120.0
 #: how far past ``due`` a report must be before the sweeper takes it over
 _ORPHANED_AFTER = 5.0
 _SWEEP_INTERVAL = 10.0
+#: how long after it was acknowledged an instance may still be on its way into the
+#: index (the index writers batch; see workers/index/writer.py)
+_INDEX_GRACE = 3.0
 
 
 @dataclass(slots=True)
@@ -381,13 +384,22 @@ class Commitment:
         delay = self.settings.commitment_retry
         try:
             if not job.decided:
-                job.committed, job.failed = await loop.run_in_executor(
-                    services.pool,
-                    decide,
-                    self.index,
-                    services.storage_root,
-                    job.references,
+                committed, failed = await loop.run_in_executor(
+                    services.pool, decide, self.index, services.storage_root, job.references
                 )
+                unknown = [(c, i) for c, i, r in failed if r == REASON_NO_SUCH_OBJECT]
+                wait = job.created + _INDEX_GRACE - time.time()
+                if unknown and wait > 0:
+                    # Instances are indexed in batches a moment after they are stored
+                    # (by whichever worker took them): one acknowledged a moment ago may
+                    # not be in the index yet. Ask again once that moment has passed.
+                    await asyncio.sleep(wait)
+                    again, still = await loop.run_in_executor(
+                        services.pool, decide, self.index, services.storage_root, unknown
+                    )
+                    committed += again
+                    failed = [f for f in failed if f[2] != REASON_NO_SUCH_OBJECT] + still
+                job.committed, job.failed = committed, failed
                 await loop.run_in_executor(
                     services.pool,
                     lambda: self.index.put_pending(

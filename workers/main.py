@@ -152,6 +152,7 @@ class Worker:
         except (ValueError, OSError):
             pass
         await self.server.close(graceful)
+        await close_index(self.server)
         self._report_closed()
         if self.telemetry is not None:
             await self.telemetry.close()
@@ -311,6 +312,33 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
+def open_index_writer(server: AssociationServer, target: str, node: str) -> None:
+    """Give ``server`` an index writer on ``target`` (``open_index``'s argument).
+
+    The supervisor opened (and reconciled) the index before starting workers, so a
+    failure here is transient (a database restarting): the worker stores without
+    indexing rather than exit (a restart loop), and says so; the next start's
+    reconcile indexes what was stored meanwhile."""
+    from .index import IndexUnavailable, open_index
+    from .index.writer import IndexWriter
+
+    try:
+        index = open_index(target, str(server.store.root), node=node)
+    except IndexUnavailable as exc:
+        log.error("instance index unavailable, not indexing in this worker: %s", exc)
+        return
+    server.index_node = node
+    server.index_writer = IndexWriter(index, replace=server.store.config.duplicates == "overwrite")
+
+
+async def close_index(server: AssociationServer) -> None:
+    """Write what the index writer holds (a few seconds at most), then close it."""
+    writer, server.index_writer = server.index_writer, None
+    if writer is not None:
+        await asyncio.get_running_loop().run_in_executor(None, writer.close, 5.0)
+        writer.index.close()
+
+
 async def _amain(worker_id: int, ctrl_fd: int) -> int:
     cfg, handlers, extra = worker_config_from_json(os.environ[CONFIG_ENV])
     telemetry = None
@@ -330,14 +358,17 @@ async def _amain(worker_id: int, ctrl_fd: int) -> int:
         store_ops=telemetry.file_ops() if telemetry is not None else None,
         graceful_timeout=float(extra.get("graceful_timeout", 30.0)),
     )
+    if extra.get("index") is not None:
+        open_index_writer(server, extra["index"], str(extra.get("index_node") or ""))
     indexed = extra.get("indexed")
-    if indexed is not None:
+    if indexed is not None and server.index_writer is not None:
         from .indexed import IndexedServices, IndexedSettings
 
         settings = IndexedSettings.from_mapping(indexed)
         # One worker takes over the pending reports of workers that died.
         settings.sweeper = worker_id == 0
-        server.indexed = IndexedServices(server, settings)
+        # The writer's Index is thread-safe: the services read through it too.
+        server.indexed = IndexedServices(server, settings, index=server.index_writer.index)
         try:
             await server.indexed.start()
         except Exception as exc:

@@ -60,8 +60,7 @@ class IndexWriter:
         self._in_flight = 0
         self._wake = threading.Event()
         self._closing = False
-        self._idle = threading.Event()
-        self._idle.set()
+        self._stop = threading.Event()  # set by close(): ends a linger at once
         self._thread = threading.Thread(target=self._run, name="index-writer", daemon=True)
         self._thread.start()
 
@@ -94,6 +93,7 @@ class IndexWriter:
     def close(self, timeout: float = 10.0) -> None:
         """Write what is queued (for up to ``timeout`` seconds), then stop."""
         self._closing = True
+        self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
         if self._thread.is_alive():
@@ -111,7 +111,7 @@ class IndexWriter:
                     return
                 continue
             if len(queue) < self.batch_size and not self._closing:
-                time.sleep(self.linger)
+                self._stop.wait(self.linger)
             while queue:
                 batch: list[IndexRecord] = []
                 take = min(len(queue), self.batch_size)

@@ -1,0 +1,57 @@
+"""Fixtures of the index tests: every index test runs against both backends.
+
+``index_url`` is parametrized: ``sqlite`` (a file under a temporary storage root)
+and ``postgresql`` (a fresh database on a real PostgreSQL server started once per
+session from Debian's package; skipped when PostgreSQL or psycopg is missing).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.pgserver import PostgresServer, find_bindir
+from workers.index import Index, open_index
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    bindir = find_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL is not installed (make test installs it)")
+    if importlib.util.find_spec("psycopg") is None:
+        pytest.skip("psycopg is not installed (the postgresql extra)")
+    server = PostgresServer(bindir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def index_url(request: pytest.FixtureRequest, tmp_path: Path) -> str | None:
+    """What ``open_index`` takes: None (embedded SQLite) or a PostgreSQL URL."""
+    if request.param == "sqlite":
+        return None
+    server: PostgresServer = request.getfixturevalue("pg_server")
+    return server.new_database()
+
+
+@pytest.fixture
+def storage_root(tmp_path: Path) -> Path:
+    root = tmp_path / "store"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def index(index_url: str | None, storage_root: Path) -> Iterator[Index]:
+    ix = open_index(index_url, str(storage_root), node="node-a")
+    try:
+        yield ix
+    finally:
+        ix.close()
