@@ -176,6 +176,10 @@ class ReceiverConfig:
                 f"--commitment-max-references: {self.commitment_max_references} is not "
                 "between 1 and 1000000"
             )
+        if self.query_retrieve and self.index == "off":
+            raise ConfigError(
+                "--query-retrieve: answers from the index, which --index off turns off"
+            )
         if not self.commitment_retry > 0:
             raise ConfigError(
                 f"--commitment-retry: {self.commitment_retry} is not a positive number of seconds"

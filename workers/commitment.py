@@ -337,6 +337,8 @@ class Commitment:
             _respond(proto, op, status)
             return None
         transaction, references = parsed
+        if not proto.can_send:
+            return None  # the requestor left: nobody to tell Success, nothing owed
         job = Job(
             uuid.uuid4().hex,
             transaction,

@@ -82,6 +82,7 @@ def test_help_documents_every_option() -> None:
         (["--config", "/nonexistent/pacsrx.toml"], "--config"),
         (["--commitment-max-references", "0"], "--commitment-max-references"),
         (["--commitment-retry", "0"], "--commitment-retry"),
+        (["--query-retrieve", "--index", "off"], "--query-retrieve"),
         (["--no-such-flag"], "--no-such-flag"),
     ],
 )
