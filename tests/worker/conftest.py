@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import importlib.util
 import inspect
 import logging
 import os
@@ -32,6 +33,7 @@ import uvloop
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import generate_uid
 
+from tests.pgserver import PostgresServer, find_bindir
 from workers.config import WorkerConfig
 from workers.engine import acse, dimse
 from workers.engine import pdu as p
@@ -570,3 +572,31 @@ def encode_plain(ds: Dataset, transfer_syntax: str = EXPLICIT_LE) -> bytes:
     from workers.datasets import encode_dataset
 
     return encode_dataset(ds, transfer_syntax)
+
+
+# -------------------------------------------------- the instance index, both backends
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    bindir = find_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL is not installed (make test installs it)")
+    if importlib.util.find_spec("psycopg") is None:
+        pytest.skip("psycopg is not installed (the postgresql extra)")
+    server = PostgresServer(bindir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def index_url(request: pytest.FixtureRequest) -> str | None:
+    """The index the services use: None (SQLite under the worker's storage root) or
+    a fresh database on a real PostgreSQL server (started once per session)."""
+    if request.param == "sqlite":
+        return None
+    server: PostgresServer = request.getfixturevalue("pg_server")
+    return server.new_database()

@@ -28,10 +28,10 @@ STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"
 STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
 
 
-def install(w: WorkerThread, **settings: Any) -> IndexedServices:
-    """Install the indexed services on the worker ``w`` (its index under its store)."""
+def install(w: WorkerThread, index_url: str | None = None, **settings: Any) -> IndexedServices:
+    """Install the indexed services on the worker ``w``, over ``index_url``."""
     remote = parse_remote_aes(settings.pop("remote_aes", {}))
-    cfg = IndexedSettings(remote_aes=remote, **settings)
+    cfg = IndexedSettings(index=index_url, remote_aes=remote, **settings)
 
     async def start() -> IndexedServices:
         services = IndexedServices(w.server, cfg)

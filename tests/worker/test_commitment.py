@@ -96,10 +96,11 @@ def _items(ds: Any, name: str) -> dict[str, Any]:
 
 
 def test_report_on_the_same_association_when_the_scu_took_the_scp_role(
+    index_url: str | None,
     worker_factory: WorkerFactory,
 ) -> None:
     w = worker_factory()
-    services = install(w)
+    services = install(w, index_url)
     files = _stored_study(w, services)
     reports = Reports()
     transaction = generate_uid()
@@ -133,13 +134,16 @@ def test_report_on_the_same_association_when_the_scu_took_the_scp_role(
     wait_for(lambda: not services.index.due_pending(owner=""), 5.0)  # delivered: forgotten
 
 
-def test_report_on_a_new_association_with_failures(worker_factory: WorkerFactory) -> None:
+def test_report_on_a_new_association_with_failures(
+    index_url: str | None, worker_factory: WorkerFactory
+) -> None:
     reports = Reports()
     server = _listener(reports)
     try:
         w = worker_factory()
         services = install(
-            w, remote_aes={SCU_AE: {"host": "127.0.0.1", "port": server.server_address[1]}}
+            w,
+            remote_aes={SCU_AE: {"host": "127.0.0.1", "port": server.server_address[1]}},
         )
         files = _stored_study(w, services, n=4)
         good, altered, deleted, conflict = list(files)
@@ -175,11 +179,13 @@ def test_report_on_a_new_association_with_failures(worker_factory: WorkerFactory
     assert record is not None and record.state == "missing"
 
 
-def test_report_retried_until_the_requestor_listens(worker_factory: WorkerFactory) -> None:
+def test_report_retried_until_the_requestor_listens(
+    index_url: str | None, worker_factory: WorkerFactory
+) -> None:
     port = free_port()
     w = worker_factory()
     services = install(
-        w, remote_aes={SCU_AE: {"host": "127.0.0.1", "port": port}}, commitment_retry=0.2
+        w, index_url, remote_aes={SCU_AE: {"host": "127.0.0.1", "port": port}}, commitment_retry=0.2
     )
     files = _stored_study(w, services, n=2)
     status, transaction = _request(w, [(CT_IMAGE, uid) for uid in files])
@@ -200,12 +206,14 @@ def test_report_retried_until_the_requestor_listens(worker_factory: WorkerFactor
     wait_for(lambda: not index.due_pending(owner=""), 5.0)
 
 
-def test_pending_report_survives_a_restart(worker_factory: WorkerFactory, tmp_path: Path) -> None:
+def test_pending_report_survives_a_restart(
+    index_url: str | None, worker_factory: WorkerFactory, tmp_path: Path
+) -> None:
     port = free_port()
     root = tmp_path / "shared-store"
     remote = {SCU_AE: {"host": "127.0.0.1", "port": port}}
     first = worker_factory(root=root)
-    services = install(first, remote_aes=remote, commitment_retry=0.2)
+    services = install(first, index_url, remote_aes=remote, commitment_retry=0.2)
     files = _stored_study(first, services, n=2)
     status, transaction = _request(first, [(CT_IMAGE, uid) for uid in files])
     assert status == 0x0000
@@ -213,13 +221,13 @@ def test_pending_report_survives_a_restart(worker_factory: WorkerFactory, tmp_pa
     index = services.index
     wait_for(lambda: any(r.attempts >= 1 for r in index.due_pending(owner="")), 15.0)
     first.stop()
-    with open_index(None, str(root)) as fresh:
+    with open_index(index_url, str(root)) as fresh:
         assert len(fresh.due_pending(owner="")) == 1  # kept across the stop
     reports = Reports()
     server = _listener(reports, port)
     try:
         second = worker_factory(root=root)
-        again = install(second, remote_aes=remote, commitment_retry=0.2)
+        again = install(second, index_url, remote_aes=remote, commitment_retry=0.2)
         (event_type, info, _), *_ = reports.wait()
     finally:
         server.shutdown()
@@ -237,10 +245,10 @@ def test_pending_report_survives_a_restart(worker_factory: WorkerFactory, tmp_pa
     ids=["empty", "oversized"],
 )
 def test_empty_or_oversized_request_refused(
-    worker_factory: WorkerFactory, count: int, expected: int
+    index_url: str | None, worker_factory: WorkerFactory, count: int, expected: int
 ) -> None:
     w = worker_factory()
-    services = install(w, commitment_max_references=2)
+    services = install(w, index_url, commitment_max_references=2)
     references = [(CT_IMAGE, generate_uid()) for _ in range(count)]
     status, _ = _request(w, references)
     assert status == expected
@@ -248,7 +256,9 @@ def test_empty_or_oversized_request_refused(
     assert services.index.due_pending(owner="") == []
 
 
-def test_user_n_action_handler_takes_precedence(worker_factory: WorkerFactory) -> None:
+def test_user_n_action_handler_takes_precedence(
+    index_url: str | None, worker_factory: WorkerFactory
+) -> None:
     calls: list[Any] = []
 
     def on_action(event: Any) -> tuple[int, None]:
@@ -256,7 +266,7 @@ def test_user_n_action_handler_takes_precedence(worker_factory: WorkerFactory) -
         return 0x0000, None
 
     w = worker_factory(evt_handlers=[(wevt.EVT_N_ACTION, on_action)])
-    services = install(w)
+    services = install(w, index_url)
     status, transaction = _request(w, [(CT_IMAGE, generate_uid())])
     assert status == 0x0000
     assert calls == [transaction]

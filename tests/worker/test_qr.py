@@ -20,7 +20,13 @@ from workers.engine import events as wevt
 from workers.engine.events import decode_dataset
 
 from .conftest import WorkerFactory, WorkerThread, dataset_bytes
-from .indexing import index_store, install, make_ct, store, synthetic_records
+from .indexing import (
+    index_store,
+    install,
+    make_ct,
+    store,
+    synthetic_records,
+)
 from .peers import PynetdicomSCP
 
 FINDSCU = shutil.which("findscu")
@@ -63,9 +69,9 @@ class Store:
 
 
 @pytest.fixture
-def qr(worker_factory: WorkerFactory) -> tuple[WorkerThread, Any, Store]:
+def qr(index_url: str | None, worker_factory: WorkerFactory) -> tuple[WorkerThread, Any, Store]:
     w = worker_factory()
-    services = install(w, query_retrieve=True)
+    services = install(w, index_url, query_retrieve=True)
     return w, services, Store(w, services)
 
 
