@@ -72,6 +72,8 @@ __all__ = [
     "Gauges",
     "HandlerError",
     "Hello",
+    "IndexLag",
+    "IndexWrites",
     "Kind",
     "LabelLimiter",
     "Outcome",
@@ -173,6 +175,10 @@ class Kind(IntEnum):
     HANDLER_ERROR = 14
     DROPPED = 15
     RESTART = 16
+    # The instance index (workers/index); numbered apart so that kinds added on other
+    # branches meanwhile do not collide.
+    INDEX_LAG = 32
+    INDEX_WRITES = 33
 
 
 class Direction(IntEnum):
@@ -426,6 +432,29 @@ class Restart:
     _SPEC: ClassVar[tuple[Any, ...]] = (str, str, COUNT)
 
 
+@dataclass(slots=True, frozen=True)
+class IndexLag:
+    """Snapshot: index records accepted by the worker's writer, not yet written."""
+
+    records: int
+
+    KIND: ClassVar[Kind] = Kind.INDEX_LAG
+    _SPEC: ClassVar[tuple[Any, ...]] = (COUNT,)
+
+
+@dataclass(slots=True, frozen=True)
+class IndexWrites:
+    """Delta: index records written, batch attempts that failed, records dropped
+    (writer queue full; the start-up reconcile indexes them)."""
+
+    written: int
+    errors: int
+    dropped: int
+
+    KIND: ClassVar[Kind] = Kind.INDEX_WRITES
+    _SPEC: ClassVar[tuple[Any, ...]] = (COUNT, COUNT, COUNT)
+
+
 Record = (
     Hello
     | Process
@@ -443,6 +472,8 @@ Record = (
     | HandlerError
     | Dropped
     | Restart
+    | IndexLag
+    | IndexWrites
 )
 
 #: Record class by kind.
@@ -465,6 +496,8 @@ RECORD_TYPES: dict[int, type[Any]] = {
         HandlerError,
         Dropped,
         Restart,
+        IndexLag,
+        IndexWrites,
     )
 }
 
