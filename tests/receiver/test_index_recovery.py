@@ -157,3 +157,40 @@ def test_worker_killed_mid_run_loses_no_record(
         check_index(again, "sqlite", None)
     finally:
         again.stop()
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    from .conftest import PACS_RECEIVER
+
+    return subprocess.run(
+        [PACS_RECEIVER, "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        stdin=subprocess.DEVNULL,
+        cwd=cwd,
+    )
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["bogus", "mysql://x", "postgresql://pacs@/nodb?host=/nonexistent-socket-dir"],
+)
+def test_unusable_index_exits_2_with_one_line(value: str, tmp_path: Path) -> None:
+    result = _run("--index", value, "--storage", str(tmp_path / "store"), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("pacs-receiver: error: --index"), lines[0]
+
+
+def test_newer_index_schema_exits_2(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    index = open_index(None, str(store))
+    with index._write_lock, index._transaction(index._writer_conn()) as cur:
+        cur.execute("UPDATE schema_version SET version = 999")
+    index.close()
+    result = _run("--storage", str(store), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.splitlines()) == 1 and "newer" in result.stderr, result.stderr
