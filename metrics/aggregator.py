@@ -176,6 +176,7 @@ class Source:
     __slots__ = (
         "cpu",
         "hello_at",
+        "index_lag",
         "open_associations",
         "open_connections",
         "pid",
@@ -195,6 +196,8 @@ class Source:
         self.rss: int | None = None
         self.open_connections = 0
         self.open_associations: dict[tuple[str, str], int] = {}
+        #: index records queued in the sender's writer (None: it has no index)
+        self.index_lag: int | None = None
 
 
 class WorkerTotals:
@@ -207,6 +210,7 @@ class WorkerTotals:
         "dropped",
         "frames",
         "handler_errors",
+        "index",
         "pdus",
         "records",
         "storage",
@@ -221,6 +225,8 @@ class WorkerTotals:
         self.storage: dict[int, list[Any]] = {}
         self.transitions: dict[tuple[str, str, str], int] = {}
         self.handler_errors: dict[str, int] = {}
+        #: index records written, failed batch attempts, records dropped
+        self.index = [0, 0, 0]
         self.dropped = 0
         self.frames = 0
         self.records = 0
@@ -300,6 +306,8 @@ class State:
             w.Dropped: self._dropped,
             w.Restart: self._restart,
             w.Service: self._service,
+            w.IndexLag: self._index_lag,
+            w.IndexWrites: self._index_writes,
         }
 
     # -- sources --
@@ -451,6 +459,15 @@ class State:
 
     def _restart(self, source: Source, r: w.Restart) -> None:
         _add(self.restarts, (self.worker(r.worker), self.name(r.reason)), r.count)
+
+    def _index_lag(self, source: Source, r: w.IndexLag) -> None:
+        source.index_lag = r.records
+
+    def _index_writes(self, source: Source, r: w.IndexWrites) -> None:
+        totals = self.totals(source).index
+        totals[0] += r.written
+        totals[1] += r.errors
+        totals[2] += r.dropped
 
 
 # -- exposition ------------------------------------------------------------------------
@@ -663,6 +680,8 @@ class StateCollector(Collector):
             open_conns.add_metric([worker], n)
         yield open_conns
 
+        yield from _index_metrics(s)
+
         restarts = CounterMetricFamily(
             "pacs_worker_restarts",
             "Processes restarted by the supervisor, by reason.",
@@ -735,6 +754,43 @@ class StateCollector(Collector):
         )
         start.add_metric([], s.started)
         yield start
+
+
+def _index_metrics(s: State) -> Iterator[Metric]:
+    """The instance index: lag (records not yet written), written, errors, dropped."""
+    lag = GaugeMetricFamily(
+        "pacs_index_lag_records",
+        "Index records of stored instances queued in the worker, not yet written.",
+        labels=["worker"],
+    )
+    per_worker: dict[str, int] = {}
+    for src in s.sources:
+        if src.ready and src.index_lag is not None:
+            _add(per_worker, src.worker, src.index_lag)
+    for worker, n in per_worker.items():
+        lag.add_metric([worker], n)
+    families = [
+        CounterMetricFamily(
+            "pacs_index_records_written", "Index records written.", labels=["worker"]
+        ),
+        CounterMetricFamily(
+            "pacs_index_errors",
+            "Index batch writes that failed (each is retried).",
+            labels=["worker"],
+        ),
+        CounterMetricFamily(
+            "pacs_index_records_dropped",
+            "Index records dropped (writer queue full or closing); the start-up "
+            "reconcile indexes their instances.",
+            labels=["worker"],
+        ),
+    ]
+    for worker, t in s.workers.items():
+        if any(t.index):
+            for family, n in zip(families, t.index, strict=True):
+                family.add_metric([worker], n)
+    yield lag
+    yield from families
 
 
 def _category_of(status: str) -> str:

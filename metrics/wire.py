@@ -72,6 +72,8 @@ __all__ = [
     "Gauges",
     "HandlerError",
     "Hello",
+    "IndexLag",
+    "IndexWrites",
     "Kind",
     "LabelLimiter",
     "Outcome",
@@ -177,6 +179,10 @@ class Kind(IntEnum):
     #: services over the instance index (workers/indexed.py); numbered apart from
     #: the kinds above so that other additions do not collide with it
     SERVICE = 20
+    # The instance index (workers/index); numbered apart so that kinds added on other
+    # branches meanwhile do not collide.
+    INDEX_LAG = 32
+    INDEX_WRITES = 33
 
 
 class Direction(IntEnum):
@@ -444,6 +450,29 @@ class Service:
     _SPEC: ClassVar[tuple[Any, ...]] = (str, str, COUNT)
 
 
+@dataclass(slots=True, frozen=True)
+class IndexLag:
+    """Snapshot: index records accepted by the worker's writer, not yet written."""
+
+    records: int
+
+    KIND: ClassVar[Kind] = Kind.INDEX_LAG
+    _SPEC: ClassVar[tuple[Any, ...]] = (COUNT,)
+
+
+@dataclass(slots=True, frozen=True)
+class IndexWrites:
+    """Delta: index records written, batch attempts that failed, records dropped
+    (writer queue full; the start-up reconcile indexes them)."""
+
+    written: int
+    errors: int
+    dropped: int
+
+    KIND: ClassVar[Kind] = Kind.INDEX_WRITES
+    _SPEC: ClassVar[tuple[Any, ...]] = (COUNT, COUNT, COUNT)
+
+
 Record = (
     Hello
     | Process
@@ -462,6 +491,8 @@ Record = (
     | Dropped
     | Restart
     | Service
+    | IndexLag
+    | IndexWrites
 )
 
 #: Record class by kind.
@@ -485,6 +516,8 @@ RECORD_TYPES: dict[int, type[Any]] = {
         Dropped,
         Restart,
         Service,
+        IndexLag,
+        IndexWrites,
     )
 }
 

@@ -279,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(cfg, reload)
     except IndexUnavailable as exc:
-        print(f"pacs-receiver: error: --index: {exc}", file=sys.stderr)
+        # One line: a driver's message may span several.
+        print(f"pacs-receiver: error: --index: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(

@@ -12,6 +12,7 @@ durability. :func:`find_bindir` is None when PostgreSQL is not installed (tests 
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import pwd
 import shutil
@@ -19,9 +20,12 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from itertools import count
 
-__all__ = ["PostgresServer", "find_bindir"]
+import pytest
+
+__all__ = ["PostgresServer", "find_bindir", "pg_server"]
 
 
 def find_bindir() -> str | None:
@@ -103,3 +107,20 @@ class PostgresServer:
                 proc.kill()
                 proc.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the session (import this fixture into a conftest or
+    test module to use it); skips when PostgreSQL or psycopg is not installed."""
+    bindir = find_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL is not installed (make test installs it)")
+    if importlib.util.find_spec("psycopg") is None:
+        pytest.skip("psycopg is not installed (the postgresql extra)")
+    server = PostgresServer(bindir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

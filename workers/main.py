@@ -360,6 +360,8 @@ async def _amain(worker_id: int, ctrl_fd: int) -> int:
     )
     if extra.get("index") is not None:
         open_index_writer(server, extra["index"], str(extra.get("index_node") or ""))
+        if telemetry is not None:
+            telemetry.index_writer = server.index_writer
     indexed = extra.get("indexed")
     if indexed is not None and server.index_writer is not None:
         from .indexed import IndexedServices, IndexedSettings

@@ -106,6 +106,7 @@ from .engine import events as evt
 
 if TYPE_CHECKING:
     from .association import AssociationProtocol, Operation
+    from .index.writer import IndexWriter
     from .storage.config import FileOps
 
 __all__ = ["RECEIVED", "SENT", "Telemetry"]
@@ -205,6 +206,10 @@ class Telemetry:
         self._restarts: dict[tuple[str, str], int] = {}
         self._services: dict[tuple[str, str], int] = {}
         self._dropped = 0  # not yet reported
+        #: the worker's index writer (workers/index/writer.py): its lag and counters
+        #: are read on every tick; None: no index
+        self.index_writer: IndexWriter | None = None
+        self._index_sent = [0, 0, 0]  # (written, errors, dropped) already reported
         # Storage timings may come from pool threads: deque appends are atomic.
         self._writes: collections.deque[float] = collections.deque()
         self._fsyncs: collections.deque[float] = collections.deque()
@@ -643,6 +648,7 @@ class Telemetry:
         if self._dropped:
             out.append(w.Dropped(self._dropped))
             self._dropped = 0
+        self._collect_index(out)
         for table in (
             self._dimse,
             self._assoc,
@@ -659,8 +665,28 @@ class Telemetry:
         self._keys = 0
         return out
 
+    def _collect_index(self, out: list[w.Record]) -> None:
+        """The index writer's lag, and what its counters grew by since the last tick."""
+        writer = self.index_writer
+        if writer is None:
+            return
+        out.append(w.IndexLag(writer.lag))
+        totals = (writer.written, writer.errors, writer.dropped)
+        sent = self._index_sent
+        delta = [now - before for now, before in zip(totals, sent, strict=True)]
+        if any(delta):
+            out.append(w.IndexWrites(*delta))
+            self._index_sent = list(totals)
+
     def _merge(self, r: w.Record) -> None:
         """Put back the counts of a record that was not delivered."""
+        if isinstance(r, w.IndexWrites):
+            # Not delivered: the next tick's delta includes it again.
+            sent = self._index_sent
+            sent[0] -= r.written
+            sent[1] -= r.errors
+            sent[2] -= r.dropped
+            return
         if isinstance(r, w.Dimse):
             self._bump(self._dimse, (r.direction, r.command_field, r.status), r.count)
         elif isinstance(r, w.Pdus):

@@ -2,34 +2,19 @@
 
 ``index_url`` is parametrized: ``sqlite`` (a file under a temporary storage root)
 and ``postgresql`` (a fresh database on a real PostgreSQL server started once per
-session from Debian's package; skipped when PostgreSQL or psycopg is missing).
+session from Debian's package, the ``pg_server`` fixture of tests/conftest.py;
+skipped when PostgreSQL or psycopg is missing).
 """
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.pgserver import PostgresServer, find_bindir
+from tests.pgserver import PostgresServer
 from workers.index import Index, open_index
-
-
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PostgresServer]:
-    bindir = find_bindir()
-    if bindir is None:
-        pytest.skip("PostgreSQL is not installed (make test installs it)")
-    if importlib.util.find_spec("psycopg") is None:
-        pytest.skip("psycopg is not installed (the postgresql extra)")
-    server = PostgresServer(bindir)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

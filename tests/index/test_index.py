@@ -150,7 +150,8 @@ def test_get_many_spans_several_statements(index: Index) -> None:
 def test_node_paths_are_this_nodes_rows_only(index: Index) -> None:
     index.add_many([record(1), record(2, node="node-b", path="b/2.dcm")])
     paths = index.node_paths()
-    assert paths == {record(1).path: (record(1).sop_instance_uid, "present")}
+    rec = record(1)
+    assert paths == {rec.path: (rec.sop_instance_uid, "present", rec.received_at)}
 
 
 def test_pending_reports_survive_reopen(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import importlib.util
 import inspect
 import logging
 import os
@@ -33,7 +32,7 @@ import uvloop
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import generate_uid
 
-from tests.pgserver import PostgresServer, find_bindir
+from tests.pgserver import PostgresServer
 from workers.config import WorkerConfig
 from workers.engine import acse, dimse
 from workers.engine import pdu as p
@@ -577,25 +576,10 @@ def encode_plain(ds: Dataset, transfer_syntax: str = EXPLICIT_LE) -> bytes:
 # -------------------------------------------------- the instance index, both backends
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PostgresServer]:
-    bindir = find_bindir()
-    if bindir is None:
-        pytest.skip("PostgreSQL is not installed (make test installs it)")
-    if importlib.util.find_spec("psycopg") is None:
-        pytest.skip("psycopg is not installed (the postgresql extra)")
-    server = PostgresServer(bindir)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def index_url(request: pytest.FixtureRequest) -> str | None:
     """The index the services use: None (SQLite under the worker's storage root) or
-    a fresh database on a real PostgreSQL server (started once per session)."""
+    a fresh database on the session's real PostgreSQL server (tests/conftest.py)."""
     if request.param == "sqlite":
         return None
     server: PostgresServer = request.getfixturevalue("pg_server")

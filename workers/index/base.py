@@ -229,17 +229,21 @@ class Index:
         """Mark records whose file is back (reconcile); returns how many were given."""
         return self._set_state(sop_instance_uids, "present")
 
-    def node_paths(self) -> dict[str, tuple[str, str]]:
-        """``{path: (sop_instance_uid, state)}`` of every record of this node."""
+    def node_paths(self) -> dict[str, tuple[str, str, float]]:
+        """``{path: (sop_instance_uid, state, received_at)}`` of every record of this
+        node (what reconcile compares the store with)."""
         with self._read_lock:
             cur = self._reader_conn().cursor()
             cur.execute(
-                self._sql("SELECT path, sop_instance_uid, state FROM instances WHERE node = ?"),
+                self._sql(
+                    "SELECT path, sop_instance_uid, state, received_at FROM instances"
+                    " WHERE node = ?"
+                ),
                 (self.node,),
             )
             rows = cur.fetchall()
             self._end_read()
-        return {path: (uid, state) for path, uid, state in rows}
+        return {path: (uid, state, float(received)) for path, uid, state, received in rows}
 
     # -- pending reports (storage commitment) -------------------------------------------
 

@@ -63,7 +63,7 @@ def reconcile(index: Index, root: str, *, replace: bool = True) -> ReconcileRepo
     path (or node) takes the record over (the ``overwrite`` duplicate policy)."""
     started = time.monotonic()
     report = ReconcileReport()
-    known = _known(index)
+    known = index.node_paths()
     seen: set[str] = set()
     to_index: list[str] = []
     reindex: list[str] = []
@@ -102,20 +102,6 @@ def reconcile(index: Index, root: str, *, replace: bool = True) -> ReconcileRepo
             setattr(report, attr, getattr(report, attr) + len(batch))
     report.seconds = time.monotonic() - started
     return report
-
-
-def _known(index: Index) -> dict[str, tuple[str, str, float]]:
-    with index._read_lock:
-        cur = index._reader_conn().cursor()
-        cur.execute(
-            index._sql(
-                "SELECT path, sop_instance_uid, state, received_at FROM instances WHERE node = ?"
-            ),
-            (index.node,),
-        )
-        rows = cur.fetchall()
-        index._end_read()
-    return {path: (uid, state, float(received)) for path, uid, state, received in rows}
 
 
 def _walk(root: str) -> Iterator[tuple[str, float]]:

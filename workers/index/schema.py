@@ -40,7 +40,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX instances_study ON instances (study_uid)",
         "CREATE INDEX instances_series ON instances (series_uid)",
         "CREATE INDEX instances_patient ON instances (patient_id)",
-        "CREATE INDEX instances_node_path ON instances (node, path)",
+        # No index on (node, path): reconcile reads all of a node's rows once, at
+        # start-up, and every index is one more B-tree insert per instance received.
     ),
     # 2: reports owed to someone (storage commitment N-EVENT-REPORTs), kept until
     # delivered so that they survive a restart.
