@@ -25,10 +25,13 @@ $(TSTAMP): pyproject.toml | $(PY)
 # independent peer of the interop tests; prometheus provides promtool, which checks
 # our metrics exposition. policy-rc.d (only while installing, only if none exists)
 # keeps the packages from starting services: nothing of theirs may listen here.
-SYSTEM_PACKAGES = storescu:dcmtk promtool:prometheus
+# A check may also be a path glob (PostgreSQL's binaries are not on PATH): the index
+# tests initdb a throw-away server from the postgresql package.
+SYSTEM_PACKAGES = storescu:dcmtk promtool:prometheus /usr/lib/postgresql/*/bin/initdb:postgresql
 system-deps:
 	@missing=""; for pair in $(SYSTEM_PACKAGES); do \
-	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; done; \
+	  command -v $${pair%%:*} >/dev/null 2>&1 || ls $${pair%%:*} >/dev/null 2>&1 \
+	    || missing="$$missing $${pair##*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  guard=""; if [ ! -e /usr/sbin/policy-rc.d ]; then guard=1; \

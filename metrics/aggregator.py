@@ -176,6 +176,7 @@ class Source:
     __slots__ = (
         "cpu",
         "hello_at",
+        "index_lag",
         "open_associations",
         "open_connections",
         "pid",
@@ -195,6 +196,8 @@ class Source:
         self.rss: int | None = None
         self.open_connections = 0
         self.open_associations: dict[tuple[str, str], int] = {}
+        #: index records queued in the sender's writer (None: it has no index)
+        self.index_lag: int | None = None
 
 
 class WorkerTotals:
@@ -207,6 +210,7 @@ class WorkerTotals:
         "dropped",
         "frames",
         "handler_errors",
+        "index",
         "pdus",
         "records",
         "storage",
@@ -221,9 +225,38 @@ class WorkerTotals:
         self.storage: dict[int, list[Any]] = {}
         self.transitions: dict[tuple[str, str, str], int] = {}
         self.handler_errors: dict[str, int] = {}
+        #: index records written, failed batch attempts, records dropped
+        self.index = [0, 0, 0]
         self.dropped = 0
         self.frames = 0
         self.records = 0
+
+
+#: Service record's service -> (metric name, help, label name)
+SERVICE_METRICS = {
+    "commitment_request": (
+        "pacs_storage_commitment_requests",
+        "Storage commitment N-ACTION requests, by outcome (accepted, refused, failed).",
+        "outcome",
+    ),
+    "commitment_instance": (
+        "pacs_storage_commitment_instances",
+        "Instances decided for storage commitment, by result (committed, failed).",
+        "result",
+    ),
+    "commitment_report": (
+        "pacs_storage_commitment_reports",
+        "Storage commitment N-EVENT-REPORT attempts, by outcome (same_association, "
+        "new_association, retry, given_up).",
+        "outcome",
+    ),
+    "query": ("pacs_queries", "C-FIND queries answered from the index, by level.", "level"),
+    "retrieve": (
+        "pacs_retrieves",
+        "C-GET and C-MOVE answered from the index and the store.",
+        "operation",
+    ),
+}
 
 
 def _add(table: dict[Any, int], key: Any, n: int) -> None:
@@ -258,6 +291,8 @@ class State:
         self.contexts_rejected: dict[str, int] = {}
         #: audit messages by outcome ("sent", "dropped")
         self.audit: dict[str, int] = {"sent": 0, "dropped": 0}
+        #: (service, label) -> count: storage commitment, queries, retrieves
+        self.services: dict[tuple[str, str], int] = {}
         self.decode = w.DecodeStats()
         self.records_without_hello = 0
         self.oversized_frames = 0
@@ -279,6 +314,9 @@ class State:
             w.Restart: self._restart,
             w.ContextRejected: self._context_rejected,
             w.AuditMessages: self._audit_messages,
+            w.Service: self._service,
+            w.IndexLag: self._index_lag,
+            w.IndexWrites: self._index_writes,
         }
 
     # -- sources --
@@ -425,6 +463,10 @@ class State:
     def _dropped(self, source: Source, r: w.Dropped) -> None:
         self.totals(source).dropped += r.count
 
+    def _service(self, source: Source, r: w.Service) -> None:
+        if r.service in SERVICE_METRICS:
+            _add(self.services, (r.service, self.name(r.label)), r.count)
+
     def _restart(self, source: Source, r: w.Restart) -> None:
         _add(self.restarts, (self.worker(r.worker), self.name(r.reason)), r.count)
 
@@ -434,6 +476,15 @@ class State:
     def _audit_messages(self, source: Source, r: w.AuditMessages) -> None:
         if r.outcome in self.audit:  # two names only: nothing else becomes a series
             self.audit[r.outcome] += r.count
+
+    def _index_lag(self, source: Source, r: w.IndexLag) -> None:
+        source.index_lag = r.records
+
+    def _index_writes(self, source: Source, r: w.IndexWrites) -> None:
+        totals = self.totals(source).index
+        totals[0] += r.written
+        totals[1] += r.errors
+        totals[2] += r.dropped
 
 
 # -- exposition ------------------------------------------------------------------------
@@ -651,6 +702,8 @@ class StateCollector(Collector):
             open_conns.add_metric([worker], n)
         yield open_conns
 
+        yield from _index_metrics(s)
+
         restarts = CounterMetricFamily(
             "pacs_worker_restarts",
             "Processes restarted by the supervisor, by reason.",
@@ -659,6 +712,13 @@ class StateCollector(Collector):
         for (worker, reason), n in s.restarts.items():
             restarts.add_metric([worker, reason], n)
         yield restarts
+        families = {
+            service: CounterMetricFamily(name, doc, labels=[label])
+            for service, (name, doc, label) in SERVICE_METRICS.items()
+        }
+        for (service, value), n in s.services.items():
+            families[service].add_metric([value], n)
+        yield from families.values()
 
         contexts_rejected = CounterMetricFamily(
             "pacs_presentation_contexts_rejected",
@@ -735,6 +795,43 @@ class StateCollector(Collector):
         )
         start.add_metric([], s.started)
         yield start
+
+
+def _index_metrics(s: State) -> Iterator[Metric]:
+    """The instance index: lag (records not yet written), written, errors, dropped."""
+    lag = GaugeMetricFamily(
+        "pacs_index_lag_records",
+        "Index records of stored instances queued in the worker, not yet written.",
+        labels=["worker"],
+    )
+    per_worker: dict[str, int] = {}
+    for src in s.sources:
+        if src.ready and src.index_lag is not None:
+            _add(per_worker, src.worker, src.index_lag)
+    for worker, n in per_worker.items():
+        lag.add_metric([worker], n)
+    families = [
+        CounterMetricFamily(
+            "pacs_index_records_written", "Index records written.", labels=["worker"]
+        ),
+        CounterMetricFamily(
+            "pacs_index_errors",
+            "Index batch writes that failed (each is retried).",
+            labels=["worker"],
+        ),
+        CounterMetricFamily(
+            "pacs_index_records_dropped",
+            "Index records dropped (writer queue full or closing); the start-up "
+            "reconcile indexes their instances.",
+            labels=["worker"],
+        ),
+    ]
+    for worker, t in s.workers.items():
+        if any(t.index):
+            for family, n in zip(families, t.index, strict=True):
+                family.add_metric([worker], n)
+    yield lag
+    yield from families
 
 
 def _category_of(status: str) -> str:

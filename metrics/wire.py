@@ -74,6 +74,8 @@ __all__ = [
     "Gauges",
     "HandlerError",
     "Hello",
+    "IndexLag",
+    "IndexWrites",
     "Kind",
     "LabelLimiter",
     "Outcome",
@@ -82,6 +84,7 @@ __all__ = [
     "Record",
     "Rejected",
     "Restart",
+    "Service",
     "Storage",
     "StorageOp",
     "Transition",
@@ -177,6 +180,13 @@ class Kind(IntEnum):
     RESTART = 16
     CONTEXT_REJECTED = 17
     AUDIT_MESSAGES = 18
+    #: services over the instance index (workers/indexed.py); numbered apart from
+    #: the kinds above so that other additions do not collide with it
+    SERVICE = 20
+    # The instance index (workers/index); numbered apart so that kinds added on other
+    # branches meanwhile do not collide.
+    INDEX_LAG = 32
+    INDEX_WRITES = 33
 
 
 class Direction(IntEnum):
@@ -454,6 +464,43 @@ class AuditMessages:
     _SPEC: ClassVar[tuple[Any, ...]] = (str, COUNT)
 
 
+@dataclass(slots=True, frozen=True)
+class Service:
+    """Delta: operations of the services answered from the instance index, by
+    ``service`` ("commitment_request", "commitment_instance", "commitment_report",
+    "query", "retrieve") and ``label`` (outcome, query level, C-GET / C-MOVE)."""
+
+    service: str
+    label: str
+    count: int
+
+    KIND: ClassVar[Kind] = Kind.SERVICE
+    _SPEC: ClassVar[tuple[Any, ...]] = (str, str, COUNT)
+
+
+@dataclass(slots=True, frozen=True)
+class IndexLag:
+    """Snapshot: index records accepted by the worker's writer, not yet written."""
+
+    records: int
+
+    KIND: ClassVar[Kind] = Kind.INDEX_LAG
+    _SPEC: ClassVar[tuple[Any, ...]] = (COUNT,)
+
+
+@dataclass(slots=True, frozen=True)
+class IndexWrites:
+    """Delta: index records written, batch attempts that failed, records dropped
+    (writer queue full; the start-up reconcile indexes them)."""
+
+    written: int
+    errors: int
+    dropped: int
+
+    KIND: ClassVar[Kind] = Kind.INDEX_WRITES
+    _SPEC: ClassVar[tuple[Any, ...]] = (COUNT, COUNT, COUNT)
+
+
 Record = (
     Hello
     | Process
@@ -473,6 +520,9 @@ Record = (
     | Restart
     | ContextRejected
     | AuditMessages
+    | Service
+    | IndexLag
+    | IndexWrites
 )
 
 #: Record class by kind.
@@ -497,6 +547,9 @@ RECORD_TYPES: dict[int, type[Any]] = {
         Restart,
         ContextRejected,
         AuditMessages,
+        Service,
+        IndexLag,
+        IndexWrites,
     )
 }
 

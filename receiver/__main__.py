@@ -77,6 +77,17 @@ def make_parser() -> argparse.ArgumentParser:
         "(answering Success), or 'reject' (0x0111)",
     )
     g.add_argument("--layout", help=f"path template under --storage (default {d.layout})")
+    g.add_argument(
+        "--index",
+        metavar="off|sqlite|sqlite:///PATH|postgresql://...",
+        help="the index of received instances: 'sqlite' (default: STORAGE/.index/index.db), "
+        "a PostgreSQL URL shared by several receivers, or 'off'",
+    )
+    g.add_argument(
+        "--index-node",
+        metavar="NAME",
+        help="this receiver's name in a shared index (default: the host name)",
+    )
 
     g = ap.add_argument_group("processes")
     g.add_argument("--workers", type=int, help="worker processes (default: number of CPUs)")
@@ -212,6 +223,29 @@ def make_parser() -> argparse.ArgumentParser:
         f"{d.tls_handshake_timeout:g})",
     )
 
+    g = ap.add_argument_group("storage commitment and query/retrieve (over the index)")
+    g.add_argument(
+        "--query-retrieve",
+        action="store_const",
+        const=True,
+        help="answer C-FIND, C-GET and C-MOVE (Patient/Study Root) from the index "
+        "(default off); C-MOVE destinations come from [remote-aes] in --config",
+    )
+    g.add_argument(
+        "--commitment-max-references",
+        type=int,
+        metavar="N",
+        help="most instances one storage commitment request may name "
+        f"(default {d.commitment_max_references})",
+    )
+    g.add_argument(
+        "--commitment-retry",
+        type=float,
+        metavar="SECONDS",
+        help="first delay before an undelivered storage commitment report is sent "
+        f"again, doubling up to 300 (default {d.commitment_retry:g})",
+    )
+
     g = ap.add_argument_group("configuration and logs")
     g.add_argument("--config", help="TOML file with any of these settings; flags override it")
     g.add_argument("--log-level", help="DEBUG, INFO (default), WARNING or ERROR")
@@ -270,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pacs-receiver: error: {exc}", file=sys.stderr)
         return 2
+    from workers.index import IndexUnavailable
     from workers.main import setup_logging
 
     from .supervisor import run
@@ -277,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(cfg.log_level, cfg.log_format)
     try:
         return run(cfg, reload)
+    except IndexUnavailable as exc:
+        # One line: a driver's message may span several.
+        print(f"pacs-receiver: error: --index: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(
             f"pacs-receiver: error: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}",

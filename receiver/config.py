@@ -90,8 +90,21 @@ class ReceiverConfig:
     audit_queue: int = 1000
     #: the [identity] table of the config file (user identity policy), as read
     identity: dict[str, Any] | None = None
+    #: the instance index: "sqlite" (embedded, under --storage), "sqlite:///path",
+    #: "postgresql://..." (shared by several receivers) or "off"
+    index: str = "sqlite"
+    #: this receiver's name in a shared index (default: the host name)
+    index_node: str = ""
     #: directory relative paths in the config file are resolved against
     config_dir: str | None = None
+    #: C-FIND / C-GET / C-MOVE SCP over the instance index (off: a receiver receives)
+    query_retrieve: bool = False
+    #: the [remote-aes] table: AE title -> { host, port } (commitment reports, C-MOVE)
+    remote_aes: dict[str, Any] = field(default_factory=dict)
+    #: most Referenced SOP Sequence items a storage commitment request may carry
+    commitment_max_references: int = 10_000
+    #: seconds before a storage commitment report is sent again (doubling, to 300 s)
+    commitment_retry: float = 5.0
 
     def check(self) -> None:
         """Raise :class:`ConfigError` for the first value that cannot be used."""
@@ -170,6 +183,32 @@ class ReceiverConfig:
             except (IdentityConfigError, OSError) as exc:
                 raise ConfigError(f"--config [identity]: {exc}") from None
         self._check_tls()
+        from workers.remote_aes import parse_remote_aes
+
+        try:
+            parse_remote_aes(self.remote_aes)
+        except ValueError as exc:
+            raise ConfigError(f"--config [remote-aes]: {exc}") from None
+        if not 1 <= self.commitment_max_references <= 1_000_000:
+            raise ConfigError(
+                f"--commitment-max-references: {self.commitment_max_references} is not "
+                "between 1 and 1000000"
+            )
+        if self.query_retrieve and self.index == "off":
+            raise ConfigError(
+                "--query-retrieve: answers from the index, which --index off turns off"
+            )
+        if not self.commitment_retry > 0:
+            raise ConfigError(
+                f"--commitment-retry: {self.commitment_retry} is not a positive number of seconds"
+            )
+        if not (
+            self.index in ("off", "sqlite")
+            or self.index.startswith(("sqlite://", "postgresql://", "postgres://"))
+        ):
+            raise ConfigError(
+                f"--index: {self.index!r} is not off, sqlite, sqlite:///PATH or postgresql://..."
+            )
         if self.handlers:
             from workers.handlers import parse_bindings
 
@@ -304,6 +343,24 @@ class ReceiverConfig:
 
         return IdentitySettings.from_mapping(self.identity, base_dir=self.config_dir)
 
+    def index_target(self) -> str | None:
+        """What ``workers.index.open_index`` takes; None with ``--index off``."""
+        if self.index == "off":
+            return None
+        return "" if self.index == "sqlite" else self.index
+
+    def index_node_name(self) -> str:
+        """--index-node, or the host name for a shared (PostgreSQL) index; the
+        embedded index has one store, and its rows no node name (so that renaming
+        the host does not orphan them)."""
+        if self.index_node:
+            return self.index_node
+        if self.index.startswith(("postgresql://", "postgres://")):
+            import socket
+
+            return socket.gethostname()
+        return ""
+
     def syntaxes(self) -> dict[str, tuple[str, ...]]:
         """The acceptor's abstract -> transfer syntax policy."""
         transfer = tuple(self.transfer_syntaxes) or (acse.ANY,)
@@ -344,13 +401,18 @@ def load_toml(path: str) -> dict[str, Any]:
         if not isinstance(ae_sources, dict):
             raise ConfigError(f"--config: {path}: [ae-sources] must be a table")
         out["ae_sources"] = ae_sources
+    remote_aes = data.get("remote-aes", section.get("remote-aes"))
+    if remote_aes is not None:
+        if not isinstance(remote_aes, dict):
+            raise ConfigError(f"--config: {path}: [remote-aes] must be a table")
+        out["remote_aes"] = remote_aes
     identity = data.get("identity", section.get("identity"))
     if identity is not None:
         if not isinstance(identity, dict):
             raise ConfigError(f"--config: {path}: [identity] must be a table")
         out["identity"] = identity
     for key, value in section.items():
-        if key in ("receiver", "identity", "ae-sources") and isinstance(value, dict):
+        if key in ("receiver", "identity", "ae-sources", "remote-aes") and isinstance(value, dict):
             continue
         name = key.replace("-", "_")
         if name not in _FIELDS or name in ("config", "config_dir"):

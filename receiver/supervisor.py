@@ -52,6 +52,8 @@ from workers.activity import log_fields, reject_names
 from workers.engine import pdu as p
 from workers.engine.connection import Connection, EngineConfig, Role
 from workers.engine.primitives import NEED_DATA, AssociateIndication
+from workers.index import IndexUnavailable, open_index
+from workers.index.reconcile import reconcile
 from workers.main import CONFIG_ENV
 from workers.storage.sweep import sweep_incoming
 
@@ -239,6 +241,7 @@ class Supervisor:
                 "layout": cfg.layout,
                 "fsync": cfg.fsync,
                 "duplicates": cfg.duplicates,
+                "digest": cfg.index != "off",
             },
             "ae_title": cfg.ae_title,
             "require_called_ae": cfg.require_called_ae,
@@ -267,6 +270,17 @@ class Supervisor:
                 ),
                 "graceful_timeout": cfg.graceful_timeout,
                 "metrics_socket": self.metrics_socket if cfg.metrics_port else None,
+                "index": cfg.index_target(),
+                "index_node": cfg.index_node_name(),
+                # storage commitment and query/retrieve over the index (workers/indexed.py)
+                "indexed": {
+                    "index": cfg.index_target(),
+                    "node": cfg.index_node_name(),
+                    "query_retrieve": cfg.query_retrieve,
+                    "remote_aes": dict(cfg.remote_aes),
+                    "commitment_max_references": cfg.commitment_max_references,
+                    "commitment_retry": cfg.commitment_retry,
+                },
             },
         }
         return json.dumps(data)
@@ -296,9 +310,11 @@ class Supervisor:
             )
         self._last_sweep = time.monotonic()
         try:
+            self._reconcile_index(storage)
             self.listener = self._listen()
-        except OSError:
-            # Address in use ...: the caller reports it; do not leave runtime_dir behind.
+        except (OSError, IndexUnavailable):
+            # Address in use, index unreachable ...: the caller reports it; do not
+            # leave runtime_dir behind.
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
             raise
         address = self.listener.getsockname()[:2]
@@ -339,6 +355,32 @@ class Supervisor:
             if self.telemetry is not None:
                 await self.telemetry.close()
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    def _reconcile_index(self, storage: str) -> None:
+        """Open the index (creating/migrating it) and repair it against the store,
+        once, before any worker writes (workers/index/reconcile.py). Raises
+        IndexUnavailable (one line on stderr, exit status 2)."""
+        target = self.cfg.index_target()
+        if target is None:
+            return
+        index = open_index(target, storage, node=self.cfg.index_node_name())
+        try:
+            report = reconcile(index, storage, replace=self.cfg.duplicates == "overwrite")
+        finally:
+            index.close()
+        log.log(
+            logging.WARNING if report.changed else logging.INFO,
+            "index %s: %d file(s); indexed %d, re-indexed %d, marked missing %d, "
+            "restored %d, unreadable %d (%.2f s)",
+            index.backend,
+            report.files,
+            report.indexed,
+            report.reindexed,
+            report.missing,
+            report.restored,
+            report.unreadable,
+            report.seconds,
+        )
 
     # ------------------------------------------------------------ children
 

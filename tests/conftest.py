@@ -5,6 +5,11 @@ from __future__ import annotations
 import os
 import sys
 
+# pg_server: a throw-away PostgreSQL server for the session (tests/pgserver.py).
+from tests.pgserver import pg_server
+
+__all__ = ["pg_server"]
+
 # pynetdicom installs apps named like DCMTK's (storescu, echoscu, storescp ...) into
 # the virtual environment's bin directory. Tests that run DCMTK by name must get
 # DCMTK's, also when the environment is activated: move that directory to the end

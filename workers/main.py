@@ -157,6 +157,7 @@ class Worker:
         except (ValueError, OSError):
             pass
         await self.server.close(graceful)
+        await close_index(self.server)
         self._report_closed()
         if self.telemetry is not None:
             await self.telemetry.close()
@@ -287,6 +288,33 @@ def setup_logging(level: str, fmt: str, worker_id: int | None = None) -> None:
     setup(level, fmt, f"worker-{worker_id}" if worker_id is not None else "supervisor")
 
 
+def open_index_writer(server: AssociationServer, target: str, node: str) -> None:
+    """Give ``server`` an index writer on ``target`` (``open_index``'s argument).
+
+    The supervisor opened (and reconciled) the index before starting workers, so a
+    failure here is transient (a database restarting): the worker stores without
+    indexing rather than exit (a restart loop), and says so; the next start's
+    reconcile indexes what was stored meanwhile."""
+    from .index import IndexUnavailable, open_index
+    from .index.writer import IndexWriter
+
+    try:
+        index = open_index(target, str(server.store.root), node=node)
+    except IndexUnavailable as exc:
+        log.error("instance index unavailable, not indexing in this worker: %s", exc)
+        return
+    server.index_node = node
+    server.index_writer = IndexWriter(index, replace=server.store.config.duplicates == "overwrite")
+
+
+async def close_index(server: AssociationServer) -> None:
+    """Write what the index writer holds (a few seconds at most), then close it."""
+    writer, server.index_writer = server.index_writer, None
+    if writer is not None:
+        await asyncio.get_running_loop().run_in_executor(None, writer.close, 5.0)
+        writer.index.close()
+
+
 async def _amain(worker_id: int, ctrl_fd: int) -> int:
     cfg, handlers, extra = worker_config_from_json(os.environ[CONFIG_ENV])
     telemetry = None
@@ -308,6 +336,24 @@ async def _amain(worker_id: int, ctrl_fd: int) -> int:
     )
     if telemetry is not None and server.audit is not None:
         telemetry.watch_audit(server.audit.sender)
+    if extra.get("index") is not None:
+        open_index_writer(server, extra["index"], str(extra.get("index_node") or ""))
+        if telemetry is not None:
+            telemetry.index_writer = server.index_writer
+    indexed = extra.get("indexed")
+    if indexed is not None and server.index_writer is not None:
+        from .indexed import IndexedServices, IndexedSettings
+
+        settings = IndexedSettings.from_mapping(indexed)
+        # One worker takes over the pending reports of workers that died.
+        settings.sweeper = worker_id == 0
+        # The writer's Index is thread-safe: the services read through it too.
+        server.indexed = IndexedServices(server, settings, index=server.index_writer.index)
+        try:
+            await server.indexed.start()
+        except Exception as exc:
+            log.error("worker %d: index unavailable, no storage commitment: %s", worker_id, exc)
+            server.indexed = None
     ctrl = socket.socket(fileno=ctrl_fd)
     worker = Worker(worker_id, ctrl, server, telemetry)
     if extra.get("ask_admission"):

@@ -28,10 +28,13 @@ from .engine import pdu as p
 from .engine.connection import MemoryBudget
 from .handlers import HandlerCaller, HandlerRegistry
 from .identity import IdentityPolicy
+from .index.record import IndexRecord
 from .storage.store import InstanceWriter, Store, StoreResult
 from .tls import server_context
 
 if TYPE_CHECKING:
+    from .index.writer import IndexWriter
+    from .indexed import IndexedServices
     from .storage.config import FileOps
 
 log = logging.getLogger("workers.server")
@@ -116,6 +119,14 @@ class AssociationServer:
             from .audit import AuditTrail
 
             self.audit = AuditTrail(config.audit, config.ae_title)
+        #: the instance index's writer (workers/index): every stored instance is
+        #: queued to it; None: no index (--index off)
+        self.index_writer: IndexWriter | None = None
+        #: this receiver's name in a shared index (IndexRecord.node)
+        self.index_node = ""
+        #: services answered from the instance index (storage commitment,
+        #: query/retrieve: workers/indexed.py); None when not installed
+        self.indexed: IndexedServices | None = None
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -270,6 +281,8 @@ class AssociationServer:
     ) -> None:
         if result.ok:
             self.instances_stored += 1
+            if self.index_writer is not None:
+                self._index(proto, op, result)
         else:
             log.warning(
                 "%s: C-STORE %s answered 0x%04x: %s",
@@ -280,6 +293,39 @@ class AssociationServer:
             )
         if self.on_stored is not None:
             self.on_stored(proto, op, result)
+
+    def _index(self, proto: AssociationProtocol, op: Operation, result: StoreResult) -> None:
+        """Queue the index record of an instance just stored (never blocks)."""
+        writer = op.writer
+        path = result.path
+        assert self.index_writer is not None
+        if writer is None or path is None:
+            return
+        if result.duplicate and self.store.config.duplicates != "overwrite":
+            return  # the existing copy was kept: so is its record
+        scan = result.scan
+        self.index_writer.submit(
+            IndexRecord(
+                sop_instance_uid=writer.sop_instance_uid,
+                sop_class_uid=writer.sop_class_uid,
+                study_uid=scan.study_instance_uid or "",
+                series_uid=scan.series_instance_uid or "",
+                patient_id=scan.patient_id or "",
+                patient_name=scan.patient_name or "",
+                study_date=scan.study_date or "",
+                modality=scan.modality or "",
+                accession_number=scan.accession_number or "",
+                calling_ae=writer.calling_ae or "",
+                source_address=proto.assoc.name,
+                transfer_syntax=writer.transfer_syntax,
+                size=result.bytes_written,
+                digest=result.digest or "",
+                path=path[len(self.store._root_slash) :],
+                received_at=time.time(),
+                study_time=scan.study_time or "",
+                node=self.index_node,
+            )
+        )
 
     @property
     def load(self) -> tuple[int, int]:
@@ -318,6 +364,8 @@ class AssociationServer:
             await asyncio.wait(list(self.tasks), timeout=1.0)
         for server in self._servers:
             await server.wait_closed()
+        if self.indexed is not None:
+            await self.indexed.close()
         self.caller.shutdown()
         self.io_pool.shutdown(wait=True)
         if self.audit is not None:

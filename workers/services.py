@@ -26,7 +26,7 @@ from .datasets import encode_dataset
 from .engine import dimse
 from .engine import events as evt
 from .engine.dimse import CommandField as CF
-from .handlers import DONE, Step, resolve
+from .handlers import DONE, Binding, Step, resolve
 
 if TYPE_CHECKING:
     from .association import AssociationProtocol, ContextInfo, Operation
@@ -163,9 +163,13 @@ def status_of(value: Any, default: int) -> tuple[int, dict[str, Any]]:
     return default, {}
 
 
-def _call(proto: AssociationProtocol, event: evt.Event) -> Step[Any]:
-    """Call the handler bound to ``event.event``: ``yield from`` gives its result."""
-    binding = proto.registry.intervention_handler(event.event)  # type: ignore[arg-type]
+def _call(
+    proto: AssociationProtocol, event: evt.Event, binding: Binding | None = None
+) -> Step[Any]:
+    """Call the handler bound to ``event.event`` (or ``binding``): ``yield from``
+    gives its result."""
+    if binding is None:
+        binding = proto.registry.intervention_handler(event.event)  # type: ignore[arg-type]
     assert binding is not None
     return (yield from resolve(proto.server.caller.call(binding, event, proto._inline(binding))))
 
@@ -206,6 +210,12 @@ def _n_service(
     """N-GET, N-SET, N-ACTION, N-CREATE, N-EVENT-REPORT: (status, dataset)."""
     failure = evt.DEFAULT_STATUS[event]
     if proto.registry.intervention_handler(event) is None:
+        indexed = proto.server.indexed
+        if event is evt.EVT_N_ACTION and indexed is not None:
+            # Storage Commitment, when no user handler took EVT_N_ACTION.
+            step = indexed.n_action_step(proto, op)
+            if step is not None:
+                return (yield from step)
         _respond(proto, op, failure)
         return None
     fields: dict[str, Any] = {}
@@ -229,15 +239,24 @@ def _n_service(
     return None
 
 
+def _builtin(proto: AssociationProtocol, event: evt.InterventionEvent) -> Binding | None:
+    """The user's handler for ``event``, else the built-in one over the index
+    (``--query-retrieve``: workers/indexed.py), else None."""
+    binding = proto.registry.intervention_handler(event)
+    if binding is None and proto.server.indexed is not None:
+        binding = proto.server.indexed.builtin_binding(event)
+    return binding
+
+
 def _c_find(proto: AssociationProtocol, op: Operation, event: evt.InterventionEvent) -> Step[None]:
     failure = evt.DEFAULT_STATUS[event]
-    binding = proto.registry.intervention_handler(event)
+    binding = _builtin(proto, event)
     if binding is None:
         _respond(proto, op, failure)
         return None
     inline = proto._inline(binding)
     try:
-        iterator = yield from _call(proto, _event(proto, op, event))
+        iterator = yield from _call(proto, _event(proto, op, event), binding)
         while True:
             if not proto.can_send:
                 return None  # the association is gone: stop pulling matches
@@ -326,7 +345,7 @@ def _retrieve(
 ) -> Step[None]:
     """C-GET (sub-operations on this association) and C-MOVE (to the destination)."""
     failure = evt.DEFAULT_STATUS[event]
-    binding = proto.registry.intervention_handler(event)
+    binding = _builtin(proto, event)
     if binding is None:
         _respond(proto, op, failure)
         return None
@@ -334,7 +353,7 @@ def _retrieve(
     sender: _MoveSender | None = None
     counts: _SubOps | None = None
     try:
-        iterator = yield from _call(proto, _event(proto, op, event))
+        iterator = yield from _call(proto, _event(proto, op, event), binding)
         if event is evt.EVT_C_MOVE:
             destination = yield from _iterate(proto, iterator, inline)
             if destination is DONE or destination is None or destination[0] is None:

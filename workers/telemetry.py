@@ -106,6 +106,7 @@ from .engine import events as evt
 
 if TYPE_CHECKING:
     from .association import AssociationProtocol, Operation
+    from .index.writer import IndexWriter
     from .storage.config import FileOps
 
 __all__ = ["RECEIVED", "SENT", "Telemetry"]
@@ -208,7 +209,12 @@ class Telemetry:
         #: the audit sender whose sent/dropped totals are reported (watch_audit)
         self._audit_source: Any = None
         self._audit_seen = (0, 0)
+        self._services: dict[tuple[str, str], int] = {}
         self._dropped = 0  # not yet reported
+        #: the worker's index writer (workers/index/writer.py): its lag and counters
+        #: are read on every tick; None: no index
+        self.index_writer: IndexWriter | None = None
+        self._index_sent = [0, 0, 0]  # (written, errors, dropped) already reported
         # Storage timings may come from pool threads: deque appends are atomic.
         self._writes: collections.deque[float] = collections.deque()
         self._fsyncs: collections.deque[float] = collections.deque()
@@ -374,6 +380,12 @@ class Telemetry:
         own thread, this turns the totals into deltas."""
         self._audit_source = sender
         self._audit_seen = (0, 0)
+
+    def service(self, service: str, label: str, n: int = 1) -> None:
+        """Count ``n`` operations of an index-backed service (storage commitment,
+        queries, retrieves: workers/indexed.py); on the loop."""
+        if n:
+            self._bump(self._services, (service, label), n)
 
     def worker_restarted(self, worker: str | int, reason: str) -> None:
         """Supervisor: count a restart of ``worker`` (a worker id, or "aggregator")."""
@@ -660,9 +672,12 @@ class Telemetry:
                     self._audit[word] = self._audit.get(word, 0) + n
         for word, n in self._audit.items():
             out.append(w.AuditMessages(word, n))
+        for (service, label), n in self._services.items():
+            out.append(w.Service(service, label, n))
         if self._dropped:
             out.append(w.Dropped(self._dropped))
             self._dropped = 0
+        self._collect_index(out)
         for table in (
             self._dimse,
             self._assoc,
@@ -675,13 +690,34 @@ class Telemetry:
             self._restarts,
             self._contexts_rejected,
             self._audit,
+            self._services,
         ):
             table.clear()
         self._keys = 0
         return out
 
+    def _collect_index(self, out: list[w.Record]) -> None:
+        """The index writer's lag, and what its counters grew by since the last tick."""
+        writer = self.index_writer
+        if writer is None:
+            return
+        out.append(w.IndexLag(writer.lag))
+        totals = (writer.written, writer.errors, writer.dropped)
+        sent = self._index_sent
+        delta = [now - before for now, before in zip(totals, sent, strict=True)]
+        if any(delta):
+            out.append(w.IndexWrites(*delta))
+            self._index_sent = list(totals)
+
     def _merge(self, r: w.Record) -> None:
         """Put back the counts of a record that was not delivered."""
+        if isinstance(r, w.IndexWrites):
+            # Not delivered: the next tick's delta includes it again.
+            sent = self._index_sent
+            sent[0] -= r.written
+            sent[1] -= r.errors
+            sent[2] -= r.dropped
+            return
         if isinstance(r, w.Dimse):
             self._bump(self._dimse, (r.direction, r.command_field, r.status), r.count)
         elif isinstance(r, w.Pdus):
@@ -732,6 +768,8 @@ class Telemetry:
         elif isinstance(r, w.AuditMessages):
             # Not _bump: at most two keys, and an audit count must not be lost.
             self._audit[r.outcome] = self._audit.get(r.outcome, 0) + r.count
+        elif isinstance(r, w.Service):
+            self._bump(self._services, (r.service, r.label), r.count)
         elif isinstance(r, w.Dropped):
             self._dropped += r.count  # already in dropped_total
         # Hello, Process, Gauges: snapshots, sent fresh on the next connection/tick.

@@ -559,6 +559,10 @@ def run_scanner(
         result.sop_instance_uid,
         result.patient_id,
         result.modality,
+        result.patient_name,
+        result.study_date,
+        result.study_time,
+        result.accession_number,
     ):
         assert value is None or (value and len(value) <= MAX_VALUE_LENGTH)
     # done: buffers dropped

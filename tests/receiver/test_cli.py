@@ -20,7 +20,7 @@ from .conftest import PACS_RECEIVER
 TIMEOUT = 30
 #: ReceiverConfig fields that are not flags: TOML tables ([identity], [ae-sources]),
 #: values derived from --config
-FILE_ONLY = {"identity", "config_dir", "ae_sources"}
+FILE_ONLY = {"identity", "config_dir", "ae_sources", "remote_aes"}
 
 
 def run(
@@ -80,6 +80,9 @@ def test_help_documents_every_option() -> None:
         (["--max-dataset-memory", "100"], "--max-dataset-memory"),
         (["--handler", "EVT_NO_SUCH_EVENT=tests.receiver.hooks:record_pid"], "--handler"),
         (["--config", "/nonexistent/pacsrx.toml"], "--config"),
+        (["--commitment-max-references", "0"], "--commitment-max-references"),
+        (["--commitment-retry", "0"], "--commitment-retry"),
+        (["--query-retrieve", "--index", "off"], "--query-retrieve"),
         (["--no-such-flag"], "--no-such-flag"),
     ],
 )
@@ -105,6 +108,24 @@ def test_bad_config_file_exits_2(tmp_path: Path) -> None:
     result = run("--config", str(bad), "--metrics-port", "0", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "TOML" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        'SCU = { host = "127.0.0.1" }',
+        'SCU = { host = "127.0.0.1", port = 70000 }',
+        'SCU = { host = "", port = 104 }',
+        'WAY_TOO_LONG_AE_TITLE = { host = "127.0.0.1", port = 104 }',
+        'SCU = "127.0.0.1:104"',
+    ],
+)
+def test_bad_remote_aes_exits_2(entry: str, tmp_path: Path) -> None:
+    config = tmp_path / "pacsrx.toml"
+    config.write_text(f"[remote-aes]\n{entry}\n")
+    result = run("--config", str(config), "--metrics-port", "0", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "[remote-aes]" in result.stderr, result.stderr
 
 
 def test_port_in_use_exits_2(tmp_path: Path) -> None:

@@ -382,7 +382,12 @@ def sender(rx: Receiver) -> Iterator[Sender]:
 
 
 def stored_files(root: Path) -> list[Path]:
-    return [f for f in root.rglob("*") if f.is_file() and ".incoming" not in f.parts]
+    # .index: the instance index (workers/index), not a stored instance
+    return [
+        f
+        for f in root.rglob("*")
+        if f.is_file() and ".incoming" not in f.parts and ".index" not in f.parts
+    ]
 
 
 def incoming(root: Path) -> list[Path]:

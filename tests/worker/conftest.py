@@ -32,6 +32,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import generate_uid
 
 import tests.dcmtk as dcmtk_tools
+from tests.pgserver import PostgresServer
 from workers.config import WorkerConfig
 from workers.engine import acse, dimse
 from workers.engine import pdu as p
@@ -569,3 +570,16 @@ def encode_plain(ds: Dataset, transfer_syntax: str = EXPLICIT_LE) -> bytes:
     from workers.datasets import encode_dataset
 
     return encode_dataset(ds, transfer_syntax)
+
+
+# -------------------------------------------------- the instance index, both backends
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def index_url(request: pytest.FixtureRequest) -> str | None:
+    """The index the services use: None (SQLite under the worker's storage root) or
+    a fresh database on the session's real PostgreSQL server (tests/conftest.py)."""
+    if request.param == "sqlite":
+        return None
+    server: PostgresServer = request.getfixturevalue("pg_server")
+    return server.new_database()

@@ -76,6 +76,7 @@ def make_dataset(syntax: str, *, pixel_bytes: int = 4096, patient_id: str = "PAT
     ds.SOPClassUID = SC_IMAGE
     ds.SOPInstanceUID = generate_uid()
     ds.StudyDate = "20240102"
+    ds.StudyTime = "101500.25"
     ds.AccessionNumber = "A1"
     ds.Modality = "OT"
     ds.ConversionType = "WSD"
@@ -396,6 +397,10 @@ def test_scanner_finds_uids_regardless_of_split(syntax: str, sizes: list[int]) -
     assert result.sop_instance_uid == ds.SOPInstanceUID
     assert result.patient_id == "PAT-1"
     assert result.modality == "OT"
+    # The index's attributes, from the same walk (a Latin-1 name, ISO_IR 100).
+    assert result.patient_name == "Doe^Jöhn"
+    assert (result.study_date, result.study_time) == ("20240102", "101500.25")
+    assert result.accession_number == "A1"
 
 
 def test_scanner_stops_at_series_uid_without_reading_on() -> None:
@@ -651,6 +656,10 @@ def scan_outcome(scanner: TagScanner) -> tuple[object, ...]:
         r.sop_instance_uid,
         r.patient_id,
         r.modality,
+        r.patient_name,
+        r.study_date,
+        r.study_time,
+        r.accession_number,
         r.stop_reason,
         scanned,
     )

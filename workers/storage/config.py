@@ -81,6 +81,8 @@ class StorageConfig:
     temp_dir_name: str = ".incoming"
     #: Data-set bytes the tag scanner may walk looking for the study/series UIDs.
     scan_budget: int = DEFAULT_SCAN_BUDGET
+    #: SHA-256 of each data set while it streams (StoreResult.digest), for the index.
+    digest: bool = False
     file_mode: int = 0o644
     dir_mode: int = 0o755
     #: Directories remembered as existing; the cache is simply cleared when full.

@@ -7,9 +7,13 @@ never holds the whole thing (DESIGN principle 3). To file the instance under its
 and series it still needs (0020,000D) StudyInstanceUID and (0020,000E)
 SeriesInstanceUID, which sit near the start of the data set: top-level elements are in
 ascending tag order (PS3.5 7.1), so once the walk has passed (0020,000E) nothing it
-looks for can follow. :class:`TagScanner` is fed the same fragments as the file, in any
-split (an element header may straddle two fragments, down to one byte per fragment),
-and stops at the first of:
+looks for can follow. The walk also takes, for the instance index, the patient and
+study attributes on the way there: (0008,0020) StudyDate, (0008,0030) StudyTime,
+(0008,0050) AccessionNumber, (0008,0060) Modality, (0010,0010) PatientName,
+(0010,0020) PatientID (and (0008,0018) SOPInstanceUID): one set lookup per element
+of those groups, no second pass. :class:`TagScanner` is fed the same fragments as
+the file, in any split (an element header may straddle two fragments, down to one
+byte per fragment), and stops at the first of:
 
 * it has read (0020,000E), or met a top-level tag after it: ``"complete"``;
 * it has walked ``budget`` bytes of the (inflated) data set: ``"budget"``;
@@ -111,12 +115,28 @@ _ITEM_DELIMITER = 0xE00D
 _SEQUENCE_DELIMITER = 0xE0DD
 
 _SOP_INSTANCE_UID = 0x00080018
+_STUDY_DATE = 0x00080020
+_STUDY_TIME = 0x00080030
+_ACCESSION_NUMBER = 0x00080050
 _MODALITY = 0x00080060
+_PATIENT_NAME = 0x00100010
 _PATIENT_ID = 0x00100020
 _STUDY_INSTANCE_UID = 0x0020000D
 _SERIES_INSTANCE_UID = 0x0020000E
+# The layout's tags, and (for the instance index) the patient/study attributes that
+# precede (0020,000E) anyway: the same walk, one more set hit per element taken.
 _WANTED = frozenset(
-    {_SOP_INSTANCE_UID, _MODALITY, _PATIENT_ID, _STUDY_INSTANCE_UID, _SERIES_INSTANCE_UID}
+    {
+        _SOP_INSTANCE_UID,
+        _STUDY_DATE,
+        _STUDY_TIME,
+        _ACCESSION_NUMBER,
+        _MODALITY,
+        _PATIENT_NAME,
+        _PATIENT_ID,
+        _STUDY_INSTANCE_UID,
+        _SERIES_INSTANCE_UID,
+    }
 )
 # The top-level loops test these groups with literal compares (cheaper than a lookup).
 assert {tag >> 16 for tag in _WANTED} == {0x0008, 0x0010, 0x0020}
@@ -210,6 +230,12 @@ class ScanResult:
     sop_instance_uid: str | None = None
     patient_id: str | None = None
     modality: str | None = None
+    #: (0010,0010); decoded as UTF-8 when it is valid UTF-8, else as Latin-1 (the
+    #: Specific Character Set is not consulted: a best effort for the index)
+    patient_name: str | None = None
+    study_date: str | None = None
+    study_time: str | None = None
+    accession_number: str | None = None
     #: why the scan ended (``"scanning"`` if it has not yet)
     stop_reason: StopReason = "scanning"
     #: data-set bytes walked (inflated bytes for deflated syntaxes)
@@ -258,7 +284,7 @@ class _Skeletons:
                 self._credit += 1.0
             found = scanner._found
             for tag, raw in zip(tags, m.groups(), strict=True):
-                text = str(raw, "ascii", "replace").strip(" \0")
+                text = _text(tag, raw)
                 if text:
                     found[tag] = text
             scanner._pos = m.end()
@@ -318,6 +344,23 @@ def _learn(buf: memoryview, encoding: int, end: int) -> tuple[Any, tuple[int, ..
 
 
 _SKELETONS = _Skeletons()
+
+
+def _text(tag: int, raw: _Buffer) -> str:
+    """A wanted value as text.
+
+    UI pads with NUL, the text VRs with space; leading/trailing spaces are not
+    significant in LO/SH/CS/DA/TM/UI. ASCII with replacement: these values name files
+    (after sanitising), get compared with command-set UIDs, or are ASCII by their VR.
+    A person name may not be: UTF-8 when it decodes as such (ISO_IR 192, and plain
+    ASCII), else Latin-1 (ISO_IR 100, the usual other one), which never fails.
+    """
+    if tag == _PATIENT_NAME:
+        try:
+            return str(raw, "utf-8").strip(" \0")
+        except UnicodeDecodeError:
+            return str(raw, "latin-1").strip(" \0")
+    return str(raw, "ascii", "replace").strip(" \0")
 
 
 class TagScanner:
@@ -419,6 +462,10 @@ class TagScanner:
             sop_instance_uid=found.get(_SOP_INSTANCE_UID),
             patient_id=found.get(_PATIENT_ID),
             modality=found.get(_MODALITY),
+            patient_name=found.get(_PATIENT_NAME),
+            study_date=found.get(_STUDY_DATE),
+            study_time=found.get(_STUDY_TIME),
+            accession_number=found.get(_ACCESSION_NUMBER),
             stop_reason=self._stop,
             bytes_scanned=self._pos,
         )
@@ -796,10 +843,7 @@ class TagScanner:
 
     def _take(self, tag: int, raw: _Buffer) -> None:
         self._value_tag = 0
-        # UI pads with NUL, the text VRs with space; leading/trailing spaces are not
-        # significant in LO/CS/UI. ASCII with replacement: these values only ever name
-        # files (after sanitising) or get compared with command-set UIDs.
-        text = str(raw, "ascii", "replace").strip(" \0")
+        text = _text(tag, raw)
         if self._value:
             self._value = bytearray()
         if text:

@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import itertools
 import logging
 import os
@@ -136,6 +137,8 @@ class StoreResult:
     error: int | None = None
     #: what the tag scanner found (study/series/patient/modality)
     scan: ScanResult = field(default_factory=ScanResult)
+    #: hex SHA-256 of the data set as written (StorageConfig.digest), else None
+    digest: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -415,6 +418,7 @@ class InstanceWriter:
     __slots__ = (
         "_error",
         "_fd",
+        "_hash",
         "_nbytes",
         "_scan",
         "_scanner",
@@ -449,6 +453,8 @@ class InstanceWriter:
             transfer_syntax, budget=store.config.scan_budget
         )
         self._scan: ScanResult | None = None
+        # Index digest: hashed from the fragments as they are written, no second read.
+        self._hash = hashlib.sha256() if store.config.digest else None
         # An AE title that cannot be written as AE is left out of the file meta
         # (0002,0016 is optional); the engine validated it during negotiation anyway.
         source_ae = calling_ae if calling_ae and is_valid_ae_title(calling_ae) else None
@@ -511,6 +517,9 @@ class InstanceWriter:
             self._write_all(view)
         except OSError as exc:
             self._fail("write", exc)
+            return
+        if self._hash is not None:  # index digest (hashlib releases the GIL past 2 KiB)
+            self._hash.update(view)
 
     def commit(self) -> StoreResult:
         """Make the instance durable (policy) under its final name. Blocking.
@@ -570,6 +579,7 @@ class InstanceWriter:
             comment=comment,
             duplicate=duplicate,
             scan=scan,
+            digest=self._hash.hexdigest() if self._hash is not None else None,
         )
 
     def discard(self) -> None:

@@ -1,0 +1,327 @@
+"""The index API shared by both backends (:class:`Index`).
+
+Theory of operation
+-------------------
+An :class:`Index` holds two connections to its database: one for writes (the
+worker's writer thread, reconcile) and one for reads (C-FIND, storage commitment),
+each behind its own lock, so that a query never waits for a batch being written
+(SQLite in WAL mode and PostgreSQL both let a reader see the last committed state
+while a writer works). Every statement is written once with ``?`` placeholders;
+the PostgreSQL backend turns them into ``%s``. Writes are one transaction per call:
+:meth:`Index.add_many` is how the receiver writes, a batch at a time (see
+:mod:`.writer`), never one instance per transaction.
+
+Column names that reach SQL text (``select``'s keys) are checked against
+:data:`~.record.COLUMNS`; values are always bound parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .record import COLUMNS, LEVEL_KEYS, IndexRecord
+from .schema import MIGRATIONS, SCHEMA_VERSION
+
+__all__ = ["Index", "IndexUnavailable", "PendingReport"]
+
+_COLUMN_SET = frozenset(COLUMNS)
+_SELECT = f"SELECT {', '.join(COLUMNS)} FROM instances"
+_INSERT = f"INSERT INTO instances ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+# PS3.4 leaves the duplicate policy to the receiver: "overwrite" (the store's
+# default) replaces the row, "keep"/"reject" keep the first one. One statement either
+# way, so a batch is one executemany whatever it holds.
+_UPSERT = (
+    _INSERT
+    + " ON CONFLICT (sop_instance_uid) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in COLUMNS if c != "sop_instance_uid")
+)
+_INSERT_KEEP = _INSERT + " ON CONFLICT (sop_instance_uid) DO NOTHING"
+# Rows per statement for IN (...) lists (SQLite's default variable limit is 32766).
+_CHUNK = 500
+
+
+class IndexUnavailable(Exception):
+    """The index cannot be opened or used (bad URL, unreachable server, newer
+    schema, missing driver). At start-up: one line on stderr, exit status 2."""
+
+
+@dataclass(slots=True, frozen=True)
+class PendingReport:
+    """A report owed to a peer (see :meth:`Index.put_pending`)."""
+
+    key: str
+    owner: str
+    payload: bytes
+    due: float
+    attempts: int
+
+
+class Index:
+    """The instance index; made by :func:`workers.index.open_index`.
+
+    Thread-safe: any thread may call any method. ``node`` names this receiver's
+    store (rows it writes carry it; :meth:`node_paths` and reconcile look at
+    these rows only).
+    """
+
+    #: "sqlite" or "postgresql"
+    backend = "abstract"
+
+    def __init__(self, node: str = "") -> None:
+        self.node = node
+        self._write_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        self._closed = False
+
+    # -- to be provided by a backend -------------------------------------------------
+
+    def _writer_conn(self) -> Any:
+        raise NotImplementedError
+
+    def _reader_conn(self) -> Any:
+        raise NotImplementedError
+
+    def _sql(self, statement: str) -> str:
+        """The backend's form of a statement written with ``?`` placeholders."""
+        return statement
+
+    @contextlib.contextmanager
+    def _transaction(self, conn: Any) -> Iterator[Any]:
+        """A write transaction on ``conn`` (committed on success, else rolled back)."""
+        raise NotImplementedError
+        yield  # pragma: no cover
+
+    def _lock_schema(self, cur: Any) -> None:
+        """Serialise migrations between processes (inside the transaction)."""
+
+    def _close_connections(self) -> None:
+        raise NotImplementedError
+
+    def _blob_type(self) -> str:
+        raise NotImplementedError
+
+    # -- schema ------------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        """Create or upgrade the schema to :data:`SCHEMA_VERSION` (one transaction)."""
+        with self._write_lock, self._transaction(self._writer_conn()) as cur:
+            self._lock_schema(cur)
+            cur.execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+            cur.execute("SELECT version FROM schema_version")
+            row = cur.fetchone()
+            version = int(row[0]) if row is not None else 0
+            if version > SCHEMA_VERSION:
+                raise IndexUnavailable(
+                    f"index schema version {version} is newer than this receiver's "
+                    f"({SCHEMA_VERSION})"
+                )
+            for step in MIGRATIONS[version:]:
+                for statement in step:
+                    cur.execute(statement.format(blob=self._blob_type()))
+            if row is None:
+                cur.execute(self._sql("INSERT INTO schema_version (version) VALUES (?)"),
+                            (SCHEMA_VERSION,))  # fmt: skip
+            elif version != SCHEMA_VERSION:
+                cur.execute(self._sql("UPDATE schema_version SET version = ?"), (SCHEMA_VERSION,))
+
+    def schema_version(self) -> int:
+        """The schema version of the database."""
+        with self._read_lock:
+            cur = self._reader_conn().cursor()
+            cur.execute("SELECT version FROM schema_version")
+            row = cur.fetchone()
+            self._end_read()
+            return int(row[0]) if row is not None else 0
+
+    def _end_read(self) -> None:
+        """Finish a read (PostgreSQL: end the implicit transaction)."""
+
+    # -- instances ---------------------------------------------------------------------
+
+    def add_many(self, records: Iterable[IndexRecord], *, replace: bool = True) -> int:
+        """Record instances in one transaction; returns how many were given.
+
+        An instance already indexed (same SOP Instance UID, from any receiver
+        sharing the index) is replaced when ``replace`` (the ``overwrite`` duplicate
+        policy), else kept as it is (``keep`` / ``reject``). Raises on database
+        errors (the writer retries the batch).
+        """
+        rows = [r.as_row() for r in records]
+        if not rows:
+            return 0
+        statement = self._sql(_UPSERT if replace else _INSERT_KEEP)
+        with self._write_lock, self._transaction(self._writer_conn()) as cur:
+            cur.executemany(statement, rows)
+        return len(rows)
+
+    def get(self, sop_instance_uid: str) -> IndexRecord | None:
+        """The record of one instance (present or missing), or None."""
+        rows = self._query(_SELECT + " WHERE sop_instance_uid = ?", (sop_instance_uid,))
+        return rows[0] if rows else None
+
+    def get_many(self, sop_instance_uids: Iterable[str]) -> dict[str, IndexRecord]:
+        """Records of the given instances that are indexed, by SOP Instance UID."""
+        uids = list(dict.fromkeys(sop_instance_uids))
+        found: dict[str, IndexRecord] = {}
+        for start in range(0, len(uids), _CHUNK):
+            chunk = uids[start : start + _CHUNK]
+            where = f" WHERE sop_instance_uid IN ({', '.join('?' * len(chunk))})"
+            for record in self._query(_SELECT + where, chunk):
+                found[record.sop_instance_uid] = record
+        return found
+
+    def select(
+        self,
+        level: str,
+        equal: Mapping[str, object] | None = None,
+        *,
+        include_missing: bool = False,
+        limit: int | None = None,
+    ) -> list[IndexRecord]:
+        """Instance records whose columns equal ``equal`` (an exact-match prefilter:
+        wildcard and range matching are the caller's), ordered by the level's unique
+        key (:data:`~.record.LEVEL_KEYS`) then SOP Instance UID.
+
+        ``level`` is one of PATIENT, STUDY, SERIES, IMAGE; the rows are instances at
+        every level (the caller groups them). Records marked missing are left out
+        unless ``include_missing``. Raises ``ValueError`` for an unknown level or
+        column.
+        """
+        key = LEVEL_KEYS.get(level)
+        if key is None:
+            raise ValueError(f"unknown query level {level!r}")
+        clauses: list[str] = []
+        params: list[object] = []
+        for column, value in (equal or {}).items():
+            if column not in _COLUMN_SET:
+                raise ValueError(f"unknown index column {column!r}")
+            clauses.append(f"{column} = ?")
+            params.append(value)
+        if not include_missing:
+            clauses.append("state = 'present'")
+        statement = _SELECT
+        if clauses:
+            statement += " WHERE " + " AND ".join(clauses)
+        statement += f" ORDER BY {key}, sop_instance_uid"
+        if limit is not None:
+            statement += f" LIMIT {int(limit)}"
+        return self._query(statement, params)
+
+    def count(self, *, include_missing: bool = True) -> int:
+        """Number of instance records."""
+        where = "" if include_missing else " WHERE state = 'present'"
+        with self._read_lock:
+            cur = self._reader_conn().cursor()
+            cur.execute("SELECT COUNT(*) FROM instances" + where)
+            row = cur.fetchone()
+            self._end_read()
+        return int(row[0])
+
+    def mark_missing(self, sop_instance_uids: Iterable[str]) -> int:
+        """Mark records whose file is gone; returns how many were given."""
+        return self._set_state(sop_instance_uids, "missing")
+
+    def mark_present(self, sop_instance_uids: Iterable[str]) -> int:
+        """Mark records whose file is back (reconcile); returns how many were given."""
+        return self._set_state(sop_instance_uids, "present")
+
+    def node_paths(self) -> dict[str, tuple[str, str, float]]:
+        """``{path: (sop_instance_uid, state, received_at)}`` of every record of this
+        node (what reconcile compares the store with)."""
+        with self._read_lock:
+            cur = self._reader_conn().cursor()
+            cur.execute(
+                self._sql(
+                    "SELECT path, sop_instance_uid, state, received_at FROM instances"
+                    " WHERE node = ?"
+                ),
+                (self.node,),
+            )
+            rows = cur.fetchall()
+            self._end_read()
+        return {path: (uid, state, float(received)) for path, uid, state, received in rows}
+
+    # -- pending reports (storage commitment) -------------------------------------------
+
+    def put_pending(self, key: str, payload: bytes, due: float, *, owner: str = "") -> None:
+        """Keep a report owed to a peer until :meth:`delete_pending`: ``key`` is
+        unique (e.g. the Transaction UID), ``payload`` opaque bytes (the caller's
+        encoding), ``due`` the epoch time of the next attempt, ``owner`` who sends it
+        (the node, so that receivers sharing an index each send their own). Replaces
+        a report with the same key (attempts back to 0)."""
+        statement = self._sql(
+            "INSERT INTO pending_reports (report_key, owner, payload, due, attempts)"
+            " VALUES (?, ?, ?, ?, 0) ON CONFLICT (report_key) DO UPDATE SET"
+            " owner = excluded.owner, payload = excluded.payload, due = excluded.due,"
+            " attempts = 0"
+        )
+        with self._write_lock, self._transaction(self._writer_conn()) as cur:
+            cur.execute(statement, (key, owner, bytes(payload), due))
+
+    def due_pending(self, now: float | None = None, *, owner: str = "") -> list[PendingReport]:
+        """``owner``'s reports due at ``now`` (all of them when None), earliest first."""
+        statement = "SELECT report_key, owner, payload, due, attempts FROM pending_reports"
+        statement += " WHERE owner = ?"
+        params: list[object] = [owner]
+        if now is not None:
+            statement += " AND due <= ?"
+            params.append(now)
+        statement += " ORDER BY due, report_key"
+        with self._read_lock:
+            cur = self._reader_conn().cursor()
+            cur.execute(self._sql(statement), params)
+            rows = cur.fetchall()
+            self._end_read()
+        return [PendingReport(k, o, bytes(p), float(d), int(a)) for k, o, p, d, a in rows]
+
+    def reschedule_pending(self, key: str, due: float) -> None:
+        """A delivery attempt failed: try again at ``due`` (attempts + 1)."""
+        statement = self._sql(
+            "UPDATE pending_reports SET due = ?, attempts = attempts + 1 WHERE report_key = ?"
+        )
+        with self._write_lock, self._transaction(self._writer_conn()) as cur:
+            cur.execute(statement, (due, key))
+
+    def delete_pending(self, key: str) -> None:
+        """The report was delivered (or given up): forget it."""
+        statement = self._sql("DELETE FROM pending_reports WHERE report_key = ?")
+        with self._write_lock, self._transaction(self._writer_conn()) as cur:
+            cur.execute(statement, (key,))
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the connections. Idempotent."""
+        with self._write_lock, self._read_lock:
+            if not self._closed:
+                self._closed = True
+                self._close_connections()
+
+    def __enter__(self) -> Index:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _query(self, statement: str, params: Sequence[object]) -> list[IndexRecord]:
+        with self._read_lock:
+            cur = self._reader_conn().cursor()
+            cur.execute(self._sql(statement), params)
+            rows = cur.fetchall()
+            self._end_read()
+        return [IndexRecord(*row) for row in rows]
+
+    def _set_state(self, sop_instance_uids: Iterable[str], state: str) -> int:
+        uids = list(sop_instance_uids)
+        if not uids:
+            return 0
+        statement = self._sql("UPDATE instances SET state = ? WHERE sop_instance_uid = ?")
+        with self._write_lock, self._transaction(self._writer_conn()) as cur:
+            cur.executemany(statement, [(state, uid) for uid in uids])
+        return len(uids)

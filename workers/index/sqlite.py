@@ -1,0 +1,88 @@
+"""The embedded index: SQLite in WAL mode, one file under the storage root.
+
+WAL lets readers (C-FIND, storage commitment) read while a writer commits, and a
+commit is one append to the log. ``synchronous=NORMAL`` skips the fsync per commit
+(the log is fsynced at checkpoints): a power cut may lose the last batches, which
+the start-up reconcile puts back from the files, while the instances themselves
+were made durable by the store before they were acknowledged. Several workers write
+to the same file, each a batch per transaction; ``busy_timeout`` makes one wait for
+another's commit (milliseconds) instead of failing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from collections.abc import Iterator
+from typing import Any
+
+from .base import Index, IndexUnavailable
+
+__all__ = ["DEFAULT_INDEX_PATH", "SQLiteIndex"]
+
+#: Where the index lives, relative to the storage root (a dot directory: the store's
+#: layout never renders into one, and reconcile does not walk them).
+DEFAULT_INDEX_PATH = ".index/index.db"
+_BUSY_TIMEOUT_MS = 30_000
+
+
+class SQLiteIndex(Index):
+    """The instance index in one SQLite file (created, with its directory, if absent)."""
+
+    backend = "sqlite"
+
+    def __init__(self, path: str, node: str = "") -> None:
+        super().__init__(node)
+        self.path = path
+        try:
+            directory = os.path.dirname(path)
+            if directory:
+                os.makedirs(directory, exist_ok=True)
+            self._writer = self._connect()
+            # WAL is a property of the file: set once, kept across connections.
+            mode = self._writer.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise IndexUnavailable(f"{path}: cannot use WAL mode (got {mode!r})")
+            self._migrate()
+            self._reader = self._connect()
+        except (OSError, sqlite3.Error) as exc:
+            raise IndexUnavailable(f"cannot open index {path}: {exc}") from exc
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: no implicit transactions; _transaction says BEGIN.
+        conn = sqlite3.connect(
+            self.path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+            check_same_thread=False,
+        )  # fmt: skip
+        conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
+
+    def _writer_conn(self) -> Any:
+        return self._writer
+
+    def _reader_conn(self) -> Any:
+        return self._reader
+
+    def _blob_type(self) -> str:
+        return "BLOB"
+
+    @contextlib.contextmanager
+    def _transaction(self, conn: Any) -> Iterator[Any]:
+        cur = conn.cursor()
+        # IMMEDIATE: take the write lock now (waiting up to busy_timeout), rather than
+        # at the first write, where a lock upgrade can fail at once with SQLITE_BUSY.
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            yield cur
+        except BaseException:
+            conn.rollback()
+            raise
+        conn.commit()
+
+    def _close_connections(self) -> None:
+        for name in ("_reader", "_writer"):
+            conn = getattr(self, name, None)
+            if conn is not None:
+                conn.close()

@@ -1,0 +1,181 @@
+"""The services a worker answers from the instance index: Storage Commitment (always,
+when the index is there) and query/retrieve (``--query-retrieve``).
+
+:class:`IndexedServices` is the worker's one object for them. It is installed on an
+:class:`~workers.server.AssociationServer` (``server.indexed``) and plugs into
+:mod:`workers.services` two ways, both only when the user bound no handler of their
+own to the event:
+
+* :meth:`builtin_binding` gives the C-FIND / C-GET / C-MOVE handlers of
+  :mod:`workers.qr`, which the handler machinery runs like a user's (in the handler
+  thread pool: they read the index and the files);
+* :meth:`n_action_step` gives the Storage Commitment N-ACTION step
+  (:mod:`workers.commitment`), which answers at once and then owes the requestor an
+  N-EVENT-REPORT.
+
+The index (:func:`workers.index.open_index`) is thread-safe; it is opened when the
+services start, in a thread, so a slow database never stalls the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .engine import events as evt
+from .remote_aes import RemoteAE, parse_remote_aes
+
+if TYPE_CHECKING:
+    from .association import AssociationProtocol, Operation
+    from .commitment import Commitment
+    from .handlers import Binding, Step
+    from .index import Index
+    from .server import AssociationServer
+
+log = logging.getLogger("workers.indexed")
+
+__all__ = ["IndexedServices", "IndexedSettings"]
+
+
+@dataclass(slots=True)
+class IndexedSettings:
+    """What the indexed services are told (``extra["indexed"]`` of the worker JSON)."""
+
+    #: the index to open (``open_index``'s argument); None: the embedded default
+    index: str | None = None
+    #: this receiver's name in a shared index (owner of its pending reports)
+    node: str = ""
+    #: C-FIND / C-GET / C-MOVE SCP over the index (--query-retrieve)
+    query_retrieve: bool = False
+    #: Storage Commitment SCP (N-ACTION of the Push Model)
+    commitment: bool = True
+    #: AE title -> where to open associations (commitment reports, C-MOVE)
+    remote_aes: dict[str, RemoteAE] = field(default_factory=dict)
+    #: most Referenced SOP Sequence items one N-ACTION may carry
+    commitment_max_references: int = 10_000
+    #: first delay before a report is sent again; doubles up to ``commitment_retry_max``
+    commitment_retry: float = 5.0
+    commitment_retry_max: float = 300.0
+    #: a report not delivered after this many seconds is given up (logged)
+    commitment_give_up: float = 7 * 24 * 3600.0
+    #: this worker also takes over reports whose worker died (one worker per node)
+    sweeper: bool = True
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> IndexedSettings:
+        values = dict(data)
+        values["remote_aes"] = parse_remote_aes(values.get("remote_aes") or {})
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {name: getattr(self, name) for name in self.__slots__}
+        out["remote_aes"] = {ae: r.to_dict() for ae, r in self.remote_aes.items()}
+        return out
+
+
+class IndexedServices:
+    """The index-backed services of one worker (see the module doc)."""
+
+    def __init__(
+        self,
+        server: AssociationServer,
+        settings: IndexedSettings,
+        *,
+        index: Index | None = None,
+    ) -> None:
+        from .commitment import Commitment
+        from .qr import QueryRetrieve
+
+        self.server = server
+        self.settings = settings
+        self.index: Index | None = index
+        self._own_index = index is None
+        #: verification (file digests) and other blocking work of these services
+        self.pool = ThreadPoolExecutor(2, thread_name_prefix="indexed")
+        self.qr = QueryRetrieve(self)
+        self.commitment: Commitment = Commitment(self)
+        self._bindings: dict[evt.InterventionEvent, Binding] = {}
+        if settings.query_retrieve:
+            self._bindings = {
+                evt.EVT_C_FIND: (self.qr.find, ()),
+                evt.EVT_C_GET: (self.qr.get, ()),
+                evt.EVT_C_MOVE: (self.qr.move, ()),
+            }
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def ae_title(self) -> str:
+        return self.server.config.ae_title
+
+    @property
+    def storage_root(self) -> str:
+        return self.server.store.root
+
+    # ------------------------------------------------------------- life cycle
+
+    async def start(self) -> None:
+        """Open the index (in a thread) and resume the reports still owed."""
+        self._loop = asyncio.get_running_loop()
+        if self.index is None:
+            from .index import open_index
+
+            self.index = await self._loop.run_in_executor(
+                self.pool,
+                lambda: open_index(self.settings.index, self.storage_root, node=self.settings.node),
+            )
+        if self.settings.commitment:
+            self.commitment.start()
+
+    async def close(self) -> None:
+        """Stop sending reports (those not delivered stay in the index) and close."""
+        await self.commitment.close()
+        if self._own_index and self.index is not None:
+            index, self.index = self.index, None
+            await asyncio.get_running_loop().run_in_executor(self.pool, index.close)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------ hooks for services
+
+    def builtin_binding(self, event: evt.InterventionEvent) -> Binding | None:
+        """The built-in handler for ``event`` (C-FIND/GET/MOVE), or None."""
+        if self.index is None:
+            return None
+        return self._bindings.get(event)
+
+    def n_action_step(self, proto: AssociationProtocol, op: Operation) -> Step[None] | None:
+        """The Storage Commitment step for this N-ACTION-RQ, or None when it is not one."""
+        if not self.settings.commitment or self.index is None:
+            return None
+        return self.commitment.n_action(proto, op)
+
+    # ------------------------------------------------------------- for parts
+
+    def select(self, level: str, equal: dict[str, str]) -> list[Any]:
+        """Index rows (present instances) for a query; any thread."""
+        assert self.index is not None
+        return self.index.select(level, equal)
+
+    def count(self, service: str, label: str, n: int = 1) -> None:
+        """Count for the metrics (any thread; the telemetry lives on the loop)."""
+        telemetry = self.server.telemetry
+        loop = self._loop
+        if telemetry is None or loop is None or not hasattr(telemetry, "service"):
+            return
+        try:
+            if _on_loop(loop):
+                telemetry.service(service, label, n)
+            else:
+                loop.call_soon_threadsafe(telemetry.service, service, label, n)
+        except RuntimeError:
+            pass  # the loop is closing
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
