@@ -769,8 +769,13 @@ class Aggregator:
         limits: Limits | None = None,
         max_senders: int = 1024,
         http_timeout: float = 10.0,
+        http_sock: socket.socket | None = None,
     ) -> None:
         self.socket_path = os.fspath(socket_path)
+        #: a listening socket to serve HTTP on instead of binding host:port (the
+        #: supervisor binds the port before it starts anything, and keeps it across
+        #: our restarts: a port in use is found once, at start-up)
+        self.http_sock = http_sock
         self.host = host
         self.port = port
         self.max_senders = max_senders
@@ -793,9 +798,14 @@ class Aggregator:
             )
         finally:
             os.umask(old_umask)
-        self._http = await asyncio.start_server(
-            self._serve_http, self.host, self.port, limit=16 * 1024, reuse_address=True
-        )
+        if self.http_sock is not None:
+            self._http = await asyncio.start_server(
+                self._serve_http, sock=self.http_sock, limit=16 * 1024
+            )
+        else:
+            self._http = await asyncio.start_server(
+                self._serve_http, self.host, self.port, limit=16 * 1024, reuse_address=True
+            )
         self.http_port = int(self._http.sockets[0].getsockname()[1])
         log.info(
             "metrics aggregator: telemetry on %s, http://%s:%d/metrics",

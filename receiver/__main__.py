@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+from . import package_version
 from .config import ConfigError, ReceiverConfig, build, load_toml
 
 DESCRIPTION = """\
@@ -215,6 +216,12 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--config", help="TOML file with any of these settings; flags override it")
     g.add_argument("--log-level", help="DEBUG, INFO (default), WARNING or ERROR")
     g.add_argument("--log-format", help="'text' (default) or 'json' (one object per line)")
+    g.add_argument(
+        "--version",
+        action="version",
+        version=f"pacs-receiver {package_version()}",
+        help="print the version and exit",
+    )
     return ap
 
 
@@ -241,13 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     from .supervisor import run
 
     setup_logging(cfg.log_level, cfg.log_format)
+    from .preflight import StartError
+
     try:
         return run(cfg, reload)
-    except OSError as exc:
-        print(
-            f"pacs-receiver: error: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}",
-            file=sys.stderr,
-        )
+    except StartError as exc:
+        print(f"pacs-receiver: error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -55,6 +55,7 @@ from workers.main import CONFIG_ENV
 from workers.storage.sweep import sweep_incoming
 
 from .config import ReceiverConfig
+from .preflight import Leftovers, StartError, bind_tcp, prepare_storage
 
 log = logging.getLogger("receiver.supervisor")
 
@@ -202,7 +203,10 @@ class Supervisor:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stopping = False
         self.reload_requested = False
-        self.runtime_dir = tempfile.mkdtemp(prefix="pacsrx-")
+        #: made by run(), once the ports are bound (a failed start leaves none)
+        self.runtime_dir = ""
+        #: the metrics HTTP port, bound here and inherited by every aggregator started
+        self.metrics_listener: socket.socket | None = None
         self.metrics_proc: subprocess.Popen[bytes] | None = None
         self.metrics_started = 0.0
         self.metrics_failures = 0
@@ -258,37 +262,57 @@ class Supervisor:
         }
         return json.dumps(data)
 
-    def _listen(self) -> socket.socket:
+    def _start_up(self) -> str:
+        """Everything that can fail because of the machine rather than the peers:
+        the store, the DICOM port, the metrics port, the runtime directory. Raises
+        StartError (one line) having undone what it did; returns the store's path."""
         cfg = self.cfg
-        family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((cfg.host, cfg.port))
-        sock.listen(cfg.backlog)
-        sock.setblocking(False)
-        return sock
-
-    async def run(self) -> int:
-        """Serve until stopped; returns the exit status."""
-        self.loop = loop = asyncio.get_running_loop()
-        self._done = loop.create_future()
-        storage = os.path.abspath(self.cfg.storage)
-        os.makedirs(storage, exist_ok=True)
-        removed = sweep_incoming(storage, 0)
+        made = Leftovers()
+        try:
+            storage = prepare_storage(cfg.storage, made)
+            self.listener = bind_tcp(cfg.host, cfg.port, cfg.backlog, "cannot listen on")
+            made.sockets.append(self.listener)
+            if cfg.metrics_port:
+                self.metrics_listener = bind_tcp(
+                    cfg.metrics_host, cfg.metrics_port, 128, "cannot serve metrics on"
+                )
+                made.sockets.append(self.metrics_listener)
+            try:
+                self.runtime_dir = tempfile.mkdtemp(prefix="pacsrx-")
+            except OSError as exc:
+                raise StartError(
+                    f"cannot make a runtime directory in {tempfile.gettempdir()}: "
+                    f"{exc.strerror or exc}"
+                ) from None
+        except StartError:
+            made.undo()
+            self.listener = self.metrics_listener = None
+            raise
+        try:
+            removed = sweep_incoming(storage, 0)
+        except OSError as exc:
+            log.warning("could not sweep %s/.incoming: %s", storage, exc)
+            removed = 0
         if removed:
             log.warning(
                 "removed %d incomplete file(s) left in %s/.incoming by an earlier run",
                 removed,
                 storage,
             )
+        return storage
+
+    async def run(self) -> int:
+        """Serve until stopped; returns the exit status (StartError if it cannot
+        start: nothing is left behind then)."""
+        self.loop = loop = asyncio.get_running_loop()
+        self._done = loop.create_future()
+        storage = self._start_up()
         self._last_sweep = time.monotonic()
-        try:
-            self.listener = self._listen()
-        except OSError:
-            # Address in use ...: the caller reports it; do not leave runtime_dir behind.
-            shutil.rmtree(self.runtime_dir, ignore_errors=True)
-            raise
+        assert self.listener is not None
         address = self.listener.getsockname()[:2]
+        metrics_address = (
+            self.metrics_listener.getsockname()[:2] if self.metrics_listener is not None else None
+        )
         if self.cfg.metrics_port:
             self._start_metrics()
             await self._start_telemetry()
@@ -306,8 +330,8 @@ class Supervisor:
             self.cfg.workers,
             storage,
             self.cfg.fsync,
-            f", metrics on http://{self.cfg.metrics_host}:{self.cfg.metrics_port}/metrics"
-            if self.cfg.metrics_port
+            f", metrics on http://{metrics_address[0]}:{metrics_address[1]}/metrics"
+            if metrics_address is not None
             else "",
         )
         if self.on_ready is not None:
@@ -319,6 +343,8 @@ class Supervisor:
             ticker.cancel()
             if self.telemetry is not None:
                 await self.telemetry.close()
+            if self.metrics_listener is not None:
+                self.metrics_listener.close()
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
     # ------------------------------------------------------------ children
@@ -500,6 +526,9 @@ class Supervisor:
     # ------------------------------------------------------------- metrics
 
     def _start_metrics(self) -> None:
+        listener = self.metrics_listener
+        if listener is None:
+            return
         cmd = [
             sys.executable,
             "-m",
@@ -510,11 +539,13 @@ class Supervisor:
             self.cfg.metrics_host,
             "--port",
             str(self.cfg.metrics_port),
+            "--http-fd",
+            str(listener.fileno()),
             "--log-level",
             self.cfg.log_level,
         ]
         try:
-            self.metrics_proc = subprocess.Popen(cmd)
+            self.metrics_proc = subprocess.Popen(cmd, pass_fds=[listener.fileno()])
             self.metrics_started = time.monotonic()
             log.info("metrics aggregator started (pid %d)", self.metrics_proc.pid)
         except OSError as exc:
@@ -898,6 +929,7 @@ class Supervisor:
             self.cfg.metrics_port,
             self.cfg.metrics_host,
         )
+        old_metrics = (self.cfg.metrics_host, self.cfg.metrics_port)
         self.cfg = new
         self.access = new.access_policy()
         self.generation += 1
@@ -908,7 +940,31 @@ class Supervisor:
             self.old.append(slot)
         for index in range(new.workers):
             self.slots.append(self._spawn(WorkerSlot(index, self.generation)))
-        if metrics_changed and self.metrics_proc is not None:
+        if metrics_changed:
+            self._rebind_metrics(old_metrics)
+
+    def _rebind_metrics(self, old: tuple[str, int]) -> None:
+        """SIGHUP with a new --metrics-host/--metrics-port: bind it, then restart the
+        aggregator on it; if it cannot be bound, say so and keep the old one."""
+        cfg = self.cfg
+        try:
+            new = (
+                bind_tcp(cfg.metrics_host, cfg.metrics_port, 128, "cannot serve metrics on")
+                if cfg.metrics_port and self.metrics_listener is not None
+                else None
+            )
+        except StartError as exc:
+            log.error("SIGHUP: %s; metrics stay on %s:%d", exc, old[0], old[1])
+            cfg.metrics_host, cfg.metrics_port = old
+            return
+        if new is None and cfg.metrics_port:
+            log.warning("SIGHUP: metrics were off at start-up; turning them on takes a restart")
+            cfg.metrics_host, cfg.metrics_port = old
+            return
+        if self.metrics_listener is not None:
+            self.metrics_listener.close()
+        self.metrics_listener = new
+        if self.metrics_proc is not None:
             self.metrics_proc.terminate()
 
     # ------------------------------------------------------------- status
