@@ -251,6 +251,8 @@ class State:
         #: (calling, sop class) -> [duration sum, bucket counts...]
         self.cstore_hist: dict[tuple[str, str], list[Any]] = {}
         self.restarts: dict[tuple[str, str], int] = {}
+        #: acceptor trouble by event (metrics.wire.Acceptor)
+        self.acceptor: dict[str, int] = {}
         self.decode = w.DecodeStats()
         self.records_without_hello = 0
         self.oversized_frames = 0
@@ -270,6 +272,7 @@ class State:
             w.HandlerError: self._handler_error,
             w.Dropped: self._dropped,
             w.Restart: self._restart,
+            w.Acceptor: self._acceptor,
         }
 
     # -- sources --
@@ -417,6 +420,9 @@ class State:
 
     def _restart(self, source: Source, r: w.Restart) -> None:
         _add(self.restarts, (self.worker(r.worker), self.name(r.reason)), r.count)
+
+    def _acceptor(self, source: Source, r: w.Acceptor) -> None:
+        _add(self.acceptor, self.name(r.event), r.count)
 
 
 # -- exposition ------------------------------------------------------------------------
@@ -637,6 +643,24 @@ class StateCollector(Collector):
         for (worker, reason), n in s.restarts.items():
             restarts.add_metric([worker, reason], n)
         yield restarts
+
+        unanswered = CounterMetricFamily(
+            "pacs_acceptor_unanswered",
+            "Refused connections the acceptor closed without an A-ASSOCIATE-RJ because "
+            "too many refusals were already in flight.",
+        )
+        unanswered.add_metric([], s.acceptor.get("unanswered", 0))
+        yield unanswered
+        backoffs = CounterMetricFamily(
+            "pacs_accept_backoffs",
+            "Times the acceptor paused accepting connections, by error "
+            "(EMFILE, ENFILE: out of file descriptors; ENOBUFS, ENOMEM: out of memory).",
+            labels=["reason"],
+        )
+        for event, n in s.acceptor.items():
+            if event.startswith("backoff_"):
+                backoffs.add_metric([event.removeprefix("backoff_")], n)
+        yield backoffs
 
         # -- processes: the latest connection of each sender, and the aggregator --
         cpu = CounterMetricFamily(

@@ -173,6 +173,8 @@ class Kind(IntEnum):
     HANDLER_ERROR = 14
     DROPPED = 15
     RESTART = 16
+    # 20: left a gap so that kinds added on other branches do not take the same number
+    ACCEPTOR = 20
 
 
 class Direction(IntEnum):
@@ -426,6 +428,20 @@ class Restart:
     _SPEC: ClassVar[tuple[Any, ...]] = (str, str, COUNT)
 
 
+@dataclass(slots=True, frozen=True)
+class Acceptor:
+    """Delta (from the supervisor): acceptor trouble by ``event``: "unanswered" (a
+    refused connection closed without its A-ASSOCIATE-RJ: too many refusals in
+    flight), "backoff_EMFILE" / "backoff_ENFILE" / ... (accepting paused for want of
+    file descriptors or memory)."""
+
+    event: str
+    count: int
+
+    KIND: ClassVar[Kind] = Kind.ACCEPTOR
+    _SPEC: ClassVar[tuple[Any, ...]] = (str, COUNT)
+
+
 Record = (
     Hello
     | Process
@@ -443,6 +459,7 @@ Record = (
     | HandlerError
     | Dropped
     | Restart
+    | Acceptor
 )
 
 #: Record class by kind.
@@ -465,6 +482,7 @@ RECORD_TYPES: dict[int, type[Any]] = {
         HandlerError,
         Dropped,
         Restart,
+        Acceptor,
     )
 }
 

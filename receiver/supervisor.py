@@ -31,6 +31,7 @@ One uvloop event loop does four things:
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import json
 import logging
@@ -65,8 +66,18 @@ HEARTBEAT_TIMEOUT = 10.0
 QUICK_DEATH = 5.0
 MAX_BACKOFF = 10.0
 ACCEPT_BATCH = 256
-PEEK_TIMEOUT = 5.0
 SWEEP_INTERVAL = 300.0
+#: Refused connections answered (A-ASSOCIATE-RJ) at once; beyond it a refused peer is
+#: closed without its answer and counted: a flood of refused peers that send nothing
+#: must not pin a receive buffer each in the supervisor until their ARTIM expires.
+MAX_REFUSING = 256
+#: Bytes of an A-ASSOCIATE-RQ up to the end of the Calling AE Title (PS3.8 9.3.2).
+PEEK_BYTES = 42
+#: Accept errors that mean "out of descriptors or memory": the pending connection
+#: stays queued, so the level-triggered listener would fire again at once.
+ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+ACCEPT_BACKOFF_MIN = 0.05
+ACCEPT_BACKOFF_MAX = 1.0
 
 
 def describe_exit(returncode: int) -> str:
@@ -99,6 +110,11 @@ class WorkerSlot:
     buffered: int = 0
     stored: int = 0
     restarts: int = 0
+    #: connections handed to this process so far, and each open one's number among
+    #: them: a heartbeat that says the worker had read that many and lists which are
+    #: still open frees those of the rest whose "closed" report was lost
+    sent: int = 0
+    sent_seq: dict[int, int] = field(default_factory=dict)
 
     @property
     def alive(self) -> bool:
@@ -119,8 +135,10 @@ class Rejector(asyncio.Protocol):
         timeout: float,
         why: str | None = None,
         telemetry: Any = None,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         self.rj = rj
+        self.on_close = on_close
         self.timeout = timeout
         if why is None:
             transient = rj.result == p.RejectResult.TRANSIENT
@@ -175,6 +193,9 @@ class Rejector(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:
             self.timer.cancel()
+        if self.on_close is not None:
+            self.on_close()
+            self.on_close = None
         if not self.answered:
             log.warning(
                 "refused connection from %s (%s): no A-ASSOCIATE-RQ came", self.peer, self.why
@@ -212,6 +233,14 @@ class Supervisor:
         self.metrics_failures = 0
         self.metrics_restart_at = 0.0
         self.rejected = 0
+        #: Rejectors in flight, and refused peers closed unanswered beyond MAX_REFUSING
+        self.refusing = 0
+        self.unanswered = 0
+        self._unanswered_unlogged = 0
+        self._unanswered_logged_at = 0.0
+        #: accepting paused (EMFILE ...): the current pause, and how many in a row
+        self._accept_backoff = 0.0
+        self._accept_pauses = 0
         self._last_sweep = 0.0
         self._done: asyncio.Future[int] | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -381,6 +410,8 @@ class Supervisor:
         slot.ctrl = parent
         slot.started = slot.last_heartbeat = time.monotonic()
         slot.assigned.clear()
+        slot.sent_seq.clear()
+        slot.sent = 0
         slot.buffered = 0
         assert self.loop is not None
         self.loop.add_reader(parent.fileno(), self._on_worker_message, slot)
@@ -396,6 +427,7 @@ class Supervisor:
         for ae in slot.assigned.values():
             self._ae_closed(ae)
         slot.assigned.clear()
+        slot.sent_seq.clear()
         if slot.ctrl is not None:
             assert self.loop is not None
             try:
@@ -459,13 +491,44 @@ class Supervisor:
                 slot.last_heartbeat = time.monotonic()
                 slot.buffered = int(message.get("buffered", 0))
                 slot.stored = int(message.get("stored", 0))
+                ids, received = message.get("ids"), message.get("received")
+                if isinstance(ids, list) and isinstance(received, int):
+                    self._reconcile(slot, ids, received)
             elif op == "admit":
                 self._answer_admission(slot, message)
             elif op == "closed":
                 for connection_id in message.get("ids", ()):
-                    ae = slot.assigned.pop(connection_id, None)
-                    if ae is not None:
-                        self._ae_closed(ae)
+                    self._connection_closed(slot, connection_id)
+
+    def _connection_closed(self, slot: WorkerSlot, connection_id: int) -> bool:
+        slot.sent_seq.pop(connection_id, None)
+        ae = slot.assigned.pop(connection_id, None)
+        if ae is None:
+            return False
+        self._ae_closed(ae)
+        return True
+
+    def _reconcile(self, slot: WorkerSlot, open_ids: list[int], received: int) -> None:
+        """A heartbeat lists the connections open in the worker when it had read
+        ``received`` of those handed to it. The control channel keeps order both
+        ways, so a connection among those ``received`` that is neither listed nor
+        already reported closed (a report before the heartbeat arrives before it)
+        was closed and its report lost (a full channel): free its slot now instead
+        of never (--max-associations, --max-associations-per-ae)."""
+        still_open = set(open_ids)
+        lost = [
+            connection_id
+            for connection_id, seq in slot.sent_seq.items()
+            if seq <= received and connection_id not in still_open
+        ]
+        freed = sum(self._connection_closed(slot, connection_id) for connection_id in lost)
+        if freed:
+            log.warning(
+                "worker %d: %d closed connection(s) were never reported closed; "
+                "their slots are free again (found by its heartbeat)",
+                slot.index,
+                freed,
+            )
 
     def _channel_lost(self, slot: WorkerSlot) -> None:
         """The worker's end of its control channel closed: it died or is exiting.
@@ -510,6 +573,7 @@ class Supervisor:
                 if self._reap(slot, now):
                     self.old.remove(slot)
             self._check_metrics(now)
+            self._log_unanswered(now)
             if not self.stopping and now - self._last_sweep > SWEEP_INTERVAL:
                 self._last_sweep = now
                 sweep_incoming(os.path.abspath(self.cfg.storage), 3600)
@@ -627,8 +691,14 @@ class Supervisor:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
-                log.error("accept failed: %s", exc)  # EMFILE ...: try again next time
-                break
+                if exc.errno in ACCEPT_RESOURCE_ERRORS:
+                    self._pause_accepting(exc)
+                    break
+                # ECONNABORTED, EPROTO ...: that one connection is gone; go on.
+                log.warning("accept failed: %s", exc)
+                continue
+            if self._accept_pauses:
+                self._accepting_again()
             if screen and not access.address_allowed(addr[0]):
                 # Before any limit: a refused peer takes no one's place.
                 self._refuse(
@@ -657,6 +727,43 @@ class Supervisor:
             picked += 1
         for slot, fds, ids in batches.values():
             self._hand_off(slot, fds, ids, [""] * len(ids))
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        """Out of descriptors or memory: the connection that could not be accepted
+        stays queued and the level-triggered listener would fire again at once, for
+        ever. Stop watching the listener for a while (doubling up to
+        ACCEPT_BACKOFF_MAX while it lasts); the queued peers wait in the backlog."""
+        assert self.loop is not None
+        listener = self.listener
+        if listener is None:
+            return
+        name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        self._accept_backoff = min(
+            ACCEPT_BACKOFF_MAX, max(ACCEPT_BACKOFF_MIN, self._accept_backoff * 2)
+        )
+        if not self._accept_pauses:
+            log.error(
+                "cannot accept connections: %s (%s); pausing accepting, retrying "
+                "every %g s at most",
+                exc.strerror,
+                name,
+                ACCEPT_BACKOFF_MAX,
+            )
+        self._accept_pauses += 1
+        if self.telemetry is not None:
+            self.telemetry.acceptor_event(f"backoff_{name}")
+        self.loop.remove_reader(listener.fileno())
+        self.loop.call_later(self._accept_backoff, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        if self.stopping or self.listener is None or self.loop is None:
+            return
+        self.loop.add_reader(self.listener.fileno(), self._on_accept)
+
+    def _accepting_again(self) -> None:
+        log.warning("accepting connections again after %d pause(s)", self._accept_pauses)
+        self._accept_pauses = 0
+        self._accept_backoff = 0.0
 
     @staticmethod
     def _socket(fd: int) -> socket.socket:
@@ -694,9 +801,11 @@ class Supervisor:
                         self._socket(fd), transient_reason=p.RejectReason.TEMPORARY_CONGESTION
                     )
                 continue
-            assigned = slot.assigned
+            assigned, sent_seq = slot.assigned, slot.sent_seq
             for fd, connection_id, ae in zip(part, part_ids, part_aes, strict=False):
                 assigned[connection_id] = ae
+                slot.sent += 1
+                sent_seq[connection_id] = slot.sent
                 os.close(fd)
 
     def _ae_refusal(self, ae: str | None, host: str) -> tuple[str, str] | None:
@@ -746,7 +855,17 @@ class Supervisor:
         """Peek the calling AE title of the A-ASSOCIATE-RQ; apply [ae-sources] and the
         per-AE limit, then (again: others were admitted during the peek) the total."""
         assert self.loop is not None
-        ae = await self._peek_calling_ae(sock)
+        try:
+            ae = await self._peek_calling_ae(sock)
+        except TimeoutError:
+            # PS3.8 ARTIM in Sta2: no A-ASSOCIATE-RQ in time, close the connection.
+            log.warning(
+                "closing connection from %s: no A-ASSOCIATE-RQ within --acse-timeout (%g s)",
+                host,
+                self.cfg.acse_timeout,
+            )
+            sock.close()
+            return
         refusal = self._ae_refusal(ae, host)
         if refusal is not None:
             if refusal[0] == "ae":
@@ -768,38 +887,59 @@ class Supervisor:
 
     async def _peek_calling_ae(self, sock: socket.socket) -> str | None:
         """The Calling AE Title (bytes 26..42 of an A-ASSOCIATE-RQ), read with MSG_PEEK
-        so the worker still receives the whole PDU; None if it does not come in time."""
+        so the worker still receives the whole PDU. None when what came is no
+        A-ASSOCIATE-RQ (the worker answers it) or the peer is gone; TimeoutError when
+        the 42 bytes do not come within --acse-timeout.
+
+        Peeked bytes stay in the receive queue, so once some have come the socket
+        stays readable: waiting for readability would wake at once, again and again,
+        until the rest came. SO_RCVLOWAT makes the socket readable only once
+        PEEK_BYTES are queued (or the peer closes); it is put back to 1 before the
+        socket goes to a worker, whose event loop must see every byte."""
         assert self.loop is not None
         if self.cfg.tls_cert:
             return None  # a TLS ClientHello: the AE title is the workers' to see
-        deadline = self.loop.time() + PEEK_TIMEOUT
+        loop = self.loop
+        deadline = loop.time() + self.cfg.acse_timeout
         sock.setblocking(False)
-        while self.loop.time() < deadline:
-            try:
-                head = sock.recv(42, socket.MSG_PEEK)
-            except BlockingIOError:
-                head = None
-            except OSError:
-                return None
-            if head is not None:
-                if len(head) >= 42 and head[0] == p.PDUType.ASSOCIATE_RQ:
-                    return head[26:42].decode("latin-1").strip(" \0")
-                if not head or head[0] != p.PDUType.ASSOCIATE_RQ:
+        fd = sock.fileno()
+        low_water = False
+        try:
+            while True:
+                try:
+                    head: bytes | None = sock.recv(PEEK_BYTES, socket.MSG_PEEK)
+                except BlockingIOError:
+                    head = None
+                except OSError:
                     return None
-            waiter: asyncio.Future[None] = self.loop.create_future()
+                if head is not None:
+                    if not head or head[0] != p.PDUType.ASSOCIATE_RQ:
+                        return None
+                    if len(head) >= PEEK_BYTES:
+                        return head[26:42].decode("latin-1").strip(" \0")
+                    if not low_water:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, PEEK_BYTES)
+                        low_water = True
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise TimeoutError
+                waiter: asyncio.Future[None] = loop.create_future()
 
-            def wake(w: asyncio.Future[None] = waiter) -> None:
-                if not w.done():
-                    w.set_result(None)
+                def wake(w: asyncio.Future[None] = waiter) -> None:
+                    if not w.done():
+                        w.set_result(None)
 
-            self.loop.add_reader(sock.fileno(), wake)
-            try:
-                await asyncio.wait_for(waiter, max(0.0, deadline - self.loop.time()))
-            except TimeoutError:
-                return None
-            finally:
-                self.loop.remove_reader(sock.fileno())
-        return None
+                loop.add_reader(fd, wake)
+                try:
+                    await asyncio.wait_for(waiter, remaining)
+                finally:
+                    loop.remove_reader(fd)
+        finally:
+            if low_water:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+                except OSError:
+                    pass  # closed meanwhile: nobody reads it any more
 
     def _reject(
         self,
@@ -829,18 +969,57 @@ class Supervisor:
                 p.RejectSource.SERVICE_PROVIDER_PRESENTATION,
                 transient_reason,
             )
+        if self.refusing >= MAX_REFUSING:
+            self._close_unanswered(sock)
+            return
         answer = rj
         assert self.loop is not None
         sock.setblocking(False)
         timeout = self.cfg.artim_timeout
         telemetry = self.telemetry
-        self._track(
-            asyncio.ensure_future(
-                self.loop.connect_accepted_socket(
-                    lambda: Rejector(answer, timeout, why, telemetry), sock
-                )
+        self.refusing += 1
+        settled = False
+
+        def done() -> None:  # once per Rejector: when it closes, or cannot start
+            nonlocal settled
+            if not settled:
+                settled = True
+                self.refusing -= 1
+
+        def started(task: asyncio.Future[Any]) -> None:
+            if task.cancelled() or task.exception() is not None:
+                done()
+                sock.close()
+
+        task = asyncio.ensure_future(
+            self.loop.connect_accepted_socket(
+                lambda: Rejector(answer, timeout, why, telemetry, on_close=done), sock
             )
         )
+        task.add_done_callback(started)
+        self._track(task)
+
+    def _close_unanswered(self, sock: socket.socket) -> None:
+        """MAX_REFUSING refusals are in flight already: close this one without its
+        A-ASSOCIATE-RJ (the peer sees the connection closed), count it, and say so at
+        most once a second."""
+        sock.close()
+        self.unanswered += 1
+        self._unanswered_unlogged += 1
+        if self.telemetry is not None:
+            self.telemetry.acceptor_event("unanswered")
+        self._log_unanswered(time.monotonic())
+
+    def _log_unanswered(self, now: float) -> None:
+        if self._unanswered_unlogged and now - self._unanswered_logged_at >= 1.0:
+            log.warning(
+                "closed %d refused connection(s) without A-ASSOCIATE-RJ: %d refusals "
+                "already in flight",
+                self._unanswered_unlogged,
+                MAX_REFUSING,
+            )
+            self._unanswered_unlogged = 0
+            self._unanswered_logged_at = now
 
     def _refuse(self, sock: socket.socket, reason: int, why: str) -> None:
         """Who may connect: PS3.8 Table 9-21 rejected-permanent (1), source
@@ -983,6 +1162,7 @@ class Supervisor:
                 for s in self.slots
             ],
             "rejected": self.rejected,
+            "unanswered": self.unanswered,
         }
 
 

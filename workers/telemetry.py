@@ -203,6 +203,7 @@ class Telemetry:
         self._transitions: dict[tuple[str, str, str], int] = {}
         self._handler_errors: dict[str, int] = {}
         self._restarts: dict[tuple[str, str], int] = {}
+        self._acceptor: dict[str, int] = {}
         self._dropped = 0  # not yet reported
         # Storage timings may come from pool threads: deque appends are atomic.
         self._writes: collections.deque[float] = collections.deque()
@@ -361,6 +362,10 @@ class Telemetry:
     def worker_restarted(self, worker: str | int, reason: str) -> None:
         """Supervisor: count a restart of ``worker`` (a worker id, or "aggregator")."""
         self._bump(self._restarts, (str(worker), reason))
+
+    def acceptor_event(self, event: str, n: int = 1) -> None:
+        """Supervisor: count acceptor trouble (see metrics.wire.Acceptor)."""
+        self._bump(self._acceptor, event, n)
 
     def association_rejected(
         self, calling_ae: str, called_ae: str, result: int, source: int, reason: int
@@ -631,6 +636,8 @@ class Telemetry:
             out.append(w.HandlerError(name, n))
         for (worker, why), n in self._restarts.items():
             out.append(w.Restart(worker, why, n))
+        for event, n in self._acceptor.items():
+            out.append(w.Acceptor(event, n))
         if self._dropped:
             out.append(w.Dropped(self._dropped))
             self._dropped = 0
@@ -644,6 +651,7 @@ class Telemetry:
             self._transitions,
             self._handler_errors,
             self._restarts,
+            self._acceptor,
         ):
             table.clear()
         self._keys = 0
@@ -696,6 +704,8 @@ class Telemetry:
             self._bump(self._handler_errors, r.event, r.count)
         elif isinstance(r, w.Restart):
             self._bump(self._restarts, (r.worker, r.reason), r.count)
+        elif isinstance(r, w.Acceptor):
+            self._bump(self._acceptor, r.event, r.count)
         elif isinstance(r, w.Dropped):
             self._dropped += r.count  # already in dropped_total
         # Hello, Process, Gauges: snapshots, sent fresh on the next connection/tick.

@@ -52,6 +52,7 @@ RECORDS: st.SearchStrategy[Any] = st.one_of(
     st.builds(w.HandlerError, texts, counts),
     st.builds(w.Dropped, counts),
     st.builds(w.Restart, texts, texts, counts),
+    st.builds(w.Acceptor, texts, counts),
 )
 
 
