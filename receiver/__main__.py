@@ -90,6 +90,13 @@ def make_parser() -> argparse.ArgumentParser:
         "--metrics-host", help=f"address of the metrics endpoint (default {d.metrics_host})"
     )
     g.add_argument(
+        "--metrics-optional",
+        action="store_true",
+        default=None,
+        help="if the metrics port cannot be bound at start-up, run without metrics "
+        "(with a warning) instead of stopping with exit status 2",
+    )
+    g.add_argument(
         "--graceful-timeout",
         type=float,
         help=f"seconds open associations get on stop (default {d.graceful_timeout:g})",

@@ -35,6 +35,8 @@ class ReceiverConfig:
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     metrics_port: int = 9464
     metrics_host: str = "127.0.0.1"
+    #: metrics port in use at start-up: run without metrics (saying so) instead of exit 2
+    metrics_optional: bool = False
     fsync: str = "always"
     duplicates: str = "overwrite"
     layout: str = "{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"

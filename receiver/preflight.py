@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import socket
 from dataclasses import dataclass, field
 
@@ -32,17 +31,13 @@ class Leftovers:
     #: directories created by us, outermost first
     directories: list[str] = field(default_factory=list)
     sockets: list[socket.socket] = field(default_factory=list)
-    runtime_dir: str | None = None
 
     def undo(self) -> None:
-        """Close the sockets, remove the runtime directory and the directories made
-        for the store (only while empty: a store is never removed with content)."""
+        """Close the sockets and remove the directories made for the store (only
+        while empty: a store is never removed with content)."""
         for sock in self.sockets:
             sock.close()
         self.sockets.clear()
-        if self.runtime_dir is not None:
-            shutil.rmtree(self.runtime_dir, ignore_errors=True)
-            self.runtime_dir = None
         for directory in reversed(self.directories):
             with contextlib.suppress(OSError):
                 os.rmdir(directory)

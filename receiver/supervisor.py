@@ -250,6 +250,11 @@ class Supervisor:
     # --------------------------------------------------------------- start
 
     @property
+    def metrics_on(self) -> bool:
+        """Metrics were asked for and their port is bound."""
+        return self.metrics_listener is not None
+
+    @property
     def metrics_socket(self) -> str:
         return os.path.join(self.runtime_dir, "metrics.sock")
 
@@ -286,7 +291,7 @@ class Supervisor:
                     cfg.tls_cert and (cfg.max_associations_per_ae or cfg.ae_sources)
                 ),
                 "graceful_timeout": cfg.graceful_timeout,
-                "metrics_socket": self.metrics_socket if cfg.metrics_port else None,
+                "metrics_socket": self.metrics_socket if self.metrics_on else None,
             },
         }
         return json.dumps(data)
@@ -302,10 +307,15 @@ class Supervisor:
             self.listener = bind_tcp(cfg.host, cfg.port, cfg.backlog, "cannot listen on")
             made.sockets.append(self.listener)
             if cfg.metrics_port:
-                self.metrics_listener = bind_tcp(
-                    cfg.metrics_host, cfg.metrics_port, 128, "cannot serve metrics on"
-                )
-                made.sockets.append(self.metrics_listener)
+                try:
+                    self.metrics_listener = bind_tcp(
+                        cfg.metrics_host, cfg.metrics_port, 128, "cannot serve metrics on"
+                    )
+                    made.sockets.append(self.metrics_listener)
+                except StartError as exc:
+                    if not cfg.metrics_optional:
+                        raise
+                    log.warning("%s: running WITHOUT metrics (--metrics-optional)", exc)
             try:
                 self.runtime_dir = tempfile.mkdtemp(prefix="pacsrx-")
             except OSError as exc:
@@ -342,7 +352,7 @@ class Supervisor:
         metrics_address = (
             self.metrics_listener.getsockname()[:2] if self.metrics_listener is not None else None
         )
-        if self.cfg.metrics_port:
+        if self.metrics_on:
             self._start_metrics()
             await self._start_telemetry()
         for index in range(self.cfg.workers):
@@ -624,7 +634,7 @@ class Supervisor:
         await self.telemetry.start()
 
     def _check_metrics(self, now: float) -> None:
-        if not self.cfg.metrics_port:
+        if not self.metrics_on:
             return
         proc = self.metrics_proc
         if proc is not None:

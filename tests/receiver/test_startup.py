@@ -17,7 +17,7 @@ import pytest
 
 from receiver import package_version
 
-from .conftest import PACS_RECEIVER
+from .conftest import PACS_RECEIVER, ReceiverFactory, associate, release, scu_ae
 
 TIMEOUT = 30
 PACS_LOADTEST = str(Path(sys.executable).with_name("pacs-loadtest"))
@@ -133,6 +133,26 @@ def test_metrics_port_in_use(tmp_path: Path) -> None:
     # even the store directory that was created to check it could be written.
     assert list(tmpdir.iterdir()) == []
     assert not store.exists()
+
+
+def test_metrics_port_in_use_with_metrics_optional(
+    receiver_factory: ReceiverFactory, tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        rx = receiver_factory("--workers", "1", "--metrics-port", str(port), "--metrics-optional")
+        rx.wait_log(rf"cannot serve metrics on 127\.0\.0\.1:{port}: .*running WITHOUT metrics")
+        # No aggregator was started (it would fail on the port, again and again), and
+        # the receiver serves.
+        assert "metrics aggregator started" not in rx.log()
+        assoc = associate(rx, scu_ae("OPTIONAL"))
+        try:
+            assert assoc.is_established
+            assert assoc.send_c_echo().Status == 0x0000
+        finally:
+            release(assoc)
 
 
 def test_dicom_port_in_use_leaves_no_store_behind(tmp_path: Path) -> None:
