@@ -36,6 +36,7 @@ import itertools
 import json
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -200,6 +201,14 @@ class Rejector(asyncio.Protocol):
             log.warning(
                 "refused connection from %s (%s): no A-ASSOCIATE-RQ came", self.peer, self.why
             )
+
+
+def _peer_closed(fd: int) -> bool:
+    """The peer of the TCP socket ``fd`` shut its side down (or it failed)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLRDHUP)
+    gone = select.POLLRDHUP | select.POLLHUP | select.POLLERR
+    return any(events & gone for _fd, events in poller.poll(0))
 
 
 class Supervisor:
@@ -867,6 +876,9 @@ class Supervisor:
         assert self.loop is not None
         try:
             ae = await self._peek_calling_ae(sock)
+        except EOFError:
+            sock.close()  # gone in the middle of its request: nobody to answer
+            return
         except TimeoutError:
             # PS3.8 ARTIM in Sta2: no A-ASSOCIATE-RQ in time, close the connection.
             log.warning(
@@ -899,7 +911,8 @@ class Supervisor:
         """The Calling AE Title (bytes 26..42 of an A-ASSOCIATE-RQ), read with MSG_PEEK
         so the worker still receives the whole PDU. None when what came is no
         A-ASSOCIATE-RQ (the worker answers it) or the peer is gone; TimeoutError when
-        the 42 bytes do not come within --acse-timeout.
+        the 42 bytes do not come within --acse-timeout; EOFError when the peer closes
+        before they came.
 
         Peeked bytes stay in the receive queue, so once some have come the socket
         stays readable: waiting for readability would wake at once, again and again,
@@ -930,6 +943,10 @@ class Supervisor:
                     if not low_water:
                         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, PEEK_BYTES)
                         low_water = True
+                    elif _peer_closed(fd):
+                        # Readable with fewer bytes than the low-water mark: the peer
+                        # closed (peeked bytes are still queued, so recv never says so).
+                        raise EOFError
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     raise TimeoutError

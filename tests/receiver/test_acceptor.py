@@ -109,6 +109,25 @@ def test_peer_stalling_in_its_request_does_not_spin_the_supervisor(
     echo_ok(rx, "AFTERSTALL")
 
 
+def test_peer_closing_in_the_middle_of_its_request_is_dropped(
+    receiver_factory: ReceiverFactory,
+) -> None:
+    rx = receiver_factory(
+        "--workers", "1", "--max-associations-per-ae", "2", "--acse-timeout", "60"
+    )
+    with socket.create_connection((rx.host, rx.port), timeout=10) as peer:
+        peer.sendall(struct.pack(">BBI", 1, 0, 68) + b"\x00\x01\x00\x00")
+        peer.shutdown(socket.SHUT_WR)  # ... and no more: the 10 bytes stay queued
+        peer.setblocking(False)
+        before = cpu_seconds(rx.pid)
+        # Closed long before the ACSE timeout, without the supervisor spinning meanwhile.
+        wait_for(lambda: closed_by_peer(peer), 20, what="the half-closed peer to be closed")
+        time.sleep(STALL)
+        used = cpu_seconds(rx.pid) - before
+        assert used < CPU_BOUND, f"supervisor used {used:.2f} s CPU"
+    echo_ok(rx, "AFTERCLOSE")
+
+
 # ------------------------------------------------------------ refusals
 
 
