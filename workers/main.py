@@ -190,7 +190,10 @@ class Worker:
                 self._stop(None)
                 return
             if kind == control.CONNECTIONS:
-                self.received += len(fds)
+                # Counted by ids, as the supervisor counts them: a descriptor lost
+                # on the way (MSG_CTRUNC at our fd limit) is then freed by the
+                # heartbeat (received, never open) instead of skewing the count.
+                self.received += max(len(fds), len(ids))
                 for fd, connection_id in zip(
                     fds, ids + [None] * (len(fds) - len(ids)), strict=False
                 ):
