@@ -1124,6 +1124,13 @@ class Supervisor:
         except Exception as exc:  # ConfigError, or a handler that no longer imports
             log.error("SIGHUP: configuration not reloaded: %s", exc)
             return
+        if os.path.abspath(new.storage) != os.path.abspath(self.cfg.storage):
+            # The new workers would fail on every instance: check it as at start-up.
+            try:
+                prepare_storage(new.storage, Leftovers())
+            except StartError as exc:
+                log.error("SIGHUP: configuration not reloaded: %s", exc)
+                return
         if (new.host, new.port) != (self.cfg.host, self.cfg.port):
             log.warning(
                 "SIGHUP: a new --host/--port takes a restart; keeping %s:%d",

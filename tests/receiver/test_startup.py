@@ -8,16 +8,26 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from receiver import package_version
 
-from .conftest import PACS_RECEIVER, ReceiverFactory, associate, release, scu_ae
+from .conftest import (
+    PACS_RECEIVER,
+    Receiver,
+    ReceiverFactory,
+    associate,
+    release,
+    scu_ae,
+    wait_for,
+)
 
 TIMEOUT = 30
 PACS_LOADTEST = str(Path(sys.executable).with_name("pacs-loadtest"))
@@ -231,3 +241,72 @@ def test_version(command: str) -> None:
     name = Path(command).name
     assert result.stdout.strip() == f"{name} {package_version()}"
     assert package_version() != "unknown"
+
+
+# ------------------------------------------------------------------ SIGHUP
+
+
+class _ConfigOnlyReceiver(Receiver):
+    """A receiver whose store and metrics port come from its --config file alone."""
+
+    def __init__(self, base: Path, config: Path) -> None:
+        super().__init__(base, [], None)
+        self.config = config
+
+    def command(self) -> list[str]:
+        cmd = [PACS_RECEIVER, "--host", "127.0.0.1", "--port", "0", "--fsync", "never"]
+        return [*cmd, "--workers", "1", "--config", str(self.config)]
+
+
+def _scrape(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as rsp:
+            return b"pacs_" in rsp.read()
+    except OSError:
+        return False
+
+
+def test_sighup_checks_store_and_metrics_port_like_start_up(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x\n")
+    config = tmp_path / "rx.toml"
+    first, later = free_port(), free_port()
+
+    def write(storage: Path, metrics: int) -> None:
+        config.write_text(f'storage = "{storage}"\nmetrics-port = {metrics}\n')
+
+    write(store, first)
+    base = tmp_path / "rx"
+    base.mkdir()
+    rx = _ConfigOnlyReceiver(base, config)
+    try:
+        rx.start(workers_ready=1)
+        wait_for(lambda: _scrape(first), 20, what="metrics on the first port")
+        # A store that cannot be written: the configuration is not taken.
+        write(not_a_dir, first)
+        rx.signal(signal.SIGHUP)
+        rx.wait_log(rf"SIGHUP: configuration not reloaded: storage {not_a_dir}: .*not a directory")
+        # A metrics port in use: said so, the old one kept.
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen(1)
+            busy = taken.getsockname()[1]
+            write(store, busy)
+            rx.signal(signal.SIGHUP)
+            rx.wait_log(rf"cannot serve metrics on 127\.0\.0\.1:{busy}: .*metrics stay on")
+            wait_for(lambda: _scrape(first), 20, what="metrics still on the first port")
+        # A free one: the aggregator moves there.
+        write(store, later)
+        rx.signal(signal.SIGHUP)
+        wait_for(lambda: _scrape(later), 20, what="metrics on the new port")
+        wait_for(lambda: not _scrape(first), 20, what="the first port closed")
+        assert "Traceback" not in rx.log()
+    finally:
+        rx.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
