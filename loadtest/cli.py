@@ -17,6 +17,7 @@ import os
 import sys
 from typing import Any
 
+from receiver import package_version
 from workers.engine import acse
 
 from .config import SCENARIOS, RunConfig
@@ -195,6 +196,12 @@ def build_run_parser() -> argparse.ArgumentParser:
         "sink (pacs-loadtest sink --help)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG,
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"pacs-loadtest {package_version()}",
+        help="print the version and exit",
     )
     add_target_options(parser)
     add_load_options(parser)

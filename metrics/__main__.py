@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import socket
 import sys
 
 from .aggregator import Aggregator, Limits
@@ -27,6 +28,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--socket", required=True, help="unix socket the workers write to")
     parser.add_argument("--host", default="127.0.0.1", help="HTTP address (127.0.0.1)")
     parser.add_argument("--port", type=int, default=9464, help="HTTP port (9464; 0: any)")
+    parser.add_argument(
+        "--http-fd",
+        type=int,
+        help="serve HTTP on this inherited listening socket instead of binding --port",
+    )
     parser.add_argument(
         "--max-ae-titles",
         type=int,
@@ -53,7 +59,13 @@ def _parser() -> argparse.ArgumentParser:
 
 async def _serve(args: argparse.Namespace) -> int:
     limits = Limits(ae_titles=args.max_ae_titles, sop_classes=args.max_sop_classes)
-    aggregator = Aggregator(args.socket, host=args.host, port=args.port, limits=limits)
+    http_sock = None
+    if args.http_fd is not None:
+        http_sock = socket.socket(fileno=args.http_fd)
+        http_sock.setblocking(False)
+    aggregator = Aggregator(
+        args.socket, host=args.host, port=args.port, limits=limits, http_sock=http_sock
+    )
     await aggregator.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

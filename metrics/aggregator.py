@@ -293,6 +293,8 @@ class State:
         self.audit: dict[str, int] = {"sent": 0, "dropped": 0}
         #: (service, label) -> count: storage commitment, queries, retrieves
         self.services: dict[tuple[str, str], int] = {}
+        #: acceptor trouble by event (metrics.wire.Acceptor)
+        self.acceptor: dict[str, int] = {}
         self.decode = w.DecodeStats()
         self.records_without_hello = 0
         self.oversized_frames = 0
@@ -317,6 +319,7 @@ class State:
             w.Service: self._service,
             w.IndexLag: self._index_lag,
             w.IndexWrites: self._index_writes,
+            w.Acceptor: self._acceptor,
         }
 
     # -- sources --
@@ -485,6 +488,9 @@ class State:
         totals[0] += r.written
         totals[1] += r.errors
         totals[2] += r.dropped
+
+    def _acceptor(self, source: Source, r: w.Acceptor) -> None:
+        _add(self.acceptor, self.name(r.event), r.count)
 
 
 # -- exposition ------------------------------------------------------------------------
@@ -739,6 +745,24 @@ class StateCollector(Collector):
             value=s.audit["dropped"],
         )
 
+        unanswered = CounterMetricFamily(
+            "pacs_acceptor_unanswered",
+            "Refused connections the acceptor closed without an A-ASSOCIATE-RJ because "
+            "too many refusals were already in flight.",
+        )
+        unanswered.add_metric([], s.acceptor.get("unanswered", 0))
+        yield unanswered
+        backoffs = CounterMetricFamily(
+            "pacs_accept_backoffs",
+            "Times the acceptor paused accepting connections, by error "
+            "(EMFILE, ENFILE: out of file descriptors; ENOBUFS, ENOMEM: out of memory).",
+            labels=["reason"],
+        )
+        for event, n in s.acceptor.items():
+            if event.startswith("backoff_"):
+                backoffs.add_metric([event.removeprefix("backoff_")], n)
+        yield backoffs
+
         # -- processes: the latest connection of each sender, and the aggregator --
         cpu = CounterMetricFamily(
             "pacs_process_cpu_seconds",
@@ -907,8 +931,13 @@ class Aggregator:
         limits: Limits | None = None,
         max_senders: int = 1024,
         http_timeout: float = 10.0,
+        http_sock: socket.socket | None = None,
     ) -> None:
         self.socket_path = os.fspath(socket_path)
+        #: a listening socket to serve HTTP on instead of binding host:port (the
+        #: supervisor binds the port before it starts anything, and keeps it across
+        #: our restarts: a port in use is found once, at start-up)
+        self.http_sock = http_sock
         self.host = host
         self.port = port
         self.max_senders = max_senders
@@ -931,9 +960,14 @@ class Aggregator:
             )
         finally:
             os.umask(old_umask)
-        self._http = await asyncio.start_server(
-            self._serve_http, self.host, self.port, limit=16 * 1024, reuse_address=True
-        )
+        if self.http_sock is not None:
+            self._http = await asyncio.start_server(
+                self._serve_http, sock=self.http_sock, limit=16 * 1024
+            )
+        else:
+            self._http = await asyncio.start_server(
+                self._serve_http, self.host, self.port, limit=16 * 1024, reuse_address=True
+            )
         self.http_port = int(self._http.sockets[0].getsockname()[1])
         log.info(
             "metrics aggregator: telemetry on %s, http://%s:%d/metrics",

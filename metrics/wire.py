@@ -187,6 +187,8 @@ class Kind(IntEnum):
     # branches meanwhile do not collide.
     INDEX_LAG = 32
     INDEX_WRITES = 33
+    #: acceptor trouble reported by the supervisor (refusals unanswered, accept back-off)
+    ACCEPTOR = 21
 
 
 class Direction(IntEnum):
@@ -501,6 +503,20 @@ class IndexWrites:
     _SPEC: ClassVar[tuple[Any, ...]] = (COUNT, COUNT, COUNT)
 
 
+@dataclass(slots=True, frozen=True)
+class Acceptor:
+    """Delta (from the supervisor): acceptor trouble by ``event``: "unanswered" (a
+    refused connection closed without its A-ASSOCIATE-RJ: too many refusals in
+    flight), "backoff_EMFILE" / "backoff_ENFILE" / ... (accepting paused for want of
+    file descriptors or memory)."""
+
+    event: str
+    count: int
+
+    KIND: ClassVar[Kind] = Kind.ACCEPTOR
+    _SPEC: ClassVar[tuple[Any, ...]] = (str, COUNT)
+
+
 Record = (
     Hello
     | Process
@@ -523,6 +539,7 @@ Record = (
     | Service
     | IndexLag
     | IndexWrites
+    | Acceptor
 )
 
 #: Record class by kind.
@@ -550,6 +567,7 @@ RECORD_TYPES: dict[int, type[Any]] = {
         Service,
         IndexLag,
         IndexWrites,
+        Acceptor,
     )
 }
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+from . import package_version
 from .config import ConfigError, ReceiverConfig, build, load_toml
 
 DESCRIPTION = """\
@@ -98,6 +99,13 @@ def make_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--metrics-host", help=f"address of the metrics endpoint (default {d.metrics_host})"
+    )
+    g.add_argument(
+        "--metrics-optional",
+        action="store_true",
+        default=None,
+        help="if the metrics port cannot be bound at start-up, run without metrics "
+        "(with a warning) instead of stopping with exit status 2",
     )
     g.add_argument(
         "--graceful-timeout",
@@ -283,6 +291,12 @@ def make_parser() -> argparse.ArgumentParser:
         help="audit messages waiting for the collector, per process; more are dropped "
         "and counted (default 1000)",
     )
+    g.add_argument(
+        "--version",
+        action="version",
+        version=f"pacs-receiver {package_version()}",
+        help="print the version and exit",
+    )
     return ap
 
 
@@ -310,17 +324,16 @@ def main(argv: list[str] | None = None) -> int:
     from .supervisor import run
 
     setup_logging(cfg.log_level, cfg.log_format)
+    from .preflight import StartError
+
     try:
         return run(cfg, reload)
     except IndexUnavailable as exc:
         # One line: a driver's message may span several.
         print(f"pacs-receiver: error: --index: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
-    except OSError as exc:
-        print(
-            f"pacs-receiver: error: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}",
-            file=sys.stderr,
-        )
+    except StartError as exc:
+        print(f"pacs-receiver: error: {exc}", file=sys.stderr)
         return 2
 
 

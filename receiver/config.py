@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -34,6 +35,8 @@ class ReceiverConfig:
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     metrics_port: int = 9464
     metrics_host: str = "127.0.0.1"
+    #: metrics port in use at start-up: run without metrics (saying so) instead of exit 2
+    metrics_optional: bool = False
     fsync: str = "always"
     duplicates: str = "overwrite"
     layout: str = "{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
@@ -385,8 +388,59 @@ def _check_port(flag: str, value: int, allow_zero: bool) -> None:
 _FIELDS = {f.name: f for f in fields(ReceiverConfig)}
 
 
-def load_toml(path: str) -> dict[str, Any]:
-    """Read a TOML config file into field-name -> value."""
+class FileSettings(dict[str, Any]):
+    """Settings read from a config file: field name -> value, plus where they came
+    from (``path``, and the key as written for each field) so that an error about
+    one of them names the file and the key."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+        self.key_names: dict[str, str] = {}
+
+
+def _toml_type(value: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+    for kind, name in names.items():
+        if type(value) is kind:
+            return name
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return "a date or time"
+
+
+def _check_file_value(name: str, value: Any) -> str | None:
+    """Why ``value`` (as TOML typed it) cannot be the setting ``name``, or None.
+
+    The file is checked by type, not coerced: ``port = "11112"`` is a mistake the
+    user should hear about (a quoted number hides a typo just as well as a flag
+    value does), not something to guess around."""
+    default = getattr(ReceiverConfig(), name) if name != "workers" else 1
+    if isinstance(default, bool):
+        ok, expected = isinstance(value, bool), "a boolean (true or false)"
+    elif isinstance(default, int):
+        ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        expected = "a number"
+    elif isinstance(default, list):
+        # An array of strings; a string is the flag's comma-separated form.
+        ok = isinstance(value, str) or (
+            isinstance(value, list) and all(isinstance(v, str) for v in value)
+        )
+        expected = "an array of strings"
+    else:  # str, or a str that may be absent (tls-cert ...)
+        ok, expected = isinstance(value, str), "a string"
+    if ok:
+        return None
+    return f"{value!r} is {_toml_type(value)}, not {expected}"
+
+
+def load_toml(path: str) -> FileSettings:
+    """Read a TOML config file into field-name -> value; every value is checked for
+    its type here (ConfigError naming the file and the key)."""
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
@@ -395,7 +449,10 @@ def load_toml(path: str) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"--config: {path} is not valid TOML: {exc}") from None
     section = data.get("receiver", data)
-    out: dict[str, Any] = {"config_dir": os.path.dirname(os.path.abspath(path))}
+    if not isinstance(section, dict):
+        raise ConfigError(f"--config: {path}: receiver: must be a table")
+    out = FileSettings(path)
+    out["config_dir"] = os.path.dirname(os.path.abspath(path))
     ae_sources = data.get("ae-sources", section.get("ae-sources"))
     if ae_sources is not None:
         if not isinstance(ae_sources, dict):
@@ -417,6 +474,11 @@ def load_toml(path: str) -> dict[str, Any]:
         name = key.replace("-", "_")
         if name not in _FIELDS or name in ("config", "config_dir"):
             raise ConfigError(f"--config: {path}: unknown setting {key!r}")
+        if name in ("identity", "ae_sources", "remote_aes"):
+            raise ConfigError(f"--config: {path}: {key}: must be a table")
+        problem = _check_file_value(name, value)
+        if problem is not None:
+            raise ConfigError(f"--config: {path}: {key}: {problem}")
         if name in (
             "tls_cert",
             "tls_key",
@@ -427,7 +489,31 @@ def load_toml(path: str) -> dict[str, Any]:
         ) and isinstance(value, str):
             value = os.path.join(out["config_dir"], value)  # relative to the file
         out[name] = value
+        out.key_names[name] = key
     return out
+
+
+#: "--max-pdu: ..." -> "max-pdu": the setting a ConfigError message is about
+_FLAG_OF_MESSAGE = re.compile(r"--([a-z][a-z-]*)(?=[:/ ])")
+
+
+def _in_file_terms(exc: ConfigError, file_values: dict[str, Any], flags: dict[str, Any]) -> str:
+    """Rephrase a check's error about a value that came from the config file (and
+    not from a flag) so that it names the file and the key as written there."""
+    message = str(exc)
+    path = getattr(file_values, "path", None)
+    keys: dict[str, str] = getattr(file_values, "key_names", {})
+    match = _FLAG_OF_MESSAGE.match(message)
+    if path is None or match is None:
+        return message
+    flag = match.group(1)
+    rest = message[match.end() :].lstrip(":/ ")
+    if flag == "config" and rest.startswith("["):  # "--config [identity]: ..."
+        return f"--config: {path}: {rest}"
+    name = flag.replace("-", "_")
+    if name in keys and name not in flags:
+        return f"--config: {path}: {keys[name]}: {message[match.end() :].lstrip(': ')}"
+    return message
 
 
 def build(file_values: dict[str, Any], flag_values: dict[str, Any]) -> ReceiverConfig:
@@ -445,7 +531,10 @@ def build(file_values: dict[str, Any], flag_values: dict[str, Any]) -> ReceiverC
                     f"--{name.replace('_', '-')}: {value!r} is not a valid value"
                 ) from None
             setattr(cfg, name, value)
-    cfg.check()
+    try:
+        cfg.check()
+    except ConfigError as exc:
+        raise ConfigError(_in_file_terms(exc, file_values, flag_values)) from None
     return cfg
 
 

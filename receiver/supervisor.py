@@ -31,10 +31,12 @@ One uvloop event loop does four things:
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import json
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -58,6 +60,7 @@ from workers.main import CONFIG_ENV
 from workers.storage.sweep import sweep_incoming
 
 from .config import ReceiverConfig
+from .preflight import Leftovers, StartError, bind_tcp, prepare_storage
 
 log = logging.getLogger("receiver.supervisor")
 
@@ -67,8 +70,18 @@ HEARTBEAT_TIMEOUT = 10.0
 QUICK_DEATH = 5.0
 MAX_BACKOFF = 10.0
 ACCEPT_BATCH = 256
-PEEK_TIMEOUT = 5.0
 SWEEP_INTERVAL = 300.0
+#: Refused connections answered (A-ASSOCIATE-RJ) at once; beyond it a refused peer is
+#: closed without its answer and counted: a flood of refused peers that send nothing
+#: must not pin a receive buffer each in the supervisor until their ARTIM expires.
+MAX_REFUSING = 256
+#: Bytes of an A-ASSOCIATE-RQ up to the end of the Calling AE Title (PS3.8 9.3.2).
+PEEK_BYTES = 42
+#: Accept errors that mean "out of descriptors or memory": the pending connection
+#: stays queued, so the level-triggered listener would fire again at once.
+ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+ACCEPT_BACKOFF_MIN = 0.05
+ACCEPT_BACKOFF_MAX = 1.0
 
 
 def describe_exit(returncode: int) -> str:
@@ -101,6 +114,11 @@ class WorkerSlot:
     buffered: int = 0
     stored: int = 0
     restarts: int = 0
+    #: connections handed to this process so far, and each open one's number among
+    #: them: a heartbeat that says the worker had read that many and lists which are
+    #: still open frees those of the rest whose "closed" report was lost
+    sent: int = 0
+    sent_seq: dict[int, int] = field(default_factory=dict)
 
     @property
     def alive(self) -> bool:
@@ -121,8 +139,10 @@ class Rejector(asyncio.Protocol):
         timeout: float,
         why: str | None = None,
         telemetry: Any = None,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         self.rj = rj
+        self.on_close = on_close
         self.timeout = timeout
         if why is None:
             transient = rj.result == p.RejectResult.TRANSIENT
@@ -186,10 +206,21 @@ class Rejector(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:
             self.timer.cancel()
+        if self.on_close is not None:
+            self.on_close()
+            self.on_close = None
         if not self.answered:
             log.warning(
                 "refused connection from %s (%s): no A-ASSOCIATE-RQ came", self.peer, self.why
             )
+
+
+def _peer_closed(fd: int) -> bool:
+    """The peer of the TCP socket ``fd`` shut its side down (or it failed)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLRDHUP)
+    gone = select.POLLRDHUP | select.POLLHUP | select.POLLERR
+    return any(events & gone for _fd, events in poller.poll(0))
 
 
 class Supervisor:
@@ -214,12 +245,23 @@ class Supervisor:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stopping = False
         self.reload_requested = False
-        self.runtime_dir = tempfile.mkdtemp(prefix="pacsrx-")
+        #: made by run(), once the ports are bound (a failed start leaves none)
+        self.runtime_dir = ""
+        #: the metrics HTTP port, bound here and inherited by every aggregator started
+        self.metrics_listener: socket.socket | None = None
         self.metrics_proc: subprocess.Popen[bytes] | None = None
         self.metrics_started = 0.0
         self.metrics_failures = 0
         self.metrics_restart_at = 0.0
         self.rejected = 0
+        #: Rejectors in flight, and refused peers closed unanswered beyond MAX_REFUSING
+        self.refusing = 0
+        self.unanswered = 0
+        self._unanswered_unlogged = 0
+        self._unanswered_logged_at = 0.0
+        #: accepting paused (EMFILE ...): the current pause, and how many in a row
+        self._accept_backoff = 0.0
+        self._accept_pauses = 0
         self._last_sweep = 0.0
         self._done: asyncio.Future[int] | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -228,6 +270,11 @@ class Supervisor:
         self._rotation = 0
 
     # --------------------------------------------------------------- start
+
+    @property
+    def metrics_on(self) -> bool:
+        """Metrics were asked for and their port is bound."""
+        return self.metrics_listener is not None
 
     @property
     def metrics_socket(self) -> str:
@@ -269,7 +316,7 @@ class Supervisor:
                     cfg.tls_cert and (cfg.max_associations_per_ae or cfg.ae_sources)
                 ),
                 "graceful_timeout": cfg.graceful_timeout,
-                "metrics_socket": self.metrics_socket if cfg.metrics_port else None,
+                "metrics_socket": self.metrics_socket if self.metrics_on else None,
                 "index": cfg.index_target(),
                 "index_node": cfg.index_node_name(),
                 # storage commitment and query/retrieve over the index (workers/indexed.py)
@@ -285,40 +332,73 @@ class Supervisor:
         }
         return json.dumps(data)
 
-    def _listen(self) -> socket.socket:
+    def _start_up(self) -> str:
+        """Everything that can fail because of the machine rather than the peers:
+        the store, the DICOM port, the metrics port, the runtime directory. Raises
+        StartError (one line) having undone what it did; returns the store's path."""
         cfg = self.cfg
-        family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((cfg.host, cfg.port))
-        sock.listen(cfg.backlog)
-        sock.setblocking(False)
-        return sock
-
-    async def run(self) -> int:
-        """Serve until stopped; returns the exit status."""
-        self.loop = loop = asyncio.get_running_loop()
-        self._done = loop.create_future()
-        storage = os.path.abspath(self.cfg.storage)
-        os.makedirs(storage, exist_ok=True)
-        removed = sweep_incoming(storage, 0)
+        made = Leftovers()
+        try:
+            storage = prepare_storage(cfg.storage, made)
+            self.listener = bind_tcp(cfg.host, cfg.port, cfg.backlog, "cannot listen on")
+            made.sockets.append(self.listener)
+            if cfg.metrics_port:
+                try:
+                    self.metrics_listener = bind_tcp(
+                        cfg.metrics_host, cfg.metrics_port, 128, "cannot serve metrics on"
+                    )
+                    made.sockets.append(self.metrics_listener)
+                except StartError as exc:
+                    if not cfg.metrics_optional:
+                        raise
+                    log.warning("%s: running WITHOUT metrics (--metrics-optional)", exc)
+            try:
+                self.runtime_dir = tempfile.mkdtemp(prefix="pacsrx-")
+            except OSError as exc:
+                raise StartError(
+                    f"cannot make a runtime directory in {tempfile.gettempdir()}: "
+                    f"{exc.strerror or exc}"
+                ) from None
+        except StartError:
+            made.undo()
+            self.listener = self.metrics_listener = None
+            raise
+        try:
+            removed = sweep_incoming(storage, 0)
+        except OSError as exc:
+            log.warning("could not sweep %s/.incoming: %s", storage, exc)
+            removed = 0
         if removed:
             log.warning(
                 "removed %d incomplete file(s) left in %s/.incoming by an earlier run",
                 removed,
                 storage,
             )
+        return storage
+
+    async def run(self) -> int:
+        """Serve until stopped; returns the exit status (StartError if it cannot
+        start: nothing is left behind then)."""
+        self.loop = loop = asyncio.get_running_loop()
+        self._done = loop.create_future()
+        storage = self._start_up()
         self._last_sweep = time.monotonic()
+        assert self.listener is not None
         try:
             self._reconcile_index(storage)
-            self.listener = self._listen()
-        except (OSError, IndexUnavailable):
-            # Address in use, index unreachable ...: the caller reports it; do not
-            # leave runtime_dir behind.
+        except IndexUnavailable:
+            # The caller reports it in one line: leave nothing behind.
+            self.listener.close()
+            if self.metrics_listener is not None:
+                self.metrics_listener.close()
+            self.listener = self.metrics_listener = None
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
             raise
         address = self.listener.getsockname()[:2]
-        if self.cfg.metrics_port:
+        metrics_address = (
+            self.metrics_listener.getsockname()[:2] if self.metrics_listener is not None else None
+        )
+        if self.metrics_on:
             self._start_metrics()
             await self._start_telemetry()
         self._start_audit()
@@ -336,8 +416,8 @@ class Supervisor:
             self.cfg.workers,
             storage,
             self.cfg.fsync,
-            f", metrics on http://{self.cfg.metrics_host}:{self.cfg.metrics_port}/metrics"
-            if self.cfg.metrics_port
+            f", metrics on http://{metrics_address[0]}:{metrics_address[1]}/metrics"
+            if metrics_address is not None
             else "",
         )
         if self.on_ready is not None:
@@ -354,6 +434,8 @@ class Supervisor:
                 await loop.run_in_executor(None, self.audit.close)
             if self.telemetry is not None:
                 await self.telemetry.close()
+            if self.metrics_listener is not None:
+                self.metrics_listener.close()
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
     def _reconcile_index(self, storage: str) -> None:
@@ -416,6 +498,8 @@ class Supervisor:
         slot.ctrl = parent
         slot.started = slot.last_heartbeat = time.monotonic()
         slot.assigned.clear()
+        slot.sent_seq.clear()
+        slot.sent = 0
         slot.buffered = 0
         assert self.loop is not None
         self.loop.add_reader(parent.fileno(), self._on_worker_message, slot)
@@ -431,6 +515,7 @@ class Supervisor:
         for ae in slot.assigned.values():
             self._ae_closed(ae)
         slot.assigned.clear()
+        slot.sent_seq.clear()
         if slot.ctrl is not None:
             assert self.loop is not None
             try:
@@ -494,13 +579,44 @@ class Supervisor:
                 slot.last_heartbeat = time.monotonic()
                 slot.buffered = int(message.get("buffered", 0))
                 slot.stored = int(message.get("stored", 0))
+                ids, received = message.get("ids"), message.get("received")
+                if isinstance(ids, list) and isinstance(received, int):
+                    self._reconcile(slot, ids, received)
             elif op == "admit":
                 self._answer_admission(slot, message)
             elif op == "closed":
                 for connection_id in message.get("ids", ()):
-                    ae = slot.assigned.pop(connection_id, None)
-                    if ae is not None:
-                        self._ae_closed(ae)
+                    self._connection_closed(slot, connection_id)
+
+    def _connection_closed(self, slot: WorkerSlot, connection_id: int) -> bool:
+        slot.sent_seq.pop(connection_id, None)
+        ae = slot.assigned.pop(connection_id, None)
+        if ae is None:
+            return False
+        self._ae_closed(ae)
+        return True
+
+    def _reconcile(self, slot: WorkerSlot, open_ids: list[int], received: int) -> None:
+        """A heartbeat lists the connections open in the worker when it had read
+        ``received`` of those handed to it. The control channel keeps order both
+        ways, so a connection among those ``received`` that is neither listed nor
+        already reported closed (a report before the heartbeat arrives before it)
+        was closed and its report lost (a full channel): free its slot now instead
+        of never (--max-associations, --max-associations-per-ae)."""
+        still_open = set(open_ids)
+        lost = [
+            connection_id
+            for connection_id, seq in slot.sent_seq.items()
+            if seq <= received and connection_id not in still_open
+        ]
+        freed = sum(self._connection_closed(slot, connection_id) for connection_id in lost)
+        if freed:
+            log.warning(
+                "worker %d: %d closed connection(s) were never reported closed; "
+                "their slots are free again (found by its heartbeat)",
+                slot.index,
+                freed,
+            )
 
     def _channel_lost(self, slot: WorkerSlot) -> None:
         """The worker's end of its control channel closed: it died or is exiting.
@@ -545,6 +661,7 @@ class Supervisor:
                 if self._reap(slot, now):
                     self.old.remove(slot)
             self._check_metrics(now)
+            self._log_unanswered(now)
             if not self.stopping and now - self._last_sweep > SWEEP_INTERVAL:
                 self._last_sweep = now
                 sweep_incoming(os.path.abspath(self.cfg.storage), 3600)
@@ -561,6 +678,9 @@ class Supervisor:
     # ------------------------------------------------------------- metrics
 
     def _start_metrics(self) -> None:
+        listener = self.metrics_listener
+        if listener is None:
+            return
         cmd = [
             sys.executable,
             "-m",
@@ -571,13 +691,15 @@ class Supervisor:
             self.cfg.metrics_host,
             "--port",
             str(self.cfg.metrics_port),
+            "--http-fd",
+            str(listener.fileno()),
             "--log-level",
             self.cfg.log_level,
             "--log-format",
             self.cfg.log_format,
         ]
         try:
-            self.metrics_proc = subprocess.Popen(cmd)
+            self.metrics_proc = subprocess.Popen(cmd, pass_fds=[listener.fileno()])
             self.metrics_started = time.monotonic()
             log.info("metrics aggregator started (pid %d)", self.metrics_proc.pid)
         except OSError as exc:
@@ -605,7 +727,7 @@ class Supervisor:
         self.audit.application(started=True)
 
     def _check_metrics(self, now: float) -> None:
-        if not self.cfg.metrics_port:
+        if not self.metrics_on:
             return
         proc = self.metrics_proc
         if proc is not None:
@@ -672,8 +794,14 @@ class Supervisor:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
-                log.error("accept failed: %s", exc)  # EMFILE ...: try again next time
-                break
+                if exc.errno in ACCEPT_RESOURCE_ERRORS:
+                    self._pause_accepting(exc)
+                    break
+                # ECONNABORTED, EPROTO ...: that one connection is gone; go on.
+                log.warning("accept failed: %s", exc)
+                continue
+            if self._accept_pauses:
+                self._accepting_again()
             if screen and not access.address_allowed(addr[0]):
                 # Before any limit: a refused peer takes no one's place.
                 self._refuse(
@@ -702,6 +830,43 @@ class Supervisor:
             picked += 1
         for slot, fds, ids in batches.values():
             self._hand_off(slot, fds, ids, [""] * len(ids))
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        """Out of descriptors or memory: the connection that could not be accepted
+        stays queued and the level-triggered listener would fire again at once, for
+        ever. Stop watching the listener for a while (doubling up to
+        ACCEPT_BACKOFF_MAX while it lasts); the queued peers wait in the backlog."""
+        assert self.loop is not None
+        listener = self.listener
+        if listener is None:
+            return
+        name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        self._accept_backoff = min(
+            ACCEPT_BACKOFF_MAX, max(ACCEPT_BACKOFF_MIN, self._accept_backoff * 2)
+        )
+        if not self._accept_pauses:
+            log.error(
+                "cannot accept connections: %s (%s); pausing accepting, retrying "
+                "every %g s at most",
+                exc.strerror,
+                name,
+                ACCEPT_BACKOFF_MAX,
+            )
+        self._accept_pauses += 1
+        if self.telemetry is not None:
+            self.telemetry.acceptor_event(f"backoff_{name}")
+        self.loop.remove_reader(listener.fileno())
+        self.loop.call_later(self._accept_backoff, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        if self.stopping or self.listener is None or self.loop is None:
+            return
+        self.loop.add_reader(self.listener.fileno(), self._on_accept)
+
+    def _accepting_again(self) -> None:
+        log.warning("accepting connections again after %d pause(s)", self._accept_pauses)
+        self._accept_pauses = 0
+        self._accept_backoff = 0.0
 
     @staticmethod
     def _socket(fd: int) -> socket.socket:
@@ -739,9 +904,11 @@ class Supervisor:
                         self._socket(fd), transient_reason=p.RejectReason.TEMPORARY_CONGESTION
                     )
                 continue
-            assigned = slot.assigned
+            assigned, sent_seq = slot.assigned, slot.sent_seq
             for fd, connection_id, ae in zip(part, part_ids, part_aes, strict=False):
                 assigned[connection_id] = ae
+                slot.sent += 1
+                sent_seq[connection_id] = slot.sent
                 os.close(fd)
 
     def _ae_refusal(self, ae: str | None, host: str) -> tuple[str, str] | None:
@@ -793,7 +960,20 @@ class Supervisor:
         """Peek the calling AE title of the A-ASSOCIATE-RQ; apply [ae-sources] and the
         per-AE limit, then (again: others were admitted during the peek) the total."""
         assert self.loop is not None
-        ae = await self._peek_calling_ae(sock)
+        try:
+            ae = await self._peek_calling_ae(sock)
+        except EOFError:
+            sock.close()  # gone in the middle of its request: nobody to answer
+            return
+        except TimeoutError:
+            # PS3.8 ARTIM in Sta2: no A-ASSOCIATE-RQ in time, close the connection.
+            log.warning(
+                "closing connection from %s: no A-ASSOCIATE-RQ within --acse-timeout (%g s)",
+                host,
+                self.cfg.acse_timeout,
+            )
+            sock.close()
+            return
         refusal = self._ae_refusal(ae, host)
         if refusal is not None:
             if refusal[0] == "ae":
@@ -815,38 +995,64 @@ class Supervisor:
 
     async def _peek_calling_ae(self, sock: socket.socket) -> str | None:
         """The Calling AE Title (bytes 26..42 of an A-ASSOCIATE-RQ), read with MSG_PEEK
-        so the worker still receives the whole PDU; None if it does not come in time."""
+        so the worker still receives the whole PDU. None when what came is no
+        A-ASSOCIATE-RQ (the worker answers it) or the peer is gone; TimeoutError when
+        the 42 bytes do not come within --acse-timeout; EOFError when the peer closes
+        before they came.
+
+        Peeked bytes stay in the receive queue, so once some have come the socket
+        stays readable: waiting for readability would wake at once, again and again,
+        until the rest came. SO_RCVLOWAT makes the socket readable only once
+        PEEK_BYTES are queued (or the peer closes); it is put back to 1 before the
+        socket goes to a worker, whose event loop must see every byte."""
         assert self.loop is not None
         if self.cfg.tls_cert:
             return None  # a TLS ClientHello: the AE title is the workers' to see
-        deadline = self.loop.time() + PEEK_TIMEOUT
+        loop = self.loop
+        deadline = loop.time() + self.cfg.acse_timeout
         sock.setblocking(False)
-        while self.loop.time() < deadline:
-            try:
-                head = sock.recv(42, socket.MSG_PEEK)
-            except BlockingIOError:
-                head = None
-            except OSError:
-                return None
-            if head is not None:
-                if len(head) >= 42 and head[0] == p.PDUType.ASSOCIATE_RQ:
-                    return head[26:42].decode("latin-1").strip(" \0")
-                if not head or head[0] != p.PDUType.ASSOCIATE_RQ:
+        fd = sock.fileno()
+        low_water = False
+        try:
+            while True:
+                try:
+                    head: bytes | None = sock.recv(PEEK_BYTES, socket.MSG_PEEK)
+                except BlockingIOError:
+                    head = None
+                except OSError:
                     return None
-            waiter: asyncio.Future[None] = self.loop.create_future()
+                if head is not None:
+                    if not head or head[0] != p.PDUType.ASSOCIATE_RQ:
+                        return None
+                    if len(head) >= PEEK_BYTES:
+                        return head[26:42].decode("latin-1").strip(" \0")
+                    if not low_water:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, PEEK_BYTES)
+                        low_water = True
+                    elif _peer_closed(fd):
+                        # Readable with fewer bytes than the low-water mark: the peer
+                        # closed (peeked bytes are still queued, so recv never says so).
+                        raise EOFError
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise TimeoutError
+                waiter: asyncio.Future[None] = loop.create_future()
 
-            def wake(w: asyncio.Future[None] = waiter) -> None:
-                if not w.done():
-                    w.set_result(None)
+                def wake(w: asyncio.Future[None] = waiter) -> None:
+                    if not w.done():
+                        w.set_result(None)
 
-            self.loop.add_reader(sock.fileno(), wake)
-            try:
-                await asyncio.wait_for(waiter, max(0.0, deadline - self.loop.time()))
-            except TimeoutError:
-                return None
-            finally:
-                self.loop.remove_reader(sock.fileno())
-        return None
+                loop.add_reader(fd, wake)
+                try:
+                    await asyncio.wait_for(waiter, remaining)
+                finally:
+                    loop.remove_reader(fd)
+        finally:
+            if low_water:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+                except OSError:
+                    pass  # closed meanwhile: nobody reads it any more
 
     def _reject(
         self,
@@ -876,18 +1082,57 @@ class Supervisor:
                 p.RejectSource.SERVICE_PROVIDER_PRESENTATION,
                 transient_reason,
             )
+        if self.refusing >= MAX_REFUSING:
+            self._close_unanswered(sock)
+            return
         answer = rj
         assert self.loop is not None
         sock.setblocking(False)
         timeout = self.cfg.artim_timeout
         telemetry = self.telemetry
-        self._track(
-            asyncio.ensure_future(
-                self.loop.connect_accepted_socket(
-                    lambda: Rejector(answer, timeout, why, telemetry), sock
-                )
+        self.refusing += 1
+        settled = False
+
+        def done() -> None:  # once per Rejector: when it closes, or cannot start
+            nonlocal settled
+            if not settled:
+                settled = True
+                self.refusing -= 1
+
+        def started(task: asyncio.Future[Any]) -> None:
+            if task.cancelled() or task.exception() is not None:
+                done()
+                sock.close()
+
+        task = asyncio.ensure_future(
+            self.loop.connect_accepted_socket(
+                lambda: Rejector(answer, timeout, why, telemetry, on_close=done), sock
             )
         )
+        task.add_done_callback(started)
+        self._track(task)
+
+    def _close_unanswered(self, sock: socket.socket) -> None:
+        """MAX_REFUSING refusals are in flight already: close this one without its
+        A-ASSOCIATE-RJ (the peer sees the connection closed), count it, and say so at
+        most once a second."""
+        sock.close()
+        self.unanswered += 1
+        self._unanswered_unlogged += 1
+        if self.telemetry is not None:
+            self.telemetry.acceptor_event("unanswered")
+        self._log_unanswered(time.monotonic())
+
+    def _log_unanswered(self, now: float) -> None:
+        if self._unanswered_unlogged and now - self._unanswered_logged_at >= 1.0:
+            log.warning(
+                "closed %d refused connection(s) without A-ASSOCIATE-RJ: %d refusals "
+                "already in flight",
+                self._unanswered_unlogged,
+                MAX_REFUSING,
+            )
+            self._unanswered_unlogged = 0
+            self._unanswered_logged_at = now
 
     def _refuse(self, sock: socket.socket, reason: int, why: str) -> None:
         """Who may connect: PS3.8 Table 9-21 rejected-permanent (1), source
@@ -971,6 +1216,13 @@ class Supervisor:
         except Exception as exc:  # ConfigError, or a handler that no longer imports
             log.error("SIGHUP: configuration not reloaded: %s", exc)
             return
+        if os.path.abspath(new.storage) != os.path.abspath(self.cfg.storage):
+            # The new workers would fail on every instance: check it as at start-up.
+            try:
+                prepare_storage(new.storage, Leftovers())
+            except StartError as exc:
+                log.error("SIGHUP: configuration not reloaded: %s", exc)
+                return
         if (new.host, new.port) != (self.cfg.host, self.cfg.port):
             log.warning(
                 "SIGHUP: a new --host/--port takes a restart; keeping %s:%d",
@@ -982,6 +1234,7 @@ class Supervisor:
             self.cfg.metrics_port,
             self.cfg.metrics_host,
         )
+        old_metrics = (self.cfg.metrics_host, self.cfg.metrics_port)
         self.cfg = new
         self.access = new.access_policy()
         self.generation += 1
@@ -992,7 +1245,31 @@ class Supervisor:
             self.old.append(slot)
         for index in range(new.workers):
             self.slots.append(self._spawn(WorkerSlot(index, self.generation)))
-        if metrics_changed and self.metrics_proc is not None:
+        if metrics_changed:
+            self._rebind_metrics(old_metrics)
+
+    def _rebind_metrics(self, old: tuple[str, int]) -> None:
+        """SIGHUP with a new --metrics-host/--metrics-port: bind it, then restart the
+        aggregator on it; if it cannot be bound, say so and keep the old one."""
+        cfg = self.cfg
+        try:
+            new = (
+                bind_tcp(cfg.metrics_host, cfg.metrics_port, 128, "cannot serve metrics on")
+                if cfg.metrics_port and self.metrics_listener is not None
+                else None
+            )
+        except StartError as exc:
+            log.error("SIGHUP: %s; metrics stay on %s:%d", exc, old[0], old[1])
+            cfg.metrics_host, cfg.metrics_port = old
+            return
+        if new is None and cfg.metrics_port:
+            log.warning("SIGHUP: metrics were off at start-up; turning them on takes a restart")
+            cfg.metrics_host, cfg.metrics_port = old
+            return
+        if self.metrics_listener is not None:
+            self.metrics_listener.close()
+        self.metrics_listener = new
+        if self.metrics_proc is not None:
             self.metrics_proc.terminate()
 
     # ------------------------------------------------------------- status
@@ -1011,6 +1288,7 @@ class Supervisor:
                 for s in self.slots
             ],
             "rejected": self.rejected,
+            "unanswered": self.unanswered,
         }
 
 

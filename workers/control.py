@@ -13,9 +13,12 @@ Supervisor -> worker:
 
 Worker -> supervisor (all msgpack maps):
 
-* ``{"op": "hb", "open": n, "buffered": bytes, "stored": n}``: heartbeat and load,
-  sent from the worker's own event loop, so a worker whose loop is stuck stops
-  sending them and is replaced.
+* ``{"op": "hb", "open": n, "buffered": bytes, "stored": n, "ids": [...],
+  "received": n}``: heartbeat and load, sent from the worker's own event loop, so a
+  worker whose loop is stuck stops sending them and is replaced. ``ids`` are the
+  connections not yet reported closed (None when too many to list), ``received``
+  how many connections the worker had read from the channel: together they let the
+  supervisor free the slots of connections whose ``closed`` report was lost.
 * ``{"op": "closed", "ids": [...]}``: these connections are closed (their slots,
   and their calling AE titles' slots, are free again).
 """

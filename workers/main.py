@@ -67,6 +67,11 @@ def worker_config_from_json(text: str) -> tuple[WorkerConfig, list[str], dict[st
     return cfg, handlers, extra
 
 
+#: open connection ids a heartbeat lists at most (msgpack: < 5 bytes each, well
+#: inside one control message)
+HEARTBEAT_MAX_IDS = 8000
+
+
 class WorkerServer(AssociationServer):
     """An association server that reports each closed connection to the supervisor."""
 
@@ -97,6 +102,11 @@ class Worker:
         self.stopping: asyncio.Future[float] | None = None
         self._heartbeat_handle: asyncio.Handle | None = None
         self._admissions: dict[int, asyncio.Future[str]] = {}
+        #: connections read from the control channel, and the ids of those not yet
+        #: reported closed: every heartbeat carries both, so that the supervisor can
+        #: free the slots of connections whose "closed" report was lost (_send)
+        self.received = 0
+        self.live: set[int] = set()
         server.report_closed = self._report_closed
 
     def ask_supervisor(self) -> None:
@@ -186,6 +196,10 @@ class Worker:
                 self._stop(None)
                 return
             if kind == control.CONNECTIONS:
+                # Counted by ids, as the supervisor counts them: a descriptor lost
+                # on the way (MSG_CTRUNC at our fd limit) is then freed by the
+                # heartbeat (received, never open) instead of skewing the count.
+                self.received += max(len(fds), len(ids))
                 for fd, connection_id in zip(
                     fds, ids + [None] * (len(fds) - len(ids)), strict=False
                 ):
@@ -202,6 +216,8 @@ class Worker:
         if self.stopping is not None and self.stopping.done():
             sock.close()
             return
+        if connection_id is not None:
+            self.live.add(connection_id)
         server = self.server
         if server.ssl_context is None:
             # No handshake to wait for: the protocol is labelled as it is made (so its
@@ -257,6 +273,7 @@ class Worker:
             ids, self.server.closed_ids = self.server.closed_ids, []
             for connection_id in ids:  # a question the supervisor never answered
                 self._admissions.pop(connection_id, None)
+            self.live.difference_update(ids)
             self._send({"op": "closed", "ids": ids})
 
     def _heartbeat(self) -> None:
@@ -267,6 +284,10 @@ class Worker:
                 "open": open_connections,
                 "buffered": buffered,
                 "stored": self.server.instances_stored,
+                # Too many to list in one control message: the supervisor then keeps
+                # its own count (it only frees the slots of connections not listed).
+                "ids": list(self.live) if len(self.live) <= HEARTBEAT_MAX_IDS else None,
+                "received": self.received,
             }
         )
         loop = asyncio.get_running_loop()

@@ -210,6 +210,7 @@ class Telemetry:
         self._audit_source: Any = None
         self._audit_seen = (0, 0)
         self._services: dict[tuple[str, str], int] = {}
+        self._acceptor: dict[str, int] = {}
         self._dropped = 0  # not yet reported
         #: the worker's index writer (workers/index/writer.py): its lag and counters
         #: are read on every tick; None: no index
@@ -390,6 +391,10 @@ class Telemetry:
     def worker_restarted(self, worker: str | int, reason: str) -> None:
         """Supervisor: count a restart of ``worker`` (a worker id, or "aggregator")."""
         self._bump(self._restarts, (str(worker), reason))
+
+    def acceptor_event(self, event: str, n: int = 1) -> None:
+        """Supervisor: count acceptor trouble (see metrics.wire.Acceptor)."""
+        self._bump(self._acceptor, event, n)
 
     def association_rejected(
         self, calling_ae: str, called_ae: str, result: int, source: int, reason: int
@@ -674,6 +679,8 @@ class Telemetry:
             out.append(w.AuditMessages(word, n))
         for (service, label), n in self._services.items():
             out.append(w.Service(service, label, n))
+        for event, n in self._acceptor.items():
+            out.append(w.Acceptor(event, n))
         if self._dropped:
             out.append(w.Dropped(self._dropped))
             self._dropped = 0
@@ -691,6 +698,7 @@ class Telemetry:
             self._contexts_rejected,
             self._audit,
             self._services,
+            self._acceptor,
         ):
             table.clear()
         self._keys = 0
@@ -770,6 +778,8 @@ class Telemetry:
             self._audit[r.outcome] = self._audit.get(r.outcome, 0) + r.count
         elif isinstance(r, w.Service):
             self._bump(self._services, (r.service, r.label), r.count)
+        elif isinstance(r, w.Acceptor):
+            self._bump(self._acceptor, r.event, r.count)
         elif isinstance(r, w.Dropped):
             self._dropped += r.count  # already in dropped_total
         # Hello, Process, Gauges: snapshots, sent fresh on the next connection/tick.

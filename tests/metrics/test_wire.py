@@ -54,6 +54,7 @@ RECORDS: st.SearchStrategy[Any] = st.one_of(
     st.builds(w.Restart, texts, texts, counts),
     st.builds(w.ContextRejected, texts, counts),
     st.builds(w.AuditMessages, texts, counts),
+    st.builds(w.Acceptor, texts, counts),
 )
 
 

@@ -103,7 +103,7 @@ def test_sighup_reloads_config_without_dropping_associations(
         # A configuration that does not load changes nothing.
         config.write_text('ae-title = "THIS_AE_TITLE_IS_TOO_LONG"\n')
         rx.signal(signal.SIGHUP)
-        rx.wait_log(r"SIGHUP: configuration not reloaded: .*--ae-title", 10)
+        rx.wait_log(r"SIGHUP: configuration not reloaded: .*pacsrx\.toml: ae-title:", 10)
         assert set(rx.workers()) == new_workers
         assert fresh.send_c_echo().Status == 0x0000
         again = associate(rx, scu_ae("AGAIN"), called="NEWAE")
