@@ -52,7 +52,7 @@ def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-MODES = os.environ.get("MODES", "off,on").split(",")
+MODES = ("off", "on")
 
 
 def ingest(args: argparse.Namespace) -> None:
@@ -72,7 +72,7 @@ def ingest(args: argparse.Namespace) -> None:
                     tree1, work1 = cpu(proc.pid, workers)
                 finally:
                     stop(proc)
-                if mode == "on" and False:
+                if mode == "on":
                     index = open_index(None, str(storage))
                     try:
                         indexed = index.count()
@@ -118,7 +118,6 @@ def _start(storage: Path, workers: int, mode: str) -> tuple[subprocess.Popen[byt
     cmd = [str(BIN / "pacs-receiver"), "--host", "127.0.0.1", "--port", "0",
            "--workers", str(workers), "--fsync", "never", "--storage", str(storage),
            "--metrics-port", "0", "--index", "off" if mode == "off" else "sqlite"]  # fmt: skip
-    os.environ["PACSRX_EXPERIMENT"] = mode
     with log.open("wb") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
     deadline = time.monotonic() + 60
