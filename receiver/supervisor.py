@@ -288,8 +288,13 @@ class Supervisor:
             )
         self._last_sweep = time.monotonic()
         try:
-            self._reconcile_index(storage)
             self.listener = self._listen()
+            try:
+                # After listening (a port in use is reported alone), before any worker.
+                self._reconcile_index(storage)
+            except IndexUnavailable:
+                self.listener.close()
+                raise
         except (OSError, IndexUnavailable):
             # Address in use, index unreachable ...: the caller reports it; do not
             # leave runtime_dir behind.
