@@ -110,6 +110,13 @@ def main() -> None:
     )
     ap.add_argument("--no-telemetry", action="store_true")
     ap.add_argument(
+        "--index",
+        action="store_true",
+        help="with the instance index (SQLite under the storage root, digest on); the"
+        " writer thread's CPU counts (RUSAGE_SELF), and its queue is drained before the"
+        " end of the measurement",
+    )
+    ap.add_argument(
         "--storage-parent",
         default="/tmp",
         help="where the storage root is made; a fresh top-level directory ('/') keeps"
@@ -122,10 +129,14 @@ def main() -> None:
 
     async def run() -> None:
         tel = None if args.no_telemetry else Telemetry("/nonexistent/metrics.sock", worker_id=0)
-        cfg = WorkerConfig(storage=StorageConfig(root=root, fsync="never"))
+        cfg = WorkerConfig(storage=StorageConfig(root=root, fsync="never", digest=args.index))
         server = AssociationServer(
             cfg, telemetry=tel, store_ops=tel.file_ops() if tel is not None else None
         )
+        if args.index:
+            from workers.main import open_index_writer
+
+            open_index_writer(server, "", "")
         proto = server._factory()
         proto.connection_made(FakeTransport())  # type: ignore[arg-type]
 
@@ -153,6 +164,8 @@ def main() -> None:
         for parts in messages[warm:]:
             for part in parts:
                 feed(part)
+        if server.index_writer is not None:
+            assert server.index_writer.flush(600)
         if args.callgrind:
             subprocess.run(["callgrind_control", "-i", "off", str(os.getpid())], check=True)
         if prof:
@@ -164,9 +177,14 @@ def main() -> None:
         u = (r1.ru_utime - r0.ru_utime) / n * 1e6
         s = (r1.ru_stime - r0.ru_stime) / n * 1e6
         print(
-            f"{args.size}: user {u:6.1f} us  sys {s:6.1f} us  total {u + s:6.1f} us"
-            f" per instance (n={n})"
+            f"{args.size}{' index' if args.index else ''}: user {u:6.1f} us  sys {s:6.1f} us"
+            f"  total {u + s:6.1f} us per instance (n={n})"
         )
+        if server.index_writer is not None:
+            writer = server.index_writer
+            assert writer.written == len(messages), (writer.written, writer.dropped)
+            writer.close()
+            writer.index.close()
         server.io_pool.shutdown(wait=False)
 
     try:

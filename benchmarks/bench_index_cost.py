@@ -52,14 +52,17 @@ def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
+MODES = ("off", "on")
+
+
 def ingest(args: argparse.Namespace) -> None:
     results: dict[str, dict[str, list[float]]] = {
-        mode: {"rate": [], "tree": [], "worker": []} for mode in ("off", "on")
+        mode: {"rate": [], "tree": [], "worker": []} for mode in MODES
     }
     with tempfile.TemporaryDirectory(prefix="bench-index-") as tmp:
         base = Path(tmp)
         for i in range(args.repeat):
-            for mode in ("off", "on") if i % 2 == 0 else ("on", "off"):
+            for mode in MODES if i % 2 == 0 else MODES[::-1]:
                 storage = base / f"{mode}{i}"
                 proc, port = _start(storage, args.workers, mode)
                 try:

@@ -30,16 +30,20 @@ __all__ = ["Index", "IndexUnavailable", "PendingReport"]
 
 _COLUMN_SET = frozenset(COLUMNS)
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM instances"
-_INSERT = f"INSERT INTO instances ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+_ROW = f"({', '.join('?' * len(COLUMNS))})"
 # PS3.4 leaves the duplicate policy to the receiver: "overwrite" (the store's
-# default) replaces the row, "keep"/"reject" keep the first one. One statement either
-# way, so a batch is one executemany whatever it holds.
-_UPSERT = (
-    _INSERT
-    + " ON CONFLICT (sop_instance_uid) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in COLUMNS if c != "sop_instance_uid")
-)
-_INSERT_KEEP = _INSERT + " ON CONFLICT (sop_instance_uid) DO NOTHING"
+# default) replaces the row, "keep"/"reject" keep the first one.
+_ON_CONFLICT = {
+    True: " ON CONFLICT (sop_instance_uid) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in COLUMNS if c != "sop_instance_uid"),
+    False: " ON CONFLICT (sop_instance_uid) DO NOTHING",
+}
+# Rows per INSERT statement. One statement per row (executemany) would let go of the
+# GIL and take it back once per row (the sqlite3 module releases it around each step):
+# in a worker, that is a hand-off with the event loop thread per instance. Several
+# rows per statement make it one per this many (and cost a little less CPU).
+# 32 rows x 19 columns stays far below SQLite's 32766 bound parameters.
+_ROWS_PER_INSERT = 32
 # Rows per statement for IN (...) lists (SQLite's default variable limit is 32766).
 _CHUNK = 500
 
@@ -76,6 +80,7 @@ class Index:
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
         self._closed = False
+        self._statements: dict[tuple[int, bool], str] = {}
 
     # -- to be provided by a backend -------------------------------------------------
 
@@ -153,10 +158,33 @@ class Index:
         rows = [r.as_row() for r in records]
         if not rows:
             return 0
-        statement = self._sql(_UPSERT if replace else _INSERT_KEEP)
+        step = _ROWS_PER_INSERT
         with self._write_lock, self._transaction(self._writer_conn()) as cur:
-            cur.executemany(statement, rows)
+            for start in range(0, len(rows), step):
+                chunk = rows[start : start + step]
+                # A UID twice in one statement is an error in PostgreSQL ("cannot
+                # affect row a second time"): such a chunk goes row by row, in order.
+                if len({row[0] for row in chunk}) < len(chunk):
+                    one = self._insert_statement(1, replace)
+                    for row in chunk:
+                        cur.execute(one, row)
+                    continue
+                cur.execute(
+                    self._insert_statement(len(chunk), replace),
+                    [value for row in chunk for value in row],
+                )
         return len(rows)
+
+    def _insert_statement(self, rows: int, replace: bool) -> str:
+        key = (rows, replace)
+        statement = self._statements.get(key)
+        if statement is None:
+            statement = self._statements[key] = self._sql(
+                f"INSERT INTO instances ({', '.join(COLUMNS)}) VALUES "
+                + ", ".join([_ROW] * rows)
+                + _ON_CONFLICT[replace]
+            )
+        return statement
 
     def get(self, sop_instance_uid: str) -> IndexRecord | None:
         """The record of one instance (present or missing), or None."""

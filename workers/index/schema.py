@@ -37,8 +37,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             study_time TEXT NOT NULL,
             node TEXT NOT NULL
         )""",
-        "CREATE INDEX instances_study ON instances (study_uid)",
-        "CREATE INDEX instances_series ON instances (series_uid)",
+        # Hierarchical queries (PS3.4 C.4.1.2.2) name the study of a series and the
+        # series of an instance: one index serves both levels.
+        "CREATE INDEX instances_study_series ON instances (study_uid, series_uid)",
         "CREATE INDEX instances_patient ON instances (patient_id)",
         # No index on (node, path): reconcile reads all of a node's rows once, at
         # start-up, and every index is one more B-tree insert per instance received.
