@@ -1030,7 +1030,11 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         server = self.server
         if writer is not None and (
             server.store.config.fsync == "never"
-            or (self._window == 1 and server.commit_seconds < self.config.inline_commit_below)
+            or (
+                self._window == 1
+                and server.commit_seconds < self.config.inline_commit_below
+                and server.store.open_writers == 1
+            )
         ):
             # The built-in C-STORE with a synchronous commit: what services.serve ->
             # builtin_store would do through drive(), without a generator, closures
@@ -1043,8 +1047,10 @@ class AssociationProtocol(asyncio.BufferedProtocol):
             # associations 856 -> 1656/s, at half the CPU. A worker starts out
             # committing in the pool (AssociationServer.commit_seconds); where fsync is
             # slow the average stays above the bound, so the loop (heartbeats, timers,
-            # other associations) is never held up by it. An asynchronous operations
-            # window always uses the pool, where its fsyncs overlap.
+            # other associations) is never held up by it. Only an instance that is
+            # alone on the worker (no other writer open) commits inline: when others
+            # are in flight, the group committer lets them share the flushes. An
+            # asynchronous operations window always uses the group committer.
             error: BaseException | None = None
             try:
                 result = (
@@ -1201,7 +1207,15 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         writer = op.writer
         assert writer is not None
         server = self.server
-        result = yield self.loop.run_in_executor(server.io_pool, server.timed_commit, writer)
+        committer = server.committer
+        if committer is None:
+            result = yield self.loop.run_in_executor(server.io_pool, server.timed_commit, writer)
+            return result
+        # With fsync: in a group with whatever else waits for durability now
+        # (workers/storage/group.py); answered once this instance is covered.
+        future: asyncio.Future[StoreResult] = self.loop.create_future()
+        committer.submit(writer, future)
+        result = yield future
         return result
 
     def store_done(self, op: Operation, result: Any) -> None:
