@@ -77,6 +77,14 @@ def make_parser() -> argparse.ArgumentParser:
         "(answering Success), or 'reject' (0x0111)",
     )
     g.add_argument("--layout", help=f"path template under --storage (default {d.layout})")
+    g.add_argument(
+        "--group-commit-wait",
+        type=float,
+        metavar="MS",
+        help="with --fsync always, the longest a commit waits for instances still "
+        "arriving to share its flushes; never when it is alone; 0 = only those already "
+        f"waiting (default {d.group_commit_wait:g})",
+    )
 
     g = ap.add_argument_group("processes")
     g.add_argument("--workers", type=int, help="worker processes (default: number of CPUs)")
