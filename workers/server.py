@@ -36,6 +36,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("workers.server")
 
+#: an association that had an instance to commit this recently counts as storing:
+#: a commit with fsync waits (--group-commit-wait at most) for its next instance
+STORING_RECENTLY = 0.05
+
 
 class Telemetry(Protocol):
     """Receives what the metrics channel counts (see workers/telemetry.py)."""
@@ -106,6 +110,8 @@ class AssociationServer:
         )
         self.telemetry = telemetry
         self.protocols: set[AssociationProtocol] = set()
+        #: association -> loop time of its last C-STORE data set (group commit company)
+        self._storing: dict[AssociationProtocol, float] = {}
         self.established: set[AssociationProtocol] = set()
         self._per_ae: collections.Counter[str] = collections.Counter()
         #: futures that operations of any association are waiting on (handlers,
@@ -245,6 +251,17 @@ class AssociationServer:
         # instance would have waited for.
         self.commit_seconds += (seconds - self.commit_seconds) * 0.1
 
+    def store_company(self, proto: AssociationProtocol, now: float) -> int:
+        """Note that ``proto`` has an instance to commit; return how many other
+        associations of this worker did within the last :data:`STORING_RECENTLY`
+        seconds: the instances a group commit may expect to be joined by soon."""
+        storing = self._storing
+        storing[proto] = now
+        if len(storing) == 1:
+            return 0
+        since = now - STORING_RECENTLY
+        return sum(1 for when in storing.values() if when >= since) - 1
+
     def connection_opened(self, proto: AssociationProtocol) -> None:
         self.protocols.add(proto)
 
@@ -264,6 +281,7 @@ class AssociationServer:
 
     def connection_closed(self, proto: AssociationProtocol) -> None:
         self.protocols.discard(proto)
+        self._storing.pop(proto, None)
         self.association_ended(proto)
 
     def track(self, future: asyncio.Future[Any]) -> None:
@@ -327,6 +345,13 @@ class AssociationServer:
         self.caller.shutdown()
         if self.committer is not None:
             self.committer.close()
+            if self.committer.groups:
+                log.info(
+                    "group commit: %d instances in %d groups, %.3f ms per group",
+                    self.committer.instances,
+                    self.committer.groups,
+                    1000 * self.committer.seconds / self.committer.groups,
+                )
         self.io_pool.shutdown(wait=True)
         self.store.close()
 

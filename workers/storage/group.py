@@ -61,20 +61,30 @@ class GroupCommitter:
         self._observe = observe
         self._cond = threading.Condition(threading.Lock())
         self._pending: list[tuple[InstanceWriter, Any]] = []
+        #: instances the ones queued expect to be joined by (see submit)
+        self._expect = 0
         self._closed = False
         self._thread: threading.Thread | None = None
         #: groups committed and instances in them, since start (logs, tests)
         self.groups = 0
         self.instances = 0
+        #: seconds spent committing groups (flushes included), since start
+        self.seconds = 0.0
         #: True while a group is being flushed
         self.busy = False
 
-    def submit(self, writer: InstanceWriter, token: Any) -> None:
-        """Queue ``writer`` for commit; its result comes back with ``token``."""
+    def submit(self, writer: InstanceWriter, token: Any, company: int = 0) -> None:
+        """Queue ``writer`` for commit; its result comes back with ``token``.
+
+        ``company``: how many other instances the caller expects soon (other
+        associations that are storing right now); the group waits for them, at most
+        ``max_wait``.
+        """
         with self._cond:
             if self._closed:
                 raise RuntimeError("group committer is closed")
             self._pending.append((writer, token))
+            self._expect = max(self._expect, len(self._pending) + company)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
                 self._thread.start()
@@ -100,11 +110,13 @@ class GroupCommitter:
                     return None
                 cond.wait()
             if self.max_wait > 0 and not self._closed:
-                # Others are still receiving: give them a moment to join. The store's
-                # count of open writers includes the ones queued here.
+                # Others are still receiving (the store's count of open writers
+                # includes the ones queued here), or other associations are storing
+                # and about to send their next instance: give them a moment to join.
                 deadline = time.monotonic() + self.max_wait
-                while len(self._pending) < self.max_group and self.store.open_writers > len(
-                    self._pending
+                while len(self._pending) < self.max_group and (
+                    len(self._pending) < self._expect
+                    or self.store.open_writers > len(self._pending)
                 ):
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
@@ -112,6 +124,7 @@ class GroupCommitter:
                     cond.wait(remaining)
             group = self._pending[: self.max_group]
             del self._pending[: self.max_group]
+            self._expect = 0
             self.busy = True
             return group
 
@@ -126,10 +139,12 @@ class GroupCommitter:
             finally:
                 with self._cond:
                     self.busy = False
+            seconds = time.perf_counter() - started
             self.groups += 1
             self.instances += len(group)
+            self.seconds += seconds
             if self._observe is not None:
-                self._observe(len(group), time.perf_counter() - started)
+                self._observe(len(group), seconds)
             try:
                 self._deliver(delivery)
             except Exception:  # the loop is gone (shutdown): nobody to answer
