@@ -383,6 +383,13 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         self._last_rx = self.loop.time()
         qsock = self._quickack_sock
         if qsock is not None:
+            # Our response makes Linux treat the connection as interactive
+            # ("pingpong"): the ACK of the sender's next small segment (DCMTK's 12-byte
+            # PDU header) then waits for our next write or the delayed-ACK timer, and
+            # a Nagle-bound sender holds the rest of its message until it comes.
+            # Re-arming here sends that ACK as soon as we have read the segment.
+            # (Re-arming only on the first read after a write stalled 4 pynetdicom
+            # senders in tests/worker/test_nagle_senders.py; not understood yet.)
             try:
                 qsock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
             except OSError:
