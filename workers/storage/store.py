@@ -452,11 +452,11 @@ class Store:
                 try:
                     self._fsync_dir(path)
                 except OSError as exc:
-                    err = _StageError("fsync dir", exc)
+                    dir_error = _StageError("fsync dir", exc)
                     for i in covered:
                         if i in published:
                             self._unsure(published.pop(i))
-                            results[i] = writers[i]._close_failed(err, scans[i])
+                            results[i] = writers[i]._close_failed(dir_error, scans[i])
             for i, (final_path, duplicate, new_dirs) in published.items():
                 # Only now are the new directories durable: other threads may skip them.
                 if new_dirs:
