@@ -2,8 +2,8 @@
 """Throughput of pacs-receiver next to other DICOM receivers, same senders, same data.
 
 Senders: --senders concurrent DCMTK ``storescu`` processes (TCP_NODELAY=1 in their
-environment; without it, Nagle's algorithm on, with --nagle), each sending its own --count-small (8 KB) or --count-large (512 KB)
-files on ONE association to 127.0.0.1.
+environment; without it, Nagle's algorithm on, with --nagle), each sending its own
+--count-small (8 KB) or --count-large (512 KB) files on ONE association to 127.0.0.1.
 Data: synthetic CT instances of 8 KB and 512 KB (pydicom, unique UIDs, explicit VR
 little endian), made once in a temporary directory.
 
