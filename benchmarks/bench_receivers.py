@@ -2,8 +2,8 @@
 """Throughput of pacs-receiver next to other DICOM receivers, same senders, same data.
 
 Senders: --senders concurrent DCMTK ``storescu`` processes (TCP_NODELAY=1 in their
-environment), each sending its own --count-small (8 KB) or --count-large (512 KB)
-files on ONE association to 127.0.0.1.
+environment; without it, Nagle's algorithm on, with --nagle), each sending its own
+--count-small (8 KB) or --count-large (512 KB) files on ONE association to 127.0.0.1.
 Data: synthetic CT instances of 8 KB and 512 KB (pydicom, unique UIDs, explicit VR
 little endian), made once in a temporary directory.
 
@@ -440,6 +440,7 @@ def run_once(
     work: Path,
     tools: dict[str, str],
     timeout: float,
+    nagle: bool = False,
 ) -> RunResult:
     base = work / "runs" / f"{spec.name}-{data.label.replace(' ', '')}-{repeat}"
     result = RunResult(spec.name, data.label, repeat, ok=False, loadavg=os.getloadavg()[0])
@@ -452,6 +453,8 @@ def run_once(
         cpu_before = tree_cpu_seconds(rx.proc.pid)
         sampler.start()
         env = {**os.environ, "TCP_NODELAY": "1"}
+        if nagle:  # storescu as packaged: Nagle's algorithm on
+            del env["TCP_NODELAY"]
         started = time.monotonic()
         for i, directory in enumerate(data.dirs):
             with open(base / f"sender{i}.log", "wb") as log:
@@ -659,6 +662,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--fsync-always", action="store_true", help="also run pacs-receiver --fsync always"
     )
+    ap.add_argument(
+        "--nagle",
+        action="store_true",
+        help="senders leave Nagle's algorithm on (no TCP_NODELAY=1 in their environment)",
+    )
     ap.add_argument("--workers", type=int, default=2, help="pacs-receiver --workers (default 2)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per measurement (default 3)")
     ap.add_argument(
@@ -709,7 +717,7 @@ def _run_all(
     for data in datasets:
         for repeat in range(args.repeat):
             for name in args.receivers:
-                r = run_once(specs[name], data, repeat, work, tools, args.timeout)
+                r = run_once(specs[name], data, repeat, work, tools, args.timeout, args.nagle)
                 results.append(r)
                 status = "ok" if r.ok else f"FAILED: {r.error}"
                 print(

@@ -89,6 +89,14 @@ def make_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="this receiver's name in a shared index (default: the host name)",
     )
+    g.add_argument(
+        "--group-commit-wait",
+        type=float,
+        metavar="MS",
+        help="with --fsync always, the longest a commit waits for instances still "
+        "arriving to share its flushes; never when it is alone; 0 = only those already "
+        f"waiting (default {d.group_commit_wait:g})",
+    )
 
     g = ap.add_argument_group("processes")
     g.add_argument("--workers", type=int, help="worker processes (default: number of CPUs)")

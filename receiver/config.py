@@ -40,6 +40,8 @@ class ReceiverConfig:
     fsync: str = "always"
     duplicates: str = "overwrite"
     layout: str = "{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
+    #: milliseconds a commit waits (with --fsync always) for others to share its flushes
+    group_commit_wait: float = 1.0
     # timeouts, seconds
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
@@ -140,6 +142,10 @@ class ReceiverConfig:
                 raise ConfigError(
                     f"--{name.replace('_', '-')}: {value} is not a positive number of seconds"
                 )
+        if not 0 <= self.group_commit_wait <= 100:
+            raise ConfigError(
+                f"--group-commit-wait: {self.group_commit_wait} is not 0..100 milliseconds"
+            )
         if self.max_pdu != 0 and not 4096 <= self.max_pdu <= 1 << 30:
             raise ConfigError(f"--max-pdu: {self.max_pdu} is not 0 (no limit) or 4096..{1 << 30}")
         for name in ("max_associations", "max_associations_per_ae", "min_receive_rate"):

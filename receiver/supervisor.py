@@ -299,6 +299,7 @@ class Supervisor:
             "acse_timeout": cfg.acse_timeout,
             "network_timeout": cfg.network_timeout,
             "min_receive_rate": cfg.min_receive_rate,
+            "group_commit_wait": cfg.group_commit_wait / 1000,
             "handler_timeout": cfg.dimse_timeout,
             "max_async_ops": cfg.max_async_ops,
             "max_dataset_memory": cfg.max_dataset_memory,

@@ -65,6 +65,9 @@ class WorkerConfig:
     #: of a commit stays under this many seconds, else in the I/O pool (see
     #: AssociationProtocol._dispatch_operation); 0: always in the pool
     inline_commit_below: float = 0.002
+    #: with fsync, the longest a commit waits for others to share its flushes, in
+    #: seconds (workers/storage/group.py); it never waits when it is alone
+    group_commit_wait: float = 0.001
     #: largest asynchronous operations window granted (invoked, performed)
     max_async_ops: int = 1
     #: the built-in user identity policy (EVT_USER_ID); None: identity not checked

@@ -421,12 +421,13 @@ class Telemetry:
             self._lost(1)
 
     def file_ops(self, base: FileOps | None = None) -> FileOps:
-        """``base`` (default: the os functions) with write and fsync timed."""
+        """``base`` (default: the os functions) with write, fsync and syncfs timed
+        (a group commit's syncfs counts as one fsync observation)."""
         from .storage.config import FileOps
 
         ops = base if base is not None else FileOps()
         clock = time.perf_counter
-        write, fsync = ops.write, ops.fsync
+        write, fsync, syncfs = ops.write, ops.fsync, ops.syncfs
         writes, fsyncs = self._writes, self._fsyncs
         note_write, note_fsync = writes.append, fsyncs.append
         lost = self._lost
@@ -449,7 +450,15 @@ class Telemetry:
             else:
                 lost(1)
 
-        return dataclasses.replace(ops, write=timed_write, fsync=timed_fsync)
+        def timed_syncfs(fd: int) -> None:
+            t = clock()
+            syncfs(fd)
+            if len(fsyncs) < _MAX_OBSERVATIONS:
+                note_fsync(clock() - t)
+            else:
+                lost(1)
+
+        return dataclasses.replace(ops, write=timed_write, fsync=timed_fsync, syncfs=timed_syncfs)
 
     # ------------------------------------------------------- event handlers
 

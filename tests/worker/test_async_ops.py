@@ -24,7 +24,7 @@ from workers.engine import acse
 from workers.engine import events as evt
 from workers.engine import pdu as p
 from workers.scu import associate
-from workers.storage.config import FileOps
+from workers.storage.config import FileOps, syncfs
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 STUDY = "1.2.826.0.1.3680043.10.1415.99.1"
@@ -156,35 +156,46 @@ def test_out_of_order_completion_matched_by_message_id(worker_factory: WorkerFac
 
 
 class SlowDurableStorage:
-    """An fsync that takes a while and remembers which inodes it made durable, and
-    how many were in flight at once."""
+    """A flush that takes a while and remembers what it made durable: the inode and
+    its size at the time (fsync: that file; syncfs: every temp file there is), and
+    how many flushes there were."""
 
-    def __init__(self, delay: float) -> None:
+    def __init__(self, delay: float, incoming: Path | None = None) -> None:
         self.delay = delay
+        self.incoming = incoming
         self.lock = threading.Lock()
-        self.durable: set[int] = set()
-        self.in_flight = 0
-        self.max_in_flight = 0
+        self.durable: dict[int, int] = {}
+        self.flushes = 0
 
     def fsync(self, fd: int) -> None:
+        st = os.fstat(fd)
+        time.sleep(self.delay)
+        os.fsync(fd)
         with self.lock:
-            self.in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            time.sleep(self.delay)
-            os.fsync(fd)
-            inode = os.fstat(fd).st_ino
-        finally:
-            with self.lock:
-                self.in_flight -= 1
+            self.flushes += 1
+            self.durable[st.st_ino] = st.st_size
+
+    def syncfs(self, fd: int) -> None:
+        assert self.incoming is not None
+        # What exists before the call is covered by it (a file still being written
+        # is covered up to its size now; the check compares sizes).
+        seen = {}
+        for entry in os.scandir(self.incoming):
+            st = entry.stat()
+            seen[st.st_ino] = st.st_size
+        time.sleep(self.delay)
+        syncfs(fd)
         with self.lock:
-            self.durable.add(inode)
+            self.flushes += 1
+            self.durable.update(seen)
 
 
 def test_fsync_respected_under_pipelining(worker_factory: WorkerFactory, tmp_path: Path) -> None:
-    slow = SlowDurableStorage(0.2)
+    slow = SlowDurableStorage(0.2, tmp_path / "store0" / ".incoming")
     w = worker_factory(
-        max_async_ops=16, fsync="always", store_ops=replace(FileOps(), fsync=slow.fsync)
+        max_async_ops=16,
+        fsync="always",
+        store_ops=replace(FileOps(), fsync=slow.fsync, syncfs=slow.syncfs),
     )
     instances = [instance() for _ in range(16)]
     checked: list[str] = []
@@ -209,15 +220,16 @@ def test_fsync_respected_under_pipelining(worker_factory: WorkerFactory, tmp_pat
                 # inode has been through fsync.
                 final = w.root / STUDY / SERIES / f"{uid}.dcm"
                 assert final.exists(), uid
+                st = final.stat()
                 with slow.lock:
-                    assert final.stat().st_ino in slow.durable, uid
+                    assert slow.durable.get(st.st_ino) == st.st_size, uid
                 checked.append(uid)
         finally:
             await assoc.release()
 
     asyncio.run(run())
     assert sorted(checked) == sorted(uid for uid, _ in instances)
-    assert slow.max_in_flight > 1  # the pipelined instances' fsyncs overlapped
+    assert slow.flushes < len(instances)  # the pipelined instances shared flushes
 
 
 def test_window_overrun_is_aborted(worker_factory: WorkerFactory) -> None:
@@ -272,7 +284,7 @@ def test_commits_go_to_the_pool_only_when_fsync_is_slow(
 ) -> None:
     """With two associations open and one request at a time, a worker commits on its
     event loop while fsyncs are quick (handing them to the pool would cost more), and
-    in its I/O pool once they are slow, so that the loop is not held up; either way
+    on its group commit thread once they are slow, so that the loop is not held up; either way
     Success follows the fsync. The bound is 0.1 s here (2 ms by default), well apart
     from both a real fsync of a small file and the slow one (0.3 s), so that a busy
     machine does not decide the outcome."""
@@ -305,5 +317,5 @@ def test_commits_go_to_the_pool_only_when_fsync_is_slow(
 
     asyncio.run(run())
     # Two fsyncs per instance (the file, then its directory); the last five instances'.
-    in_pool = [name.startswith("store") for name in ops.threads[-10:]]
+    in_pool = [name == "group-commit" for name in ops.threads[-10:]]
     assert in_pool == [pooled] * 10, ops.threads

@@ -7,6 +7,9 @@ template is validated once here, so the per-instance path rendering in
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import os
 import string
 from collections.abc import Callable
@@ -25,6 +28,7 @@ __all__ = [
     "FileOps",
     "FsyncPolicy",
     "StorageConfig",
+    "syncfs",
 ]
 
 FsyncPolicy = Literal["always", "never"]
@@ -42,6 +46,31 @@ UNKNOWN = "unknown"
 TEMP_SUFFIX = ".part"
 
 
+@functools.cache
+def _libc_syncfs() -> Callable[[int], int] | None:
+    try:
+        fn: Callable[[int], int] = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    return fn
+
+
+def syncfs(fd: int) -> None:
+    """syncfs(2): write back every dirty file of the filesystem holding ``fd`` and
+    commit its journal. Since Linux 5.8 it reports writeback errors that happened on
+    that filesystem since ``fd`` last saw them (which is why the store keeps one fd
+    open for it rather than opening a fresh one per call). Python has no os.syncfs:
+    libc is called through ctypes. Where there is none, ``sync()`` (which reports no
+    error) would weaken the contract, so this raises ENOSYS and the caller falls back
+    to per-file fsync."""
+    fn = _libc_syncfs()
+    if fn is None:
+        raise OSError(errno.ENOSYS, "syncfs is not available")
+    if fn(fd) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
 @dataclass(slots=True, frozen=True)
 class FileOps:
     """The system calls the store makes, replaceable for fault injection in tests.
@@ -57,6 +86,8 @@ class FileOps:
     link: Callable[[str, str], None] = os.link
     replace: Callable[[str, str], None] = os.replace
     unlink: Callable[[str], None] = os.unlink
+    #: flushes the whole filesystem holding ``fd`` (syncfs(2)); group commits use it
+    syncfs: Callable[[int], None] = syncfs
 
 
 @dataclass(slots=True, frozen=True)

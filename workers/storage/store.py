@@ -78,6 +78,8 @@ import hashlib
 import itertools
 import logging
 import os
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -163,7 +165,19 @@ class Store:
     worker that cannot create its storage root should fail at start, not per instance.
     """
 
-    __slots__ = ("_fsync", "_incoming", "_known_dirs", "_ops", "_root", "_root_slash", "config")
+    __slots__ = (
+        "_count_lock",
+        "_fsync",
+        "_incoming",
+        "_known_dirs",
+        "_open_writers",
+        "_ops",
+        "_root",
+        "_root_slash",
+        "_syncfs_fd",
+        "_syncfs_works",
+        "config",
+    )
 
     def __init__(self, config: StorageConfig, *, ops: FileOps | None = None) -> None:
         self.config = config
@@ -176,6 +190,10 @@ class Store:
         self._fsync = config.fsync == "always"
         os.makedirs(self._incoming, mode=config.dir_mode, exist_ok=True)
         self._known_dirs: set[str] = {self._root}
+        self._syncfs_fd = -1
+        self._syncfs_works = True
+        self._open_writers = 0
+        self._count_lock = threading.Lock()
 
     @property
     def root(self) -> str:
@@ -304,8 +322,13 @@ class Store:
         finally:
             self._ops.close(fd)
 
-    def _publish(self, temp_path: str, final_path: str) -> bool:
-        """Move the temp file to ``final_path``; return True if it was a duplicate."""
+    def _publish(self, temp_path: str, final_path: str) -> tuple[bool, list[str], str]:
+        """Move the temp file to ``final_path``.
+
+        Returns (duplicate, the directories this call created or did not know, the
+        final directory). Nothing here is fsynced: the caller makes the entries
+        durable (:meth:`_sync_dirs`) and only then remembers the new directories.
+        """
         ops = self._ops
         # os.path.dirname for these paths (absolute, no empty or trailing component),
         # without its generality: this runs once per instance.
@@ -331,24 +354,161 @@ class Store:
                 self._forget_dirs()
             except OSError as exc:
                 raise _StageError("publish", exc) from exc
-        if self._fsync:
-            # The new name lives in `directory`; each new directory's name lives in
-            # its parent. fsync those, top-down, before answering success.
-            parents = (os.path.dirname(d) for d in new_dirs)
-            try:
-                for path in dict.fromkeys([*parents, directory]):
+        return duplicate, new_dirs, directory
+
+    def _root_fd(self) -> int:
+        """The fd syncfs is called on: opened once and kept, so that a writeback
+        error that happens between two group commits is still reported to the next
+        (syncfs reports the errors an fd has not seen yet)."""
+        fd = self._syncfs_fd
+        if fd < 0:
+            fd = self._syncfs_fd = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return fd
+
+    def close(self) -> None:
+        """Release the fd kept for syncfs (the store stays usable: it reopens it)."""
+        fd, self._syncfs_fd = self._syncfs_fd, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    @property
+    def open_writers(self) -> int:
+        """Writers begun and not yet committed or discarded: instances in flight
+        (a group commit waits for company only while others are)."""
+        return self._open_writers
+
+    def _writer_opened(self) -> None:
+        with self._count_lock:
+            self._open_writers += 1
+
+    def _writer_closed(self, count: int = 1) -> None:
+        with self._count_lock:
+            self._open_writers -= count
+
+    def commit_group(self, writers: Sequence[InstanceWriter]) -> list[StoreResult]:
+        """Commit several instances with shared flushes; one result per writer, in order.
+
+        With ``fsync always`` the durability contract is per instance, as for
+        :meth:`InstanceWriter.commit`: an instance is reported stored only once its
+        data and its directory entry (and the entries of any directory created for
+        it) are on stable storage. The order is what makes a crash safe:
+
+        1. data: one ``syncfs`` of the store's filesystem for the whole group (one
+           ``fsync`` of the file when it is alone). No final name exists yet, so a
+           crash here leaves only temp files.
+        2. publish every instance under its final name (rename or link).
+        3. one ``fsync`` per directory touched, shared by every instance whose entry
+           (or new directory) is in it.
+
+        A failure fails exactly the instances the failed call covered: a syncfs error
+        every instance of the group, a directory fsync error those whose entries are
+        in that directory; an error at close, mkdir or publish only its own instance.
+        """
+        ops = self._ops
+        results: list[StoreResult | None] = [None] * len(writers)
+        scans: list[ScanResult] = []
+        live: list[int] = []
+        for i, writer in enumerate(writers):
+            if writer._state in (_COMMITTED, _DISCARDED):
+                raise RuntimeError("commit() after commit() or discard()")
+            scans.append(writer._scan_result())
+            if writer._error is not None:
+                results[i] = writer._close_failed(writer._error, scans[i])
+            else:
+                live.append(i)
+        try:
+            if self._fsync and live:
+                live = self._flush_data(writers, live, results, scans)
+            # dir -> the instances whose entry (or new directory) lives in it
+            waiting: dict[str, list[int]] = {}
+            published: dict[int, tuple[str, bool, list[str]]] = {}
+            for i in live:
+                writer = writers[i]
+                temp_path = writer._temp_path
+                assert temp_path is not None
+                try:
+                    fd, writer._fd = writer._fd, -1
+                    try:
+                        ops.close(fd)  # close can report deferred write errors (NFS, quotas)
+                    except OSError as exc:
+                        raise _StageError("close", exc) from exc
+                    final_path = self._root_slash + self._relative_path(writer, scans[i])
+                    duplicate, new_dirs, directory = self._publish(temp_path, final_path)
+                except _StageError as err:
+                    results[i] = writer._close_failed(err, scans[i])
+                    continue
+                except BaseException:
+                    # Not an I/O error (a bug, or a KeyboardInterrupt in the pool
+                    # thread): still never leave the temp file behind.
+                    writer._cleanup()
+                    writer._state = _COMMITTED
+                    raise
+                writer._temp_path = None
+                published[i] = (final_path, duplicate, new_dirs)
+                if self._fsync:
+                    # The new name lives in `directory`; each new directory's name
+                    # lives in its parent. Top-down, as they were created.
+                    for path in (*(os.path.dirname(d) for d in new_dirs), directory):
+                        waiting.setdefault(path, []).append(i)
+            for path, covered in waiting.items():
+                try:
                     self._fsync_dir(path)
+                except OSError as exc:
+                    dir_error = _StageError("fsync dir", exc)
+                    for i in covered:
+                        if i in published:
+                            self._unsure(published.pop(i))
+                            results[i] = writers[i]._close_failed(dir_error, scans[i])
+            for i, (final_path, duplicate, new_dirs) in published.items():
+                # Only now are the new directories durable: other threads may skip them.
+                if new_dirs:
+                    self._remember(new_dirs)
+                results[i] = writers[i]._succeeded(final_path, duplicate, scans[i])
+        finally:
+            for writer in writers:
+                writer._state = _COMMITTED
+            self._writer_closed(len(writers))
+        return [r for r in results if r is not None]
+
+    def _flush_data(
+        self,
+        writers: Sequence[InstanceWriter],
+        live: list[int],
+        results: list[StoreResult | None],
+        scans: list[ScanResult],
+    ) -> list[int]:
+        """Step 1 of :meth:`commit_group`; returns the instances still alive."""
+        ops = self._ops
+        if len(live) > 1 and self._syncfs_works:
+            try:
+                ops.syncfs(self._root_fd())
             except OSError as exc:
-                if not duplicate and self.config.duplicates != "overwrite":
-                    # Published but not known durable: unlink the name we created so
-                    # the SCU's retry is not refused as a duplicate of an uncertain
-                    # copy. (With overwrite the retry simply replaces it.)
-                    _unlink_quietly(ops, final_path)
-                raise _StageError("fsync dir", exc) from exc
-        # Only now are the new directories durable: other threads may skip them.
-        if new_dirs:
-            self._remember(new_dirs)
-        return duplicate
+                if exc.errno != errno.ENOSYS:
+                    err = _StageError("fsync", exc)
+                    for i in live:
+                        results[i] = writers[i]._close_failed(err, scans[i])
+                    return []
+                self._syncfs_works = False  # no syncfs here: fsync each file below
+            else:
+                return live
+        alive: list[int] = []
+        for i in live:
+            try:
+                ops.fsync(writers[i]._fd)
+            except OSError as exc:
+                results[i] = writers[i]._close_failed(_StageError("fsync", exc), scans[i])
+            else:
+                alive.append(i)
+        return alive
+
+    def _unsure(self, published: tuple[str, bool, list[str]]) -> None:
+        """A published entry whose directory fsync failed: with keep/reject, unlink
+        the name we created so that the SCU's retry is not refused as a duplicate of
+        an uncertain copy (with overwrite the retry simply replaces it)."""
+        final_path, duplicate, _new_dirs = published
+        if not duplicate and self.config.duplicates != "overwrite":
+            _unlink_quietly(self._ops, final_path)
 
     def _link_exclusive(self, temp_path: str, final_path: str) -> bool:
         """Publish only if ``final_path`` is free; return False if it already exists."""
@@ -455,6 +615,7 @@ class InstanceWriter:
         self._scan: ScanResult | None = None
         # Index digest: hashed from the fragments as they are written, no second read.
         self._hash = hashlib.sha256() if store.config.digest else None
+        store._writer_opened()
         # An AE title that cannot be written as AE is left out of the file meta
         # (0002,0016 is optional); the engine validated it during negotiation anyway.
         source_ae = calling_ae if calling_ae and is_valid_ae_title(calling_ae) else None
@@ -525,43 +686,18 @@ class InstanceWriter:
         """Make the instance durable (policy) under its final name. Blocking.
 
         Never raises for I/O errors (they become a 0xA700 result); raises
-        ``RuntimeError`` if called twice or after ``discard``.
+        ``RuntimeError`` if called twice or after ``discard``. The same as a group of
+        one (:meth:`Store.commit_group`): fsync the file, publish, fsync directories.
         """
-        if self._state in (_COMMITTED, _DISCARDED):
-            raise RuntimeError("commit() after commit() or discard()")
-        scan = self._scan_result()
-        if self._error is not None:
-            self._state = _COMMITTED
-            return self._failure(self._error, scan)
+        return self._store.commit_group((self,))[0]
+
+    def _close_failed(self, err: _StageError, scan: ScanResult) -> StoreResult:
+        """Failed: remove the temp file (if any is left) and say why."""
+        self._cleanup()
+        return self._failure(err, scan)
+
+    def _succeeded(self, final_path: str, duplicate: bool, scan: ScanResult) -> StoreResult:
         store = self._store
-        ops = store._ops
-        temp_path = self._temp_path
-        assert temp_path is not None
-        try:
-            try:
-                if store._fsync:
-                    ops.fsync(self._fd)
-            except OSError as exc:
-                raise _StageError("fsync", exc) from exc
-            fd, self._fd = self._fd, -1
-            try:
-                ops.close(fd)  # close can report deferred write errors (NFS, quotas)
-            except OSError as exc:
-                raise _StageError("close", exc) from exc
-            final_path = store._root_slash + store._relative_path(self, scan)
-            duplicate = store._publish(temp_path, final_path)
-        except _StageError as err:
-            self._cleanup()
-            self._state = _COMMITTED
-            return self._failure(err, scan)
-        except BaseException:
-            # Not an I/O error (a bug, or a KeyboardInterrupt in the pool thread):
-            # still never leave the temp file behind.
-            self._cleanup()
-            self._state = _COMMITTED
-            raise
-        self._temp_path = None
-        self._state = _COMMITTED
         comment = None
         status = StoreStatus.SUCCESS
         if duplicate:
@@ -584,9 +720,10 @@ class InstanceWriter:
 
     def discard(self) -> None:
         """Abandon the instance: close and remove the temp file. Idempotent."""
-        if self._state == _COMMITTED:
+        if self._state in (_COMMITTED, _DISCARDED):
             return
         self._state = _DISCARDED
+        self._store._writer_closed()
         self._cleanup()
 
     def __enter__(self) -> InstanceWriter:
