@@ -13,9 +13,7 @@ from typing import Any
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-_WARNING = (
-    "WARNING: pacs-receiver: compiled data plane not built ({}); using the pure-Python core"
-)
+_WARNING = "WARNING: pacs-receiver: compiled data plane not built ({}); using the pure-Python core"
 
 
 def _one_line(exc: BaseException) -> str:

@@ -10,6 +10,7 @@ The state table, negotiation and the handler contract stay in readable Python; s
 
 from __future__ import annotations
 
+import importlib
 import os
 from types import ModuleType
 
@@ -31,10 +32,9 @@ __all__ = [
 def compiled() -> ModuleType | None:
     """The compiled module, or None when it was not built (or does not import)."""
     try:
-        from . import _core  # type: ignore[attr-defined]
+        return importlib.import_module(__name__ + "._core")
     except ImportError:
         return None
-    return _core  # type: ignore[no-any-return]
 
 
 #: Why the compiled module is not used, when it is not (None when it is, or when

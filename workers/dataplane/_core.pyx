@@ -146,10 +146,7 @@ def walk_pdata(
                 if not is_command:
                     code = _SLOW
                     break
-            elif context_id != msg_context:
-                code = _SLOW
-                break
-            elif (is_command != 0) == ((flags & _HAVE_COMMAND) != 0):
+            elif context_id != msg_context or (is_command != 0) == ((flags & _HAVE_COMMAND) != 0):
                 code = _SLOW
                 break
             msg_context = context_id

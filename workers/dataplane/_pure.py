@@ -146,10 +146,9 @@ def walk_pdata(
                 if not is_command:
                     code = SLOW
                     break
-            elif context_id != msg_context:
-                code = SLOW
-                break
-            elif bool(is_command) == bool(flags & HAVE_COMMAND):
+            elif context_id != msg_context or bool(is_command) == bool(flags & HAVE_COMMAND):
+                # another context inside a message; a command fragment after the
+                # command set, or a data-set fragment before it was complete
                 code = SLOW
                 break
             msg_context = context_id

@@ -43,9 +43,9 @@ import struct
 import sys
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
 from dataclasses import dataclass
 from enum import Enum
+from typing import Protocol
 
 from .. import dataplane
 from . import dimse
@@ -88,9 +88,7 @@ assert p.PDUType.P_DATA_TF == 4
 #: takes no other event: any other PDU goes back to the table. Checked pair by pair by
 #: tests/engine/test_dataplane.py.
 FAST_PATH_STATES: frozenset[State] = frozenset(
-    s
-    for s in State
-    if TABLE.get((Event.EVT10, s)) is Action.DT_2 and NEXT_STATE[Action.DT_2] is s
+    s for s in State if TABLE.get((Event.EVT10, s)) is Action.DT_2 and NEXT_STATE[Action.DT_2] is s
 )
 #: the (state, event) pairs the data plane handles without the table
 FAST_PATH_PAIRS: frozenset[tuple[State, Event]] = frozenset(
@@ -284,7 +282,9 @@ class Connection:
         #: the sink's file, when data-set fragments may be written to it directly
         self._direct: DirectSink | None = None
         self._budget_taken = 0  # bytes of self.config.memory_budget held by this one
+        # the data plane's functions (tests run one connection on each core)
         self._framing = _new_framing()
+        self._dp_walk = _walk
         self._context_table = _NO_CONTEXTS
         self._context_table_of: dict[int, PresentationContext] | None = None
         self._context_count = 0
@@ -914,7 +914,7 @@ class Connection:
         direct = self._direct
         fd = direct.direct_fd() if direct is not None else -1
         config = self.config
-        code: int = _walk(
+        code: int = self._dp_walk(
             fr,
             self._buf,
             self._end,

@@ -160,11 +160,23 @@ class Store:
     worker that cannot create its storage root should fail at start, not per instance.
     """
 
-    __slots__ = ("_fsync", "_incoming", "_known_dirs", "_ops", "_root", "_root_slash", "config")
+    __slots__ = (
+        "_direct_ok",
+        "_fsync",
+        "_incoming",
+        "_known_dirs",
+        "_ops",
+        "_root",
+        "_root_slash",
+        "config",
+    )
 
     def __init__(self, config: StorageConfig, *, ops: FileOps | None = None) -> None:
         self.config = config
         self._ops = ops if ops is not None else FileOps()
+        # The data plane may write fragments to the file itself (write(2), as os.write
+        # does) only when nobody replaced the write call (fault injection in tests).
+        self._direct_ok = self._ops.write is os.write
         self._root = os.fspath(config.root)
         # root + "/" + relative path is os.path.join(root, rel): the root is absolute
         # and normalised (StorageConfig) and a rendered layout never starts with "/".
@@ -511,6 +523,19 @@ class InstanceWriter:
             self._write_all(view)
         except OSError as exc:
             self._fail("write", exc)
+
+    def direct_fd(self) -> int:
+        """The temp file's descriptor, for the data plane to append the next fragments
+        to directly (:class:`workers.engine.connection.DirectSink`); -1 while the tag
+        scanner still wants to see the bytes, after a failure, or under injected
+        system calls: then :meth:`write` must be called."""
+        if self._scanner is None and self._state == _OPEN and self._store._direct_ok:
+            return self._fd
+        return -1
+
+    def direct_written(self, n: int) -> None:
+        """``n`` data-set bytes were appended to :meth:`direct_fd` by the data plane."""
+        self._nbytes += n
 
     def commit(self) -> StoreResult:
         """Make the instance durable (policy) under its final name. Blocking.
