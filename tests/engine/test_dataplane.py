@@ -283,7 +283,7 @@ class FileSink:
     def direct_fd(self) -> int:
         return -1 if self.seen < self.threshold else self.fd
 
-    def direct_written(self, n: int) -> None:
+    def direct_written(self, n: int, ns: int) -> None:
         self.direct += n
 
     def contents(self) -> bytes:

@@ -17,6 +17,20 @@ from libc.string cimport memcpy
 cdef extern from "unistd.h" nogil:
     ssize_t c_write "write"(int fd, const void *buf, size_t count)
 
+cdef extern from "time.h" nogil:
+    ctypedef long time_t
+    struct timespec:
+        time_t tv_sec
+        long tv_nsec
+    int clock_gettime(int clk_id, timespec *tp)
+    int CLOCK_MONOTONIC
+
+
+cdef inline long long _now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <long long>ts.tv_sec * 1000000000 + ts.tv_nsec
+
 
 NEED_DATA = 0
 MESSAGE_END = 1
@@ -46,6 +60,7 @@ cdef class Framing:
     cdef public int msg_context
     cdef public Py_ssize_t pdus
     cdef public Py_ssize_t written
+    cdef public long long write_ns
 
     def __init__(self):
         self.start = 0
@@ -55,6 +70,7 @@ cdef class Framing:
         self.msg_context = 0
         self.pdus = 0
         self.written = 0
+        self.write_ns = 0
 
 
 cdef inline Py_ssize_t _be32(const unsigned char *p) noexcept:
@@ -84,6 +100,7 @@ def walk_pdata(
     cdef int msg_context = fr.msg_context
     cdef Py_ssize_t pdus = 0
     cdef Py_ssize_t written = 0
+    cdef long long write_ns = 0, t0
     cdef int code = _NEED_DATA
     cdef Py_ssize_t avail, n, done, old, item_length, length
     cdef ssize_t k
@@ -107,6 +124,7 @@ def walk_pdata(
                     break
                 done = 0
                 failed = 0
+                t0 = _now_ns()
                 while done < n:
                     k = c_write(fd, data + start + done, <size_t>(n - done))
                     if k < 0 and errno == EINTR:
@@ -115,6 +133,7 @@ def walk_pdata(
                         failed = 1
                         break
                     done += k
+                write_ns += _now_ns() - t0
                 written += done
                 if failed:
                     start += done
@@ -174,4 +193,5 @@ def walk_pdata(
     fr.msg_context = msg_context
     fr.pdus = pdus
     fr.written = written
+    fr.write_ns = write_ns
     return code

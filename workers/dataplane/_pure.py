@@ -24,6 +24,7 @@ for every call, so that a call builds no object per PDU or fragment.
 from __future__ import annotations
 
 import os
+from time import perf_counter_ns
 
 __all__ = ["MESSAGE_END", "NEED_DATA", "SLOW", "Framing", "walk_pdata"]
 
@@ -46,11 +47,21 @@ class Framing:
     current P-DATA-TF body not yet parsed, ``pdv_left`` those of the current PDV
     fragment, ``flags`` the bits above, ``msg_context`` the presentation context of
     the message being received (0: none). The outputs ``pdus`` (P-DATA-TF PDUs whose
-    header was consumed) and ``written`` (data-set bytes written to ``fd``) count
-    from 0 at each call.
+    header was consumed), ``written`` (data-set bytes written to ``fd``) and
+    ``write_ns`` (monotonic nanoseconds spent in those writes, for the storage write
+    histogram) count from 0 at each call.
     """
 
-    __slots__ = ("flags", "msg_context", "pdata_left", "pdus", "pdv_left", "start", "written")
+    __slots__ = (
+        "flags",
+        "msg_context",
+        "pdata_left",
+        "pdus",
+        "pdv_left",
+        "start",
+        "write_ns",
+        "written",
+    )
 
     def __init__(self) -> None:
         self.start = 0
@@ -60,6 +71,7 @@ class Framing:
         self.msg_context = 0
         self.pdus = 0
         self.written = 0
+        self.write_ns = 0
 
 
 def walk_pdata(
@@ -85,6 +97,7 @@ def walk_pdata(
     msg_context = fr.msg_context
     pdus = 0
     written = 0
+    write_ns = 0
     code = NEED_DATA
     while True:
         avail = end - start
@@ -103,6 +116,7 @@ def walk_pdata(
                     break
                 done = 0
                 failed = False
+                t0 = perf_counter_ns()
                 with memoryview(buf) as view:
                     while done < n:
                         try:
@@ -114,6 +128,7 @@ def walk_pdata(
                             failed = True
                             break
                         done += k
+                write_ns += perf_counter_ns() - t0
                 written += done
                 if failed:
                     start += done
@@ -177,4 +192,5 @@ def walk_pdata(
     fr.msg_context = msg_context
     fr.pdus = pdus
     fr.written = written
+    fr.write_ns = write_ns
     return code

@@ -134,8 +134,9 @@ class DirectSink(Protocol):
         """The descriptor to append fragments to now, or -1 (call the sink instead)."""
         ...
 
-    def direct_written(self, n: int) -> None:
-        """``n`` more data-set bytes were written to :meth:`direct_fd`."""
+    def direct_written(self, n: int, ns: int) -> None:
+        """``n`` more data-set bytes were written to :meth:`direct_fd`, in ``ns``
+        nanoseconds of write(2) calls."""
         ...
 
 
@@ -404,7 +405,7 @@ class Connection:
 
         ``direct``, when given, is the file behind ``sink``: while its ``direct_fd()``
         is not -1, the data plane writes fragments to that descriptor itself instead
-        of calling ``sink``, and reports the bytes with ``direct_written(n)``.
+        of calling ``sink``, and reports them with ``direct_written(n, ns)``.
         """
         if self._command is None or self._dataset_buf is None or self._dataset_buf:
             raise LocalProtocolError("a data-set sink can only be set right after its command")
@@ -934,7 +935,7 @@ class Connection:
         if fr.pdus:
             self.pdus_received[4] += fr.pdus
         if fr.written and direct is not None:
-            direct.direct_written(fr.written)
+            direct.direct_written(fr.written, fr.write_ns)
         return code
 
     def _invalid(self, detail: str, reason: int) -> None:

@@ -77,6 +77,7 @@ import errno
 import itertools
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -165,6 +166,7 @@ class Store:
         "_fsync",
         "_incoming",
         "_known_dirs",
+        "_observe_direct",
         "_ops",
         "_root",
         "_root_slash",
@@ -175,8 +177,14 @@ class Store:
         self.config = config
         self._ops = ops if ops is not None else FileOps()
         # The data plane may write fragments to the file itself (write(2), as os.write
-        # does) only when nobody replaced the write call (fault injection in tests).
-        self._direct_ok = self._ops.write is os.write
+        # does) only when the write call is os.write, or a wrapper that says it only
+        # times os.write (telemetry): then it gets the data plane's write time through
+        # its ``observe_direct``. Not under fault injection (tests).
+        write = self._ops.write
+        self._observe_direct: Callable[[float], None] | None = getattr(
+            write, "observe_direct", None
+        )
+        self._direct_ok = write is os.write or self._observe_direct is not None
         self._root = os.fspath(config.root)
         # root + "/" + relative path is os.path.join(root, rel): the root is absolute
         # and normalised (StorageConfig) and a rendered layout never starts with "/".
@@ -533,9 +541,13 @@ class InstanceWriter:
             return self._fd
         return -1
 
-    def direct_written(self, n: int) -> None:
-        """``n`` data-set bytes were appended to :meth:`direct_fd` by the data plane."""
+    def direct_written(self, n: int, ns: int) -> None:
+        """``n`` data-set bytes were appended to :meth:`direct_fd` by the data plane,
+        in ``ns`` nanoseconds of write(2) calls."""
         self._nbytes += n
+        observe = self._store._observe_direct
+        if observe is not None:
+            observe(ns * 1e-9)
 
     def commit(self) -> StoreResult:
         """Make the instance durable (policy) under its final name. Blocking.
