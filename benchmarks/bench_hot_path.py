@@ -173,8 +173,8 @@ def main() -> None:
         from workers import dataplane
 
         print(
-            f"{args.size} ({dataplane.CORE}): user {u:6.1f} us  sys {s:6.1f} us  total {u + s:6.1f} us"
-            f" per instance (n={n})"
+            f"{args.size} ({dataplane.CORE}): user {u:6.1f} us  sys {s:6.1f} us"
+            f"  total {u + s:6.1f} us per instance (n={n})"
         )
         server.io_pool.shutdown(wait=False)
 
