@@ -29,7 +29,7 @@ from loadtest.units import parse_size
 from workers.config import WorkerConfig
 from workers.engine import dimse
 from workers.engine import pdu as p
-from workers.engine.connection import Connection, Role
+from workers.engine.connection import Connection, EngineConfig, Role
 from workers.engine.primitives import NEED_DATA
 from workers.server import AssociationServer
 from workers.storage import StorageConfig
@@ -62,9 +62,10 @@ class FakeTransport:
         return False
 
 
-def requestor_stream(size: int, count: int) -> tuple[bytes, list[list[bytes]]]:
-    """(association request bytes, per-instance message bytes) from a requestor engine."""
-    rq = Connection(Role.REQUESTOR)
+def requestor_stream(size: int, count: int, pdu: int = 0) -> tuple[bytes, list[list[bytes]]]:
+    """(association request bytes, per-instance message bytes) from a requestor engine
+    that sends P-DATA-TF PDUs of at most ``pdu`` bytes (0: the acceptor's maximum)."""
+    rq = Connection(Role.REQUESTOR, EngineConfig(max_send_pdu_length=pdu))
     req = p.AssociateRQ(
         called_ae="PACSRX",
         calling_ae="BENCH",
@@ -101,6 +102,12 @@ def main() -> None:
     ap.add_argument("--size", default="8k")
     ap.add_argument("--count", type=int, default=20000)
     ap.add_argument("--read", type=int, default=256 * 1024, help="bytes per read")
+    ap.add_argument(
+        "--pdu",
+        type=parse_size,
+        default=0,
+        help="P-DATA-TF size the sender uses, e.g. 16k or 128k (default: our maximum, 1 MiB)",
+    )
     ap.add_argument("--profile")
     ap.add_argument(
         "--callgrind",
@@ -124,7 +131,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     size = parse_size(args.size)
-    assoc, messages = requestor_stream(size, args.count)
+    assoc, messages = requestor_stream(size, args.count, args.pdu)
     root = tempfile.mkdtemp(prefix="bench-hot-", dir=args.storage_parent)
 
     async def run() -> None:
@@ -176,8 +183,11 @@ def main() -> None:
         assert server.instances_stored == len(messages), server.instances_stored
         u = (r1.ru_utime - r0.ru_utime) / n * 1e6
         s = (r1.ru_stime - r0.ru_stime) / n * 1e6
+        from workers import dataplane
+
         print(
-            f"{args.size}{' index' if args.index else ''}: user {u:6.1f} us  sys {s:6.1f} us"
+            f"{args.size} ({dataplane.CORE}){' index' if args.index else ''}: "
+            f"user {u:6.1f} us  sys {s:6.1f} us"
             f"  total {u + s:6.1f} us per instance (n={n})"
         )
         if server.index_writer is not None:

@@ -45,6 +45,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _version() -> str:
+    """``pacs-receiver X.Y.Z (data plane: compiled|pure)``: which core runs."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from workers import dataplane
+
+    try:
+        number = version("pacs-receiver")
+    except PackageNotFoundError:
+        number = "unknown"
+    return f"pacs-receiver {number} (data plane: {dataplane.CORE})"
+
+
 def make_parser() -> argparse.ArgumentParser:
     d = ReceiverConfig()
     ap = _Parser(
@@ -54,6 +67,7 @@ def make_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=None,
     )
+    ap.add_argument("--version", action="version", version=_version())
     g = ap.add_argument_group("network")
     g.add_argument("--host", help=f"address to listen on (default {d.host})")
     g.add_argument("--port", type=int, help=f"TCP port to listen on (default {d.port})")

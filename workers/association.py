@@ -1287,7 +1287,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
                 op.status = _STATUS_INVALID_OBJECT_INSTANCE
                 self.conn.set_dataset_sink(_discard)
                 return
-            self.conn.set_dataset_sink(op.writer.write)
+            self.conn.set_dataset_sink(op.writer.write, op.writer)
         else:
             try:
                 op.spool = Spool(self.server.store.incoming_dir)

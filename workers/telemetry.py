@@ -458,6 +458,17 @@ class Telemetry:
             else:
                 lost(1)
 
+        if write is os.write:
+            # The data plane (workers.dataplane) may bypass timed_write and call
+            # write(2) itself; it reports the time of the writes it made for one read
+            # of the socket, which is observed as one write.
+            def observe_direct(seconds: float) -> None:
+                if len(writes) < _MAX_OBSERVATIONS:
+                    note_write(seconds)
+                else:
+                    lost(1)
+
+            timed_write.observe_direct = observe_direct  # type: ignore[attr-defined]
         return dataclasses.replace(ops, write=timed_write, fsync=timed_fsync, syncfs=timed_syncfs)
 
     # ------------------------------------------------------- event handlers

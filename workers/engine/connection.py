@@ -47,7 +47,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import Protocol
 
+from .. import dataplane
 from . import dimse
 from . import pdu as p
 from .fsm import LOCAL_EVENTS, NEXT_STATE, TABLE, Action, Event, State
@@ -82,6 +84,27 @@ assert TABLE[(Event.EVT10, _STA6)] is Action.DT_2 and NEXT_STATE[Action.DT_2] is
 assert TABLE[(Event.EVT9, _STA6)] is Action.DT_1 and NEXT_STATE[Action.DT_1] is _STA6
 assert p.PDUType.P_DATA_TF == 4
 
+#: The states in which the data plane (:mod:`workers.dataplane`) may consume P-DATA-TF
+#: PDUs on its own: derived from the state table, those where Evt10 (P-DATA-TF
+#: received) is DT-2 (pass the data on) and stays in the same state. The data plane
+#: takes no other event: any other PDU goes back to the table. Checked pair by pair by
+#: tests/engine/test_dataplane.py.
+FAST_PATH_STATES: frozenset[State] = frozenset(
+    s for s in State if TABLE.get((Event.EVT10, s)) is Action.DT_2 and NEXT_STATE[Action.DT_2] is s
+)
+#: the (state, event) pairs the data plane handles without the table
+FAST_PATH_PAIRS: frozenset[tuple[State, Event]] = frozenset(
+    (s, Event.EVT10) for s in FAST_PATH_STATES
+)
+
+_walk = dataplane.walk_pdata
+_new_framing = dataplane.Framing
+_NEED_DATA = dataplane.NEED_DATA
+_MESSAGE_END = dataplane.MESSAGE_END
+_DP_COMMAND = dataplane.core.COMMAND
+_DP_LAST = dataplane.core.LAST
+_DP_HAVE_COMMAND = dataplane.core.HAVE_COMMAND
+
 _PDU_HEADER = struct.Struct(">BxL")
 _PDV_HEADER = struct.Struct(">LBB")
 _PDATA_SINGLE_HEADER = struct.Struct(">BxLLBB")  # PDU header + one PDV header
@@ -104,6 +127,22 @@ UNLIMITED_SEND_CAP = 4 * 1024 * 1024
 _JOIN_BELOW = 64 * 1024
 
 DataSetSink = Callable[[memoryview], None]
+
+
+class DirectSink(Protocol):
+    """A data-set sink's file, which the data plane may write to directly."""
+
+    def direct_fd(self) -> int:
+        """The descriptor to append fragments to now, or -1 (call the sink instead)."""
+        ...
+
+    def direct_written(self, n: int, ns: int) -> None:
+        """``n`` more data-set bytes were written to :meth:`direct_fd`, in ``ns``
+        nanoseconds of write(2) calls."""
+        ...
+
+
+_NO_CONTEXTS = bytes(256)
 
 
 #: Read buffers of connections that ended (Connection.recycle), by size, for new ones.
@@ -254,7 +293,15 @@ class Connection:
         self._command: dimse.Command | None = None  # complete command awaiting data
         self._dataset_buf: bytearray | None = None
         self._sink: DataSetSink | None = None
+        #: the sink's file, when data-set fragments may be written to it directly
+        self._direct: DirectSink | None = None
         self._budget_taken = 0  # bytes of self.config.memory_budget held by this one
+        # the data plane's functions (tests run one connection on each core)
+        self._framing = _new_framing()
+        self._dp_walk = _walk
+        self._context_table = _NO_CONTEXTS
+        self._context_table_of: dict[int, PresentationContext] | None = None
+        self._context_count = 0
 
     # ------------------------------------------------------------------ inputs
 
@@ -371,16 +418,21 @@ class Connection:
             self._artim_deadline = None
             self._fire(Event.EVT18)
 
-    def set_dataset_sink(self, sink: DataSetSink | None) -> None:
+    def set_dataset_sink(self, sink: DataSetSink | None, direct: DirectSink | None = None) -> None:
         """Stream the data set of the command just received to ``sink``.
 
         ``sink`` is called with a memoryview of each fragment as it arrives; the view
         is valid only during the call. Call it after a :class:`CommandReceived` whose
         command has a data set, before the next :meth:`next_event`.
+
+        ``direct``, when given, is the file behind ``sink``: while its ``direct_fd()``
+        is not -1, the data plane writes fragments to that descriptor itself instead
+        of calling ``sink``, and reports them with ``direct_written(n, ns)``.
         """
         if self._command is None or self._dataset_buf is None or self._dataset_buf:
             raise LocalProtocolError("a data-set sink can only be set right after its command")
         self._sink = sink
+        self._direct = direct if sink is not None else None
 
     # ----------------------------------------------------------------- outputs
 
@@ -768,6 +820,21 @@ class Connection:
             if self._discard_input:
                 self._start = self._end = 0
                 return
+            if (
+                self.state in FAST_PATH_STATES
+                and not self._skip_left
+                and not self._ignore_pdata
+                and self._trace_body is None
+                and not self.config.trace_transitions
+                and not self.config.trace_pdus
+            ):
+                code = self._walk_pdata()
+                if code == _MESSAGE_END:
+                    self._end_of_fragment()
+                    continue
+                if code == _NEED_DATA:
+                    return
+                # SLOW: the code below takes the next step, as it always did
             avail = self._end - self._start
             if self._skip_left:
                 n = min(avail, self._skip_left)
@@ -854,6 +921,53 @@ class Connection:
             if self.config.trace_pdus:
                 events.append(PDUReceived(pdu_type, length, decoded))
             self._fire(event, pdu=decoded)
+
+    def _walk_pdata(self) -> int:
+        """Hand the steady state to the data plane (see :mod:`workers.dataplane`)."""
+        contexts = self.contexts
+        if contexts is not self._context_table_of or len(contexts) != self._context_count:
+            table = bytearray(256)
+            for context_id in contexts:
+                if 0 <= context_id < 256:
+                    table[context_id] = 1
+            self._context_table = bytes(table)
+            self._context_table_of = contexts
+            self._context_count = len(contexts)
+        fr = self._framing
+        fr.start = self._start
+        fr.pdata_left = self._pdata_left
+        fr.pdv_left = self._pdv_left
+        fr.flags = (
+            (_DP_COMMAND if self._pdv_command else 0)
+            | (_DP_LAST if self._pdv_last else 0)
+            | (_DP_HAVE_COMMAND if self._command is not None else 0)
+        )
+        fr.msg_context = self._msg_context
+        direct = self._direct
+        fd = direct.direct_fd() if direct is not None else -1
+        config = self.config
+        code: int = self._dp_walk(
+            fr,
+            self._buf,
+            self._end,
+            self._context_table,
+            config.max_pdu_length,
+            self._command_buf,
+            config.max_command_length,
+            fd,
+        )
+        self._start = fr.start
+        self._pdata_left = fr.pdata_left
+        self._pdv_left = fr.pdv_left
+        flags = fr.flags
+        self._pdv_command = bool(flags & _DP_COMMAND)
+        self._pdv_last = bool(flags & _DP_LAST)
+        self._msg_context = fr.msg_context
+        if fr.pdus:
+            self.pdus_received[4] += fr.pdus
+        if fr.written and direct is not None:
+            direct.direct_written(fr.written, fr.write_ns)
+        return code
 
     def _invalid(self, detail: str, reason: int) -> None:
         """Evt19: an unrecognised or invalid PDU. Framing is lost: input is discarded."""
@@ -989,6 +1103,7 @@ class Connection:
                 self._command = command
                 self._dataset_buf = bytearray()
                 self._sink = None
+                self._direct = None
             else:
                 self._msg_context = 0
             self.messages_received += 1
@@ -999,6 +1114,7 @@ class Connection:
             self._command = None
             self._dataset_buf = None
             self._sink = None
+            self._direct = None
             self._msg_context = 0
             self.messages_received += 1
             self._events.append(DataSetReceived(context_id, data))

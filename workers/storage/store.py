@@ -79,7 +79,7 @@ import itertools
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -167,9 +167,11 @@ class Store:
 
     __slots__ = (
         "_count_lock",
+        "_direct_ok",
         "_fsync",
         "_incoming",
         "_known_dirs",
+        "_observe_direct",
         "_open_writers",
         "_ops",
         "_root",
@@ -182,6 +184,15 @@ class Store:
     def __init__(self, config: StorageConfig, *, ops: FileOps | None = None) -> None:
         self.config = config
         self._ops = ops if ops is not None else FileOps()
+        # The data plane may write fragments to the file itself (write(2), as os.write
+        # does) only when the write call is os.write, or a wrapper that says it only
+        # times os.write (telemetry): then it gets the data plane's write time through
+        # its ``observe_direct``. Not under fault injection (tests).
+        write = self._ops.write
+        self._observe_direct: Callable[[float], None] | None = getattr(
+            write, "observe_direct", None
+        )
+        self._direct_ok = write is os.write or self._observe_direct is not None
         self._root = os.fspath(config.root)
         # root + "/" + relative path is os.path.join(root, rel): the root is absolute
         # and normalised (StorageConfig) and a rendered layout never starts with "/".
@@ -681,6 +692,31 @@ class InstanceWriter:
             return
         if self._hash is not None:  # index digest (hashlib releases the GIL past 2 KiB)
             self._hash.update(view)
+
+    def direct_fd(self) -> int:
+        """The temp file's descriptor, for the data plane to append the next fragments
+        to directly (:class:`workers.engine.connection.DirectSink`); -1 while the tag
+        scanner still wants to see the bytes, after a failure, or under injected
+        system calls, or while the index digest is computed: then :meth:`write` must
+        be called."""
+        # The index digest is hashed in Python from each fragment: while it is on, the
+        # data plane must hand every fragment to write().
+        if (
+            self._scanner is None
+            and self._hash is None
+            and self._state == _OPEN
+            and self._store._direct_ok
+        ):
+            return self._fd
+        return -1
+
+    def direct_written(self, n: int, ns: int) -> None:
+        """``n`` data-set bytes were appended to :meth:`direct_fd` by the data plane,
+        in ``ns`` nanoseconds of write(2) calls."""
+        self._nbytes += n
+        observe = self._store._observe_direct
+        if observe is not None:
+            observe(ns * 1e-9)
 
     def commit(self) -> StoreResult:
         """Make the instance durable (policy) under its final name. Blocking.

@@ -1,0 +1,197 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The compiled data plane: the twin of ``_pure.py`` (read its module doc); the two
+must behave identically, byte for byte, and ``tests/engine/test_dataplane.py`` holds
+them to it.
+
+Data-set fragments go to the instance file with write(2) on the receive buffer itself
+and command fragments are memcpy'd onto the command buffer: no Python object is built
+per PDU or per fragment, and the GIL is kept (a write to the page cache is short, and
+the engine is single-threaded per association anyway).
+"""
+
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
+from libc.errno cimport EINTR, errno
+from libc.string cimport memcpy
+
+
+cdef extern from "unistd.h" nogil:
+    ssize_t c_write "write"(int fd, const void *buf, size_t count)
+
+cdef extern from "time.h" nogil:
+    ctypedef long time_t
+    struct timespec:
+        time_t tv_sec
+        long tv_nsec
+    int clock_gettime(int clk_id, timespec *tp)
+    int CLOCK_MONOTONIC
+
+
+cdef inline long long _now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <long long>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+NEED_DATA = 0
+MESSAGE_END = 1
+SLOW = 2
+COMMAND = 0x01
+LAST = 0x02
+HAVE_COMMAND = 0x04
+
+cdef enum:
+    _NEED_DATA = 0
+    _MESSAGE_END = 1
+    _SLOW = 2
+    _COMMAND = 0x01
+    _LAST = 0x02
+    _HAVE_COMMAND = 0x04
+    _P_DATA_TF = 4
+
+
+cdef class Framing:
+    """The framing state of one connection, in and out of :func:`walk_pdata`
+    (see ``_pure.Framing``)."""
+
+    cdef public Py_ssize_t start
+    cdef public Py_ssize_t pdata_left
+    cdef public Py_ssize_t pdv_left
+    cdef public int flags
+    cdef public int msg_context
+    cdef public Py_ssize_t pdus
+    cdef public Py_ssize_t written
+    cdef public long long write_ns
+
+    def __init__(self):
+        self.start = 0
+        self.pdata_left = 0
+        self.pdv_left = 0
+        self.flags = 0
+        self.msg_context = 0
+        self.pdus = 0
+        self.written = 0
+        self.write_ns = 0
+
+
+cdef inline Py_ssize_t _be32(const unsigned char *p) noexcept:
+    return (<Py_ssize_t>p[0] << 24) | (<Py_ssize_t>p[1] << 16) | (<Py_ssize_t>p[2] << 8) | p[3]
+
+
+def walk_pdata(
+    Framing fr,
+    bytearray buf,
+    Py_ssize_t end,
+    const unsigned char[::1] contexts,
+    Py_ssize_t max_pdu_length,
+    bytearray command_buf,
+    Py_ssize_t max_command_length,
+    int fd,
+):
+    """Walk ``buf[fr.start:end]`` (see ``_pure.walk_pdata``); returns the code."""
+    if contexts.shape[0] < 256:
+        raise ValueError("contexts must have 256 entries")
+    if end < fr.start or end > PyByteArray_GET_SIZE(buf):
+        raise ValueError("end is outside the buffer")
+    cdef const unsigned char *data = <const unsigned char *>PyByteArray_AS_STRING(buf)
+    cdef Py_ssize_t start = fr.start
+    cdef Py_ssize_t pdata_left = fr.pdata_left
+    cdef Py_ssize_t pdv_left = fr.pdv_left
+    cdef int flags = fr.flags
+    cdef int msg_context = fr.msg_context
+    cdef Py_ssize_t pdus = 0
+    cdef Py_ssize_t written = 0
+    cdef long long write_ns = 0, t0
+    cdef int code = _NEED_DATA
+    cdef Py_ssize_t avail, n, done, old, item_length, length
+    cdef ssize_t k
+    cdef int context_id, control, is_command, failed
+    while True:
+        avail = end - start
+        if pdv_left:
+            if not avail:
+                break
+            n = avail if avail < pdv_left else pdv_left
+            if flags & _COMMAND:
+                old = PyByteArray_GET_SIZE(command_buf)
+                if old + n > max_command_length:
+                    code = _SLOW
+                    break
+                PyByteArray_Resize(command_buf, old + n)
+                memcpy(PyByteArray_AS_STRING(command_buf) + old, data + start, n)
+            else:
+                if fd < 0:
+                    code = _SLOW
+                    break
+                done = 0
+                failed = 0
+                t0 = _now_ns()
+                while done < n:
+                    k = c_write(fd, data + start + done, <size_t>(n - done))
+                    if k < 0 and errno == EINTR:
+                        continue
+                    if k <= 0:
+                        failed = 1
+                        break
+                    done += k
+                write_ns += _now_ns() - t0
+                written += done
+                if failed:
+                    start += done
+                    pdv_left -= done
+                    pdata_left -= done
+                    code = _SLOW
+                    break
+            start += n
+            pdv_left -= n
+            pdata_left -= n
+            if not pdv_left and flags & _LAST:
+                code = _MESSAGE_END
+                break
+            continue
+        if pdata_left:
+            if avail < 6:
+                break
+            if pdata_left < 6:
+                code = _SLOW
+                break
+            item_length = _be32(data + start)
+            context_id = data[start + 4]
+            control = data[start + 5]
+            if item_length < 2 or item_length - 2 > pdata_left - 6 or not contexts[context_id]:
+                code = _SLOW
+                break
+            is_command = control & 0x01
+            if msg_context == 0:
+                if not is_command:
+                    code = _SLOW
+                    break
+            elif context_id != msg_context or (is_command != 0) == ((flags & _HAVE_COMMAND) != 0):
+                code = _SLOW
+                break
+            msg_context = context_id
+            flags = (flags & _HAVE_COMMAND) | (control & (_COMMAND | _LAST))
+            start += 6
+            pdata_left -= 6
+            pdv_left = item_length - 2
+            if not pdv_left and flags & _LAST:
+                code = _MESSAGE_END
+                break
+            continue
+        if avail < 6:
+            break
+        length = _be32(data + start + 2)
+        if data[start] != _P_DATA_TF or length < 6 or (max_pdu_length and length > max_pdu_length):
+            code = _SLOW
+            break
+        start += 6
+        pdata_left = length
+        pdus += 1
+    fr.start = start
+    fr.pdata_left = pdata_left
+    fr.pdv_left = pdv_left
+    fr.flags = flags
+    fr.msg_context = msg_context
+    fr.pdus = pdus
+    fr.written = written
+    fr.write_ns = write_ns
+    return code
