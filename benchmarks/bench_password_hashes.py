@@ -18,16 +18,17 @@ import os
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from workers.identity.passwords import PasswordHash, hash_password
 
-CASES = [
+CASES: list[tuple[str, str, dict[str, Any]]] = [
     ("argon2id m=19 MiB t=2 p=1 (default)", "argon2id", {}),
     (
         "argon2id m=64 MiB t=3 p=4 (argon2-cffi's)",
         "argon2id",
         {"memory_kib": 65536, "time_cost": 3, "lanes": 4},
-    ),  # noqa: E501
+    ),
     ("argon2id m=46 MiB t=1 p=1", "argon2id", {"memory_kib": 47104, "time_cost": 1}),
     ("scrypt n=2^14 r=8 p=1 (earlier default)", "scrypt", {}),
     ("pbkdf2-sha256 i=600000", "pbkdf2-sha256", {}),
@@ -51,7 +52,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"load average before: {os.getloadavg()[0]:.2f}")
     for name, scheme, params in CASES:
-        h = PasswordHash.parse(hash_password("correct horse battery", scheme, **params))  # type: ignore[arg-type]
+        h = PasswordHash.parse(hash_password("correct horse battery", scheme, **params))
         one = median_ms(h, args.rounds, 1)
         two = median_ms(h, args.rounds, 2)
         print(f"{name:44s} {one:7.1f} ms   2 threads: {two:7.1f} ms per check")
