@@ -48,6 +48,8 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
+from workers.engine import dimse
+
 from . import procstat
 from . import wire as w
 from .http import MetricsHTTPServer
@@ -131,19 +133,12 @@ def status_label(status: int) -> str:
 
 
 def status_category(status: int) -> str:
-    """PS3.7 Annex C class of a status: success, warning, failure, cancel, pending
-    (anything unclassifiable is a failure: it did not succeed)."""
+    """PS3.7 Annex C class of a status as a label: success, warning, failure, cancel,
+    pending (the engine's :func:`~workers.engine.dimse.status_category`, lower case),
+    or none for a message without Status."""
     if status == w.NO_STATUS:
         return "none"
-    if status == 0x0000:
-        return "success"
-    if status in (0xFF00, 0xFF01):
-        return "pending"
-    if status == 0xFE00:
-        return "cancel"
-    if status >> 12 == 0xB or status in (0x0001, 0x0107, 0x0116):
-        return "warning"
-    return "failure"
+    return dimse.status_category(status).lower()
 
 
 def _abort_reason(source: int, reason: int) -> str:

@@ -17,6 +17,8 @@ import datetime as _dt
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from ..datasets import decode_dataset  # looked up per call (tests count the decodes)
+
 if TYPE_CHECKING:
     from pydicom import Dataset
     from pydicom.dataset import FileMetaDataset
@@ -161,26 +163,8 @@ DATASET_ATTRIBUTE: dict[InterventionEvent, str] = {
     EVT_N_SET: "attribute_list",
 }
 
+
 _IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
-_EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
-_DEFLATED = "1.2.840.10008.1.2.1.99"
-
-
-def decode_dataset(data: bytes, transfer_syntax: str) -> Dataset:
-    """Decode an encoded data set (no file meta) in ``transfer_syntax`` with pydicom."""
-    import zlib
-    from io import BytesIO
-
-    from pydicom.filereader import read_dataset
-
-    if transfer_syntax == _DEFLATED:
-        data = zlib.decompress(data, -15)
-    ds = read_dataset(
-        BytesIO(data),
-        is_implicit_VR=transfer_syntax == _IMPLICIT_VR_LITTLE_ENDIAN,
-        is_little_endian=transfer_syntax != _EXPLICIT_VR_BIG_ENDIAN,
-    )
-    return ds
 
 
 class Event:
