@@ -62,8 +62,8 @@ from typing import Any
 from workers.engine import acse, dimse
 
 from . import netns
-from .cli import add_load_options, validate, write_json
 from .config import RunConfig
+from .options import add_load_options, validate, write_json
 from .proctree import TreeSampler
 from .runner import RunError, run
 from .stats import Report

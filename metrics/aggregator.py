@@ -10,10 +10,10 @@ One process, one event loop (uvloop when installed), two servers:
   cumulative totals, snapshots (CPU, memory, open connections and associations) are
   kept per connection and forgotten when it closes. Malformed input is skipped and
   counted, never fatal; a frame over the size limit closes that connection;
-* an HTTP server (``GET /metrics``, ``GET /healthz``) on 127.0.0.1 by default. The
-  Prometheus ``Collector`` (:class:`StateCollector`) reads :class:`State` at scrape
-  time. HTTP is served on the same loop as the telemetry, so a scrape sees a
-  consistent state without any lock.
+* prometheus-client's HTTP server (``GET /metrics``, plus ``GET /healthz``; see
+  :mod:`metrics.http`) on 127.0.0.1 by default. The Prometheus ``Collector``
+  (:class:`StateCollector`) reads :class:`State` at scrape time, and that collection
+  runs on the telemetry's loop, so a scrape sees a consistent state without any lock.
 
 Cardinality is bounded whatever the senders say: every label value coming from the
 network goes through a :class:`~metrics.wire.LabelLimiter` (AE titles, SOP classes,
@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import gzip
 import logging
 import os
 import socket
@@ -49,14 +48,15 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
+from workers.engine import dimse
+
 from . import procstat
 from . import wire as w
+from .http import MetricsHTTPServer
 
 __all__ = ["Aggregator", "Limits", "Source", "State", "StateCollector"]
 
 log = logging.getLogger("metrics.aggregator")
-
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # -- names of wire codes (label values) ----------------------------------------------
 
@@ -133,19 +133,12 @@ def status_label(status: int) -> str:
 
 
 def status_category(status: int) -> str:
-    """PS3.7 Annex C class of a status: success, warning, failure, cancel, pending
-    (anything unclassifiable is a failure: it did not succeed)."""
+    """PS3.7 Annex C class of a status as a label: success, warning, failure, cancel,
+    pending (the engine's :func:`~workers.engine.dimse.status_category`, lower case),
+    or none for a message without Status."""
     if status == w.NO_STATUS:
         return "none"
-    if status == 0x0000:
-        return "success"
-    if status in (0xFF00, 0xFF01):
-        return "pending"
-    if status == 0xFE00:
-        return "cancel"
-    if status >> 12 == 0xB or status in (0x0001, 0x0107, 0x0116):
-        return "warning"
-    return "failure"
+    return dimse.status_category(status).lower()
 
 
 def _abort_reason(source: int, reason: int) -> str:
@@ -947,8 +940,7 @@ class Aggregator:
         self.registry.register(StateCollector(self.state))
         self.http_port = 0
         self._unix: asyncio.AbstractServer | None = None
-        self._http: asyncio.AbstractServer | None = None
-        self._http_tasks: set[asyncio.Task[Any]] = set()
+        self._http: MetricsHTTPServer | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -960,15 +952,11 @@ class Aggregator:
             )
         finally:
             os.umask(old_umask)
-        if self.http_sock is not None:
-            self._http = await asyncio.start_server(
-                self._serve_http, sock=self.http_sock, limit=16 * 1024
-            )
-        else:
-            self._http = await asyncio.start_server(
-                self._serve_http, self.host, self.port, limit=16 * 1024, reuse_address=True
-            )
-        self.http_port = int(self._http.sockets[0].getsockname()[1])
+        self._http = MetricsHTTPServer(
+            self.registry, self.host, self.port, self.http_timeout, sock=self.http_sock
+        )
+        self._http.start(loop)
+        self.http_port = self._http.port
         log.info(
             "metrics aggregator: telemetry on %s, http://%s:%d/metrics",
             self.socket_path,
@@ -977,15 +965,13 @@ class Aggregator:
         )
 
     async def close(self) -> None:
-        for server in (self._unix, self._http):
-            if server is not None:
-                server.close()
-        for task in list(self._http_tasks):
-            task.cancel()
-        for server in (self._unix, self._http):
-            if server is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(server.wait_closed(), 2.0)
+        if self._unix is not None:
+            self._unix.close()
+        if self._http is not None:
+            await self._http.close()
+        if self._unix is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._unix.wait_closed(), 2.0)
         self._unix = self._http = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
@@ -993,86 +979,6 @@ class Aggregator:
     def exposition(self) -> bytes:
         """The current metrics, in the Prometheus text format 0.0.4."""
         return generate_latest(self.registry)
-
-    # -- HTTP --
-
-    async def _serve_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._http_tasks.add(task)
-        try:
-            await asyncio.wait_for(self._answer(reader, writer), self.http_timeout)
-        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
-            pass
-        except asyncio.LimitOverrunError:
-            with contextlib.suppress(Exception):
-                writer.write(_response(431, b"request header too large\n"))
-        except Exception:
-            log.exception("metrics HTTP request failed")
-            with contextlib.suppress(Exception):
-                writer.write(_response(500, b"internal error\n"))
-        finally:
-            if task is not None:
-                self._http_tasks.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
-
-    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-            writer.write(_response(400, b"bad request\n"))
-            return
-        method, target = parts[0], parts[1]
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if sep:
-                headers[name.strip().lower()] = value.strip()
-        path = target.split("?", 1)[0]
-        if method not in ("GET", "HEAD"):
-            writer.write(_response(405, b"method not allowed\n", extra={"Allow": "GET, HEAD"}))
-        elif path == "/metrics":
-            body = self.exposition()
-            extra = {}
-            if "gzip" in headers.get("accept-encoding", ""):
-                body = gzip.compress(body, compresslevel=5)
-                extra["Content-Encoding"] = "gzip"
-            writer.write(_response(200, body, CONTENT_TYPE, extra, head_only=method == "HEAD"))
-        elif path == "/healthz":
-            writer.write(_response(200, b"ok\n", head_only=method == "HEAD"))
-        else:
-            writer.write(_response(404, b"not found: try /metrics or /healthz\n"))
-        await writer.drain()
-
-
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-}
-
-
-def _response(
-    code: int,
-    body: bytes,
-    content_type: str = "text/plain; charset=utf-8",
-    extra: dict[str, str] | None = None,
-    head_only: bool = False,
-) -> bytes:
-    headers = [
-        f"HTTP/1.1 {code} {_REASONS[code]}",
-        f"Content-Type: {content_type}",
-        f"Content-Length: {len(body)}",
-        "Connection: close",
-    ]
-    headers += [f"{k}: {v}" for k, v in (extra or {}).items()]
-    return ("\r\n".join(headers) + "\r\n\r\n").encode("latin-1") + (b"" if head_only else body)
 
 
 def _remove_stale_socket(path: str) -> None:

@@ -40,7 +40,7 @@ NOW = 1_700_000_000.0
 
 def fast_hash(password: str) -> str:
     """A scrypt hash cheap enough for tests (N = 1024)."""
-    return hash_password(password, n=1 << 10)
+    return hash_password(password, "scrypt", n=1 << 10)
 
 
 def clock() -> float:
@@ -98,7 +98,7 @@ class FakeEvent:
 
 
 def test_scrypt_default_parameters_round_trip() -> None:
-    line = hash_password("correct horse")
+    line = hash_password("correct horse", "scrypt")
     assert line.startswith("scrypt$n=16384,r=8,p=1$")
     h = PasswordHash.parse(line)
     assert h.verify(b"correct horse")
@@ -388,7 +388,7 @@ def test_public_key_algorithm_without_cryptography(
     def missing() -> Any:
         raise ImportError("No module named 'cryptography'")
 
-    monkeypatch.setattr(ident, "_import_cryptography", missing)
+    monkeypatch.setattr(ident.tokens, "_import_cryptography", missing)
     pem = tmp_path / "key.pem"
     pem.write_text("-----BEGIN PUBLIC KEY-----\n-----END PUBLIC KEY-----\n")
     for alg in ("RS256", "ES256"):

@@ -17,6 +17,11 @@ import datetime as _dt
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from ..datasets import (
+    DEFAULT_MAX_DATASET,
+    decode_dataset,
+)  # looked up per call (tests count the decodes)
+
 if TYPE_CHECKING:
     from pydicom import Dataset
     from pydicom.dataset import FileMetaDataset
@@ -161,38 +166,8 @@ DATASET_ATTRIBUTE: dict[InterventionEvent, str] = {
     EVT_N_SET: "attribute_list",
 }
 
+
 _IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
-_EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
-_DEFLATED = "1.2.840.10008.1.2.1.99"
-
-
-#: Largest inflated Deflated data set a handler is given when the caller names no bound
-#: (the engine's default ``max_dataset_in_memory``).
-DEFAULT_MAX_DATASET = 64 * 1024 * 1024
-
-
-def decode_dataset(
-    data: bytes, transfer_syntax: str, max_length: int = DEFAULT_MAX_DATASET
-) -> Dataset:
-    """Decode an encoded data set (no file meta) in ``transfer_syntax`` with pydicom.
-
-    A Deflated data set is inflated up to ``max_length`` bytes; past it
-    :class:`~workers.engine.deflate.DatasetTooLarge` is raised (a deflate bomb).
-    """
-    from io import BytesIO
-
-    from pydicom.filereader import read_dataset
-
-    from .deflate import inflate
-
-    if transfer_syntax == _DEFLATED:
-        data = inflate(data, max_length)
-    ds = read_dataset(
-        BytesIO(data),
-        is_implicit_VR=transfer_syntax == _IMPLICIT_VR_LITTLE_ENDIAN,
-        is_little_endian=transfer_syntax != _EXPLICIT_VR_BIG_ENDIAN,
-    )
-    return ds
 
 
 class Event:

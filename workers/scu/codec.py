@@ -8,13 +8,8 @@ worker's C-MOVE sub-operations) never imports it (DESIGN principle 4).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, BinaryIO, cast
-
+from workers.datasets import decode_dataset, encode_dataset  # their one home
 from workers.engine import acse
-from workers.engine.deflate import deflate, inflate
-
-if TYPE_CHECKING:
-    from pydicom.dataset import Dataset
 
 __all__ = [
     "NATIVE_TRANSFER_SYNTAXES",
@@ -62,57 +57,3 @@ def resolve_query_model(service: str, query_model: str) -> str:
     if not uid or not uid[0].isdigit():
         raise ValueError(f"unknown {service} query model {query_model!r}")
     return uid
-
-
-def _encoding(transfer_syntax: str) -> tuple[bool, bool]:
-    """(implicit VR, little endian) of a transfer syntax's data set encoding.
-
-    Every transfer syntax but the two named ones is Explicit VR Little Endian for the
-    data set (PS3.5 A.4: encapsulated ones too; only the pixel data differs).
-    """
-    if transfer_syntax == acse.IMPLICIT_VR_LITTLE_ENDIAN:
-        return True, True
-    if transfer_syntax == acse.EXPLICIT_VR_BIG_ENDIAN:
-        return False, False
-    return False, True
-
-
-def encode_dataset(ds: Dataset, transfer_syntax: str) -> bytes:
-    """``ds`` encoded as a DIMSE data set (no preamble, no file meta) in the syntax.
-
-    Deflated Explicit VR Little Endian is deflated here (raw deflate, PS3.5 A.5). For
-    an encapsulated syntax the pixel data must already be encapsulated in ``ds``.
-    """
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_dataset
-
-    implicit, little = _encoding(transfer_syntax)
-    fp = DicomBytesIO()
-    fp.is_implicit_VR = implicit
-    fp.is_little_endian = little
-    write_dataset(fp, ds)
-    raw = fp.getvalue()
-    if transfer_syntax == acse.DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
-        raw = deflate(raw)  # padded to even length (PS3.5 A.5)
-    return raw
-
-
-def decode_dataset(
-    data: bytes | bytearray | memoryview,
-    transfer_syntax: str,
-    max_length: int = 64 * 1024 * 1024,
-) -> Dataset:
-    """Decode DIMSE data-set bytes encoded in ``transfer_syntax``.
-
-    A Deflated data set inflating past ``max_length`` bytes raises
-    :class:`~workers.engine.deflate.DatasetTooLarge` (a deflate bomb from the peer).
-    """
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filereader import read_dataset
-
-    if transfer_syntax == acse.DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
-        raw = inflate(data, max_length)
-    else:
-        raw = bytes(data)
-    implicit, little = _encoding(transfer_syntax)
-    return read_dataset(cast(BinaryIO, DicomBytesIO(raw)), implicit, little)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -25,13 +26,12 @@ from . import codec
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
-    from .requestor import Requestor
-
 __all__ = [
     "AssociationAborted",
     "AssociationError",
     "AssociationRejected",
     "DIMSEOperation",
+    "OperationLink",
 ]
 
 log = logging.getLogger(__name__)
@@ -161,6 +161,23 @@ class _Multi:
 _Op: TypeAlias = "_Single | _Multi"
 
 
+@dataclass(frozen=True, slots=True)
+class OperationLink:
+    """What an operation needs from the association that carries it, handed down by
+    the requestor so that this module never reaches back into it: its loop, a way to
+    send a request (``send_request(context, build, data, op)`` returns the MessageID)
+    and a way to queue a command now (the C-CANCEL-RQ), and the largest data set it
+    may inflate for a handler (the engine's ``max_dataset_in_memory``)."""
+
+    loop: asyncio.AbstractEventLoop
+    send_request: Callable[
+        [PresentationContext, Callable[[int], dimse.Command], bytes | None, _Multi],
+        Awaitable[int],
+    ]
+    send_soon: Callable[[int, dimse.Command], None]
+    max_dataset: int
+
+
 def _status(command: dimse.Command) -> int:
     # A response without (0000,0900) cannot be understood: not a success.
     return command.Status if command.Status is not None else int(dimse.Status.CANNOT_UNDERSTAND)
@@ -180,12 +197,12 @@ class DIMSEOperation:
 
     def __init__(
         self,
-        requestor: Requestor,
+        link: OperationLink,
         context: PresentationContext,
         build: Callable[[int], dimse.Command],
         identifier: bytes,
     ) -> None:
-        self._requestor = requestor
+        self._link = link
         self._context = context
         self._build = build
         self._identifier = identifier
@@ -215,7 +232,7 @@ class DIMSEOperation:
                 identifier = codec.decode_dataset(
                     data,
                     self._context.transfer_syntax,
-                    self._requestor._conn.config.max_dataset_in_memory,
+                    self._link.max_dataset,
                 )
             except Exception:
                 log.exception("undecodable identifier in %s", _label(command))
@@ -225,11 +242,10 @@ class DIMSEOperation:
         """Send the request now (iteration does it on first use)."""
         if self._op is not None:
             return
-        requestor = self._requestor
-        op = _Multi(requestor._loop, self._context)
+        op = _Multi(self._link.loop, self._context)
         self._op = op
         try:
-            self.message_id = await requestor._request(
+            self.message_id = await self._link.send_request(
                 self._context, self._build, self._identifier, op
             )
         except BaseException as exc:
@@ -243,7 +259,7 @@ class DIMSEOperation:
         if op is None or op.finished or self._cancelled or self.message_id is None:
             return
         self._cancelled = True
-        self._requestor._send_soon(self._context.id, dimse.c_cancel_rq(self.message_id))
+        self._link.send_soon(self._context.id, dimse.c_cancel_rq(self.message_id))
 
     async def aclose(self) -> None:
         """Stop iterating; an unfinished operation is cancelled, its responses dropped."""
