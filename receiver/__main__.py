@@ -47,15 +47,9 @@ class _Parser(argparse.ArgumentParser):
 
 def _version() -> str:
     """``pacs-receiver X.Y.Z (data plane: compiled|pure)``: which core runs."""
-    from importlib.metadata import PackageNotFoundError, version
-
     from workers import dataplane
 
-    try:
-        number = version("pacs-receiver")
-    except PackageNotFoundError:
-        number = "unknown"
-    return f"pacs-receiver {number} (data plane: {dataplane.CORE})"
+    return f"pacs-receiver {package_version()} (data plane: {dataplane.CORE})"
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -67,7 +61,9 @@ def make_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=None,
     )
-    ap.add_argument("--version", action="version", version=_version())
+    ap.add_argument(
+        "--version", action="version", version=_version(), help="print the version and exit"
+    )
     g = ap.add_argument_group("network")
     g.add_argument("--host", help=f"address to listen on (default {d.host})")
     g.add_argument("--port", type=int, help=f"TCP port to listen on (default {d.port})")
@@ -312,12 +308,6 @@ def make_parser() -> argparse.ArgumentParser:
         type=int,
         help="audit messages waiting for the collector, per process; more are dropped "
         "and counted (default 1000)",
-    )
-    g.add_argument(
-        "--version",
-        action="version",
-        version=f"pacs-receiver {package_version()}",
-        help="print the version and exit",
     )
     return ap
 
