@@ -76,12 +76,12 @@ def test_fast_path_pairs_are_dt2_to_the_same_state() -> None:
 def _established(core: ModuleType) -> Connection:
     conn = _conn(core)
     conn.connection_made(0.0)
-    conn.receive_data(p.encode(h.associate_rq()))
+    conn.receive_data(p.encode(h.associate_rq()), 0.0)
     ev = conn.next_event()
     assert isinstance(ev, AssociateIndication)
     answer = acse.negotiate(ev.request, acse.AcceptorPolicy())
     assert isinstance(answer, p.AssociateAC)
-    conn.accept(answer)
+    conn.accept(answer, 0.0)
     conn.data_to_send()
     assert conn.state is State.STA6
     return conn
@@ -101,7 +101,7 @@ def test_data_plane_runs_only_in_fast_path_states(state: State) -> None:
 
     conn._dp_walk = spy
     conn.state = state
-    conn.receive_data(h.command_pdata(1, dimse.encode_command(dimse.c_echo_rq(1))))
+    conn.receive_data(h.command_pdata(1, dimse.encode_command(dimse.c_echo_rq(1))), 0.0)
     try:
         while conn.next_event() is not NEED_DATA:
             pass
@@ -300,7 +300,7 @@ def _drive(core: ModuleType, data: bytes, splits: list[int], config: int, thresh
     conn.connection_made(0.0)
     log.append(b"".join(bytes(c) for c in conn.data_to_send()))
     for chunk in h._chunks(data, splits):
-        conn.receive_data(chunk)
+        conn.receive_data(chunk, 0.0)
         for _ in range(10_000):
             ev = conn.next_event()
             if ev is NEED_DATA:
@@ -309,11 +309,11 @@ def _drive(core: ModuleType, data: bytes, splits: list[int], config: int, thresh
             if isinstance(ev, AssociateIndication):
                 answer = acse.negotiate(ev.request, policy)
                 if isinstance(answer, p.AssociateAC):
-                    conn.accept(answer)
+                    conn.accept(answer, 0.0)
                 else:
-                    conn.reject(answer)
+                    conn.reject(answer, 0.0)
             elif isinstance(ev, ReleaseRequested):
-                conn.release_response()
+                conn.release_response(0.0)
             elif isinstance(ev, CommandReceived) and ev.command.has_dataset:
                 sink = FileSink(threshold)
                 sinks.append(sink)
