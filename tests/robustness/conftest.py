@@ -406,3 +406,21 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
         if value or time.monotonic() >= deadline:
             return value
         time.sleep(interval)
+
+
+def open_and_unanswered(peer: Peer, wait: float) -> bool:
+    """True if, for ``wait`` seconds, the receiver neither sent anything on ``peer``
+    nor closed it: a probe that something (a timer's cut) did NOT happen early.
+
+    A lower bound cannot be observed without waiting; this one only waits and then
+    looks (``MSG_PEEK``: the bytes stay for the next read), so a slow machine makes
+    it pass sooner, never fail: it fails only if the receiver acts before ``wait``.
+    """
+    peer.sock.settimeout(wait)
+    try:
+        peer.sock.recv(1, socket.MSG_PEEK)
+    except TimeoutError:
+        return True
+    except OSError:
+        return False
+    return False  # a PDU (peeked) or EOF (b"") came before the wait ran out

@@ -2,9 +2,10 @@
 
 Each case is a raw-socket peer sending hand-built (or engine-encoded, then broken)
 bytes. Every case must get its protocol answer (A-ABORT with the right source and
-reason, A-ASSOCIATE-RJ, or a failure status) within a bounded time; answers that
-need no timer must come before the 2 s network timeout could have produced them
-(:data:`PROMPT`). After every case the process tree is the same (no worker died).
+reason, A-ASSOCIATE-RJ, or a failure status); no timing is asserted: the peer's
+read bound only stops waiting, and an answer a timer would have produced (an A-ABORT
+(2, 0), a close without a PDU) is told apart by what it is. After every case the
+process tree is the same (no worker died).
 
 Meanwhile a well-behaved pynetdicom sender stores 50 small instances in a loop; the
 last tests check that none of its stores failed, and that the store holds nothing
@@ -34,13 +35,13 @@ from .conftest import (
     CT_IMAGE,
     EXPLICIT_LE,
     NETWORK_TIMEOUT,
-    PROMPT,
     VERIFICATION,
     Answer,
     Peer,
     Receiver,
     Sender,
     incoming,
+    open_and_unanswered,
     stored_files,
     wait_until,
 )
@@ -94,17 +95,17 @@ def associate(peer: Peer) -> p.AssociateAC:
     return answer.pdu
 
 
-def assert_abort(answer: Answer, reason: int, *, prompt: bool = True) -> None:
+def assert_abort(answer: Answer, reason: int) -> None:
+    """The answer is the provider's A-ABORT for ``reason`` (not a timer's (2, 0),
+    and not the connection closing without one)."""
     assert isinstance(answer.pdu, p.Abort), answer
     assert (answer.pdu.source, answer.pdu.reason) == (PROVIDER, reason), answer.pdu
-    if prompt:
-        assert answer.elapsed < PROMPT, f"A-ABORT only after {answer.elapsed:.2f} s"
 
 
 def assert_closed_after(peer: Peer, answers: list[Answer]) -> None:
-    """The receiver closes the connection (ARTIM), bounded."""
+    """The receiver closed the connection: ``Peer.answers`` ends with ``None`` only
+    on EOF/reset (its own safety bound raises ``TimeoutError`` instead)."""
     assert answers[-1].pdu is None, answers
-    assert answers[-1].elapsed < ANSWER_BOUND
 
 
 def linger(name: str, peer: Peer) -> None:
@@ -192,11 +193,13 @@ def test_abort_then_the_receiver_closes(rx: Receiver) -> None:
     (PS3.8 AA-1, then AA-2 on Evt18), and sends nothing more."""
     with Peer(rx.port) as peer:
         peer.send(w.pdata(1, 3, b"\0" * 8))
-        answers = peer.answers()
-    assert_abort(answers[0], R.UNEXPECTED_PDU)
+        first = peer.read_pdu()
+        assert_abort(first, R.UNEXPECTED_PDU)
+        # It waits for the peer (AA-1 starts ARTIM) instead of closing at once.
+        assert open_and_unanswered(peer, ARTIM_TIMEOUT - 0.5)
+        answers = [first, *peer.answers()]
     assert_closed_after(peer, answers)
     assert len(answers) == 2, answers
-    assert answers[1].elapsed >= ARTIM_TIMEOUT - 0.5, answers
 
 
 def test_unknown_variable_item_is_ignored(rx: Receiver) -> None:
@@ -213,7 +216,6 @@ def test_unknown_variable_item_is_ignored(rx: Receiver) -> None:
         peer.send(data)
         answer = peer.read_pdu()
     assert isinstance(answer.pdu, p.AssociateAC), answer
-    assert answer.elapsed < PROMPT
 
 
 def test_items_out_of_order_get_an_answer(rx: Receiver) -> None:
@@ -230,7 +232,6 @@ def test_items_out_of_order_get_an_answer(rx: Receiver) -> None:
         peer.send(data)
         answer = peer.read_pdu()
     assert isinstance(answer.pdu, p.AssociateAC | p.AssociateRJ | p.Abort), answer
-    assert answer.elapsed < PROMPT
 
 
 @pytest.mark.parametrize(
@@ -276,7 +277,6 @@ def test_unacceptable_requests_are_rejected(
     answer = peer.read_pdu()
     assert isinstance(answer.pdu, p.AssociateRJ), answer
     assert (answer.pdu.result, answer.pdu.source, answer.pdu.reason) == rj
-    assert answer.elapsed < PROMPT
     linger(name, peer)
 
 
@@ -287,7 +287,6 @@ def test_request_full_of_role_selections_gets_an_answer(rx: Receiver) -> None:
         peer.send(many_role_selections_rq())
         answer = peer.read_pdu()
     assert isinstance(answer.pdu, p.AssociateAC | p.AssociateRJ), answer
-    assert answer.elapsed < PROMPT
 
 
 def test_truncated_request_is_cut_by_artim(rx: Receiver) -> None:
@@ -295,9 +294,10 @@ def test_truncated_request_is_cut_by_artim(rx: Receiver) -> None:
     data = w.rq_bytes()
     with Peer(rx.port) as peer:
         peer.send(data[: len(data) // 2])
+        # Half a request is not a fault by itself: the receiver waits for the rest.
+        assert open_and_unanswered(peer, ARTIM_TIMEOUT - 0.5)
         answers = peer.answers()
     assert [a.pdu for a in answers] == [None], answers
-    assert ARTIM_TIMEOUT - 0.5 <= answers[0].elapsed < ANSWER_BOUND
 
 
 def test_header_only_then_silence_is_cut_by_artim(rx: Receiver) -> None:
@@ -305,15 +305,14 @@ def test_header_only_then_silence_is_cut_by_artim(rx: Receiver) -> None:
         peer.send(b"\x01\x00\x00")  # half a PDU header
         answers = peer.answers()
     assert [a.pdu for a in answers] == [None], answers
-    assert answers[0].elapsed < ANSWER_BOUND
 
 
 def test_trickle_one_byte_per_second_is_cut_by_artim(rx: Receiver) -> None:
     """A peer that trickles its A-ASSOCIATE-RQ one byte a second is not associated:
     ARTIM (2 s) bounds the whole request, not the gap between bytes."""
     data = w.rq_bytes()
-    start = time.monotonic()
     closed = False
+    answered = b""
     with Peer(rx.port) as peer:
         for byte in data[:10]:  # bounded: 10 bytes, 10 s at most
             try:
@@ -323,17 +322,20 @@ def test_trickle_one_byte_per_second_is_cut_by_artim(rx: Receiver) -> None:
                 break
             peer.sock.settimeout(1.0)
             try:
-                if peer.sock.recv(1024) == b"":
+                got = peer.sock.recv(1024)
+                if got == b"":
                     closed = True
                     break
+                answered += got
             except TimeoutError:
                 continue
             except OSError:
                 closed = True
                 break
-    elapsed = time.monotonic() - start
+    # Cut before its tenth byte (ten one-second gaps): ARTIM bounds the whole
+    # request, a per-byte idle timer would never have fired.
     assert closed, "a peer trickling its request was never cut off"
-    assert elapsed < ARTIM_TIMEOUT + 3.0, elapsed
+    assert not answered, f"ARTIM closes without a PDU, got {answered!r}"
 
 
 # ------------------------------------------------------------- after association
@@ -403,7 +405,6 @@ def test_store_without_sop_instance_uid_fails(rx: Receiver) -> None:
         assert rsp.CommandField == dimse.CommandField.C_STORE_RSP
         assert rsp.MessageIDBeingRespondedTo == 7
         assert dimse.status_category(rsp.Status or 0) == "Failure", hex(rsp.Status or 0)
-        assert answer.elapsed < PROMPT
 
 
 def test_store_saying_no_data_set_but_sending_one(rx: Receiver) -> None:
@@ -421,7 +422,7 @@ def test_store_saying_no_data_set_but_sending_one(rx: Receiver) -> None:
     responses = [w.decode_response(x) for x in pdus if isinstance(x, p.PDataTF)]
     assert all(dimse.status_category(r.Status or 0) == "Failure" for r in responses if r), responses
     assert aborts and (aborts[0].source, aborts[0].reason) == (PROVIDER, R.UNEXPECTED_PDU_PARAMETER)
-    assert all(a.elapsed < PROMPT for a in answers[:-1]), answers
+    assert answers[-1].pdu is None, answers  # and then closed, by the receiver
 
 
 def test_echo_with_a_data_set_fails(rx: Receiver) -> None:
@@ -434,7 +435,6 @@ def test_echo_with_a_data_set_fails(rx: Receiver) -> None:
         rsp = w.decode_response(answer.pdu)
         assert rsp is not None and rsp.MessageIDBeingRespondedTo == 9, answer
         assert dimse.status_category(rsp.Status or 0) == "Failure", hex(rsp.Status or 0)
-        assert answer.elapsed < PROMPT
 
 
 @pytest.mark.parametrize(
@@ -451,7 +451,6 @@ def test_store_with_path_characters_in_uid_is_refused(rx: Receiver, uid: str) ->
         assert rsp is not None, answer
         assert rsp.MessageIDBeingRespondedTo == 10
         assert dimse.status_category(rsp.Status or 0) == "Failure", hex(rsp.Status or 0)
-        assert answer.elapsed < PROMPT
         peer.send(p.encode(p.ReleaseRQ()))
         assert isinstance(peer.read_pdu().pdu, p.ReleaseRP)
 
@@ -491,7 +490,6 @@ def test_store_with_non_ascii_uid_gets_a_failure_status(rx: Receiver) -> None:
     rsp = w.decode_response(answer.pdu)
     assert rsp is not None, answer  # today: an A-ABORT (network timeout) after 2 s
     assert dimse.status_category(rsp.Status or 0) == "Failure"
-    assert answer.elapsed < PROMPT
 
 
 def test_echo_without_message_id_gets_an_answer(rx: Receiver) -> None:
@@ -506,7 +504,8 @@ def test_echo_without_message_id_gets_an_answer(rx: Receiver) -> None:
         answer = peer.read_pdu()
     # a failure response, or an A-ABORT for an unanswerable request, but promptly
     assert isinstance(answer.pdu, p.PDataTF | p.Abort), answer
-    assert answer.elapsed < PROMPT, f"answered after {answer.elapsed:.2f} s"
+    if isinstance(answer.pdu, p.Abort):  # not the network timer's (2, 0)
+        assert (answer.pdu.source, answer.pdu.reason) != (PROVIDER, R.NOT_SPECIFIED), answer
 
 
 def test_data_set_ending_early_then_abort_leaves_no_partial_file(rx: Receiver) -> None:
@@ -557,7 +556,8 @@ def test_data_set_ending_early_then_release_is_answered_promptly(rx: Receiver) -
     assert not [f for f in stored_files(rx.storage) if f.stem == uid]
     first = answers[0]
     assert isinstance(first.pdu, p.Abort | p.ReleaseRP | p.PDataTF), answers
-    assert first.elapsed < PROMPT, f"answered after {first.elapsed:.2f} s"
+    if isinstance(first.pdu, p.Abort):  # not the network timer's (2, 0)
+        assert (first.pdu.source, first.pdu.reason) != (PROVIDER, R.NOT_SPECIFIED), answers
 
 
 def test_data_set_ending_early_then_release_leaves_no_partial_file(rx: Receiver) -> None:
@@ -574,7 +574,7 @@ def test_data_set_ending_early_then_release_leaves_no_partial_file(rx: Receiver)
         peer.send(p.encode(p.ReleaseRQ()))
         answers = peer.answers()
     assert isinstance(answers[0].pdu, p.Abort | p.ReleaseRP | p.PDataTF), answers
-    assert answers[-1].pdu is None and answers[-1].elapsed < ANSWER_BOUND
+    assert answers[-1].pdu is None, answers  # closed by the receiver
     assert wait_until(lambda: not incoming(rx.storage), 5.0), incoming(rx.storage)
     assert not [f for f in stored_files(rx.storage) if f.stem == uid]
 
@@ -582,16 +582,19 @@ def test_data_set_ending_early_then_release_leaves_no_partial_file(rx: Receiver)
 def test_silence_after_association_is_cut_by_the_network_timeout(rx: Receiver) -> None:
     with Peer(rx.port) as peer:
         associate(peer)
+        # Silence is tolerated up to the network timeout, not cut at once.
+        assert open_and_unanswered(peer, NETWORK_TIMEOUT * 0.75)
         peer.sent_at = time.monotonic()
         answers = peer.answers()
     assert isinstance(answers[0].pdu, p.Abort), answers
     assert answers[0].pdu.source == PROVIDER
-    assert 1.5 <= answers[0].elapsed < ANSWER_BOUND, answers
+    assert answers[-1].pdu is None, answers  # then closed by the receiver
 
 
-def _trickle(peer: Peer, data: bytes, bound: float) -> tuple[bool, float]:
-    """Send ``data`` one byte a second until the receiver cuts the connection or
-    ``bound`` seconds pass: (cut, seconds until then)."""
+def _trickle(peer: Peer, data: bytes, bound: float) -> tuple[bool, bytes]:
+    """Send ``data`` one byte a second until the receiver cuts the connection, or
+    stop waiting after ``bound`` seconds (a safety stop, not a measured bound):
+    (cut, the bytes the receiver sent when it cut: its A-ABORT, or b"" for a close)."""
     start = time.monotonic()
     for byte in data:
         if time.monotonic() - start > bound:
@@ -599,16 +602,24 @@ def _trickle(peer: Peer, data: bytes, bound: float) -> tuple[bool, float]:
         try:
             peer.send(bytes([byte]))
         except OSError:
-            return True, time.monotonic() - start
+            return True, b""
         peer.sock.settimeout(1.0)
         try:
-            peer.sock.recv(1024)  # its A-ABORT, or b"" when it closed: either way cut
-            return True, time.monotonic() - start
+            return True, peer.sock.recv(1024)
         except TimeoutError:
             continue
         except OSError:
-            return True, time.monotonic() - start
-    return False, time.monotonic() - start
+            return True, b""
+    return False, b""
+
+
+def assert_cut_by_abort(got: bytes) -> None:
+    """What the receiver sent when it cut a trickle: the provider's A-ABORT
+    (PDU type 7, source 2), or nothing when the connection was reset."""
+    if got:
+        assert got[0] == 0x07, got
+        answer = p.decode(0x07, got[6:10])
+        assert isinstance(answer, p.Abort) and answer.source == PROVIDER, answer
 
 
 # The minimum receive rate (1024 bytes/s by default) is judged over a network-timeout
@@ -625,9 +636,9 @@ def test_data_set_trickled_one_byte_per_second_is_cut(rx: Receiver) -> None:
     with Peer(rx.port) as peer:
         associate(peer)
         peer.send(w.command(w.STORE_CTX, w.store_rq(30, uid)) + w.dataset(w.STORE_CTX, data)[:20])
-        cut, elapsed = _trickle(peer, w.dataset(w.STORE_CTX, data)[20:], TRICKLE_BOUND + 2)
+        cut, got = _trickle(peer, w.dataset(w.STORE_CTX, data)[20:], TRICKLE_BOUND + 2)
     assert cut, "a data set trickled one byte a second was never cut off"
-    assert elapsed < TRICKLE_BOUND, elapsed
+    assert_cut_by_abort(got)
     assert wait_until(lambda: not incoming(rx.storage), 5.0), incoming(rx.storage)
     assert not [f for f in stored_files(rx.storage) if f.stem == uid]
 
@@ -658,11 +669,9 @@ def test_pdu_header_trickled_one_byte_per_second_is_cut(rx: Receiver) -> None:
     uid = "1.2.826.0.1.3680043.10.1415.7.31"
     with Peer(rx.port) as peer:
         associate(peer)
-        cut, elapsed = _trickle(
-            peer, w.command(w.STORE_CTX, w.store_rq(31, uid)), TRICKLE_BOUND + 2
-        )
+        cut, got = _trickle(peer, w.command(w.STORE_CTX, w.store_rq(31, uid)), TRICKLE_BOUND + 2)
     assert cut, "a PDU trickled one byte a second was never cut off"
-    assert elapsed < TRICKLE_BOUND, elapsed
+    assert_cut_by_abort(got)
 
 
 def test_truncated_pdata_then_close_leaves_no_partial_file(rx: Receiver) -> None:

@@ -17,7 +17,7 @@ from workers.engine import acse, dimse
 from workers.engine import pdu as p
 
 from . import wire as w
-from .conftest import EXPLICIT_LE, PROMPT, Peer, Receiver
+from .conftest import EXPLICIT_LE, Peer, Receiver
 
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 FIND_CTX = 1
@@ -90,7 +90,7 @@ def test_worker_budget_aborts_the_association_that_would_pass_it(budget_rx: Rece
         begin_find(second, 1)  # another 39 KB would pass 64 KiB: A-ABORT
         answer = second.read_pdu()
         assert isinstance(answer.pdu, p.Abort), answer
-        assert answer.pdu.source == 2 and answer.elapsed < PROMPT, answer
+        assert answer.pdu.source == 2, answer  # the provider's, not the peer's
         assert second.read_pdu().pdu is None  # and closed
         # The first association is not disturbed, and gets its answer.
         rsp = end_find(first)

@@ -20,7 +20,7 @@ from workers.engine import pdu as p
 
 from . import hooks
 from . import wire as w
-from .conftest import NETWORK_TIMEOUT, PROMPT, VERIFICATION, Peer, Receiver
+from .conftest import NETWORK_TIMEOUT, VERIFICATION, Peer, Receiver
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +70,9 @@ def test_slow_negotiation_is_not_the_peers_silence(lag_rx: Receiver) -> None:
         peer.send(p.encode(rq))
         answer = peer.read_pdu()
         assert isinstance(answer.pdu, p.AssociateAC), answer
+        # Kept as a lower bound on purpose: it checks the TEST's premise (the hook
+        # really held the negotiation for LAG_SECONDS), not the receiver; a slow
+        # machine only makes it larger, so it cannot flake.
         assert answer.elapsed >= hooks.LAG_SECONDS - 0.5
         # The peer takes a quarter of its network timeout to send its first request
         # (sending at once races the receiver's immediate abort, and sometimes wins).
@@ -83,14 +86,13 @@ def test_loop_lag_is_not_the_peers_silence(lag_rx: Receiver) -> None:
     with Peer(lag_rx.port) as victim, Peer(lag_rx.port) as lagger:
         victim.send(w.rq_bytes(calling="VICTIM"))
         assert isinstance(victim.read_pdu().pdu, p.AssociateAC)
-        start = time.monotonic()
         lagger.send(w.rq_bytes(calling=hooks.LAGGER))  # holds the loop for 3 s
         time.sleep(0.5)
         # 0.5 s after its association, well within its 2 s network timeout
         victim.send(w.command(w.ECHO_CTX, dimse.c_echo_rq(3)))
         answer = victim.read_pdu()
-        waited = time.monotonic() - start
-        assert waited < hooks.LAG_SECONDS + NETWORK_TIMEOUT, waited
         rsp = w.decode_response(answer.pdu)
         assert rsp is not None and rsp.Status == 0, answer  # today: A-ABORT (2, 0)
-        assert answer.elapsed < hooks.LAG_SECONDS + PROMPT
+        # and the association is still whole: it releases normally
+        victim.send(p.encode(p.ReleaseRQ()))
+        assert isinstance(victim.read_pdu().pdu, p.ReleaseRP)
