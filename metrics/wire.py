@@ -187,6 +187,8 @@ class Kind(IntEnum):
     # branches meanwhile do not collide.
     INDEX_LAG = 32
     INDEX_WRITES = 33
+    # The object store's spool (workers/storage/spool.py), numbered apart likewise.
+    S3_SPOOL = 40
 
 
 class Direction(IntEnum):
@@ -501,6 +503,17 @@ class IndexWrites:
     _SPEC: ClassVar[tuple[Any, ...]] = (COUNT, COUNT, COUNT)
 
 
+@dataclass(slots=True, frozen=True)
+class S3Spool:
+    """Snapshot: instances and bytes in the worker's spool, not yet uploaded."""
+
+    instances: int
+    bytes: int
+
+    KIND: ClassVar[Kind] = Kind.S3_SPOOL
+    _SPEC: ClassVar[tuple[Any, ...]] = (COUNT, COUNT)
+
+
 Record = (
     Hello
     | Process
@@ -523,6 +536,7 @@ Record = (
     | Service
     | IndexLag
     | IndexWrites
+    | S3Spool
 )
 
 #: Record class by kind.
@@ -550,6 +564,7 @@ RECORD_TYPES: dict[int, type[Any]] = {
         Service,
         IndexLag,
         IndexWrites,
+        S3Spool,
     )
 }
 

@@ -237,7 +237,7 @@ class Supervisor:
         cfg = self.cfg
         data: dict[str, Any] = {
             "storage": {
-                "root": os.path.abspath(cfg.storage),
+                "root": cfg.local_storage(),
                 "layout": cfg.layout,
                 "fsync": cfg.fsync,
                 "duplicates": cfg.duplicates,
@@ -272,6 +272,9 @@ class Supervisor:
                 "metrics_socket": self.metrics_socket if cfg.metrics_port else None,
                 "index": cfg.index_target(),
                 "index_node": cfg.index_node_name(),
+                # --storage s3://... (workers/storage/objectstore.py)
+                "s3": cfg.s3_settings().to_dict() if cfg.s3_settings() else None,
+                "workers": cfg.workers,
                 # storage commitment and query/retrieve over the index (workers/indexed.py)
                 "indexed": {
                     "index": cfg.index_target(),
@@ -299,7 +302,7 @@ class Supervisor:
         """Serve until stopped; returns the exit status."""
         self.loop = loop = asyncio.get_running_loop()
         self._done = loop.create_future()
-        storage = os.path.abspath(self.cfg.storage)
+        storage = self.cfg.local_storage()
         os.makedirs(storage, exist_ok=True)
         removed = sweep_incoming(storage, 0)
         if removed:
@@ -364,6 +367,12 @@ class Supervisor:
         if target is None:
             return
         index = open_index(target, storage, node=self.cfg.index_node_name())
+        if self.cfg.storage.startswith("s3://"):
+            # The store is the bucket, not this directory: no walk here would find
+            # its objects (every record would be marked missing). Spooled instances
+            # were indexed under their object URL when they were acknowledged.
+            index.close()
+            return
         try:
             report = reconcile(index, storage, replace=self.cfg.duplicates == "overwrite")
         finally:
@@ -465,7 +474,7 @@ class Supervisor:
             # A worker killed mid-write leaves its temp files: remove them now (only
             # files of dead processes go; the other workers' are kept).
             try:
-                sweep_incoming(os.path.abspath(self.cfg.storage), 0)
+                sweep_incoming(self.cfg.local_storage(), 0)
             except OSError as exc:
                 log.warning("could not sweep the temp directory: %s", exc)
         if self.telemetry is not None and not (slot.draining or self.stopping):
@@ -547,7 +556,7 @@ class Supervisor:
             self._check_metrics(now)
             if not self.stopping and now - self._last_sweep > SWEEP_INTERVAL:
                 self._last_sweep = now
-                sweep_incoming(os.path.abspath(self.cfg.storage), 3600)
+                sweep_incoming(self.cfg.local_storage(), 3600)
             if self.reload_requested and not self.stopping:
                 self.reload_requested = False
                 self._reload()
