@@ -390,6 +390,6 @@ def test_spool_starts_with_the_store_down(tmp_path: Path, receivers: list[Receiv
     files = make_files(tmp_path / "in", 2, pixel_bytes=8192)
     rx = start(tmp_path, "s3", down, "--s3-durability", "spool")
     receivers.append(rx)
-    assert "accepting into the spool" in rx.log
+    assert "accepting into the spool" in rx.log()
     assert send(rx, files) == [0, 0]
     assert len(spooled(tmp_path / "s3-spool")) == 2

@@ -130,6 +130,10 @@ def make_client(settings: S3Settings) -> Any:
     import boto3
     from botocore.config import Config
 
+    # boto3's INFO lines ("Found credentials in ...") are noise in a receiver's log.
+    for name in ("boto3", "botocore", "s3transfer"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
     config = Config(
         connect_timeout=5,
         read_timeout=30,
