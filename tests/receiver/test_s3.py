@@ -127,9 +127,7 @@ def aws_env(tmp_path: Path) -> dict[str, str]:
     }
 
 
-def start(
-    tmp_path: Path, name: str, moto: MotoServer, *args: str, workers: int = 2
-) -> Receiver:
+def start(tmp_path: Path, name: str, moto: MotoServer, *args: str, workers: int = 2) -> Receiver:
     base = tmp_path / name
     base.mkdir(exist_ok=True)
     flags = ["--workers", str(workers), "--index", "off"]
