@@ -492,7 +492,11 @@ class AssociationProtocol(asyncio.BufferedProtocol):
             return
         buffered = self.conn.buffered
         receiving = self._receiving
-        if receiving is not None and getattr(receiving.writer, "lagging", False):
+        if (
+            receiving is not None
+            and self.server.store.remote
+            and getattr(receiving.writer, "lagging", False)
+        ):
             # An object store upload lags behind the peer: hold reading until a part
             # is done (the writer calls _on_sink_drained then).
             buffered = self.config.read_high_water + 1

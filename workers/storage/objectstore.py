@@ -612,6 +612,10 @@ class SpoolStore:
     def index_path(self, path: str) -> str:
         return path
 
+    def close(self) -> None:
+        """Stop uploading (what is left stays in the spool for the next start)."""
+        self.uploader.close()
+
     def begin(
         self,
         sop_class_uid: str,
