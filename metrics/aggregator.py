@@ -176,6 +176,7 @@ class Source:
         "ready",
         "role",
         "rss",
+        "s3_spool",
         "worker",
     )
 
@@ -191,6 +192,8 @@ class Source:
         self.open_associations: dict[tuple[str, str], int] = {}
         #: index records queued in the sender's writer (None: it has no index)
         self.index_lag: int | None = None
+        #: (instances, bytes) in the sender's S3 spool (None: no spool)
+        self.s3_spool: tuple[int, int] | None = None
 
 
 class WorkerTotals:
@@ -313,6 +316,7 @@ class State:
             w.IndexLag: self._index_lag,
             w.IndexWrites: self._index_writes,
             w.Acceptor: self._acceptor,
+            w.S3Spool: self._s3_spool,
         }
 
     # -- sources --
@@ -475,6 +479,9 @@ class State:
 
     def _index_lag(self, source: Source, r: w.IndexLag) -> None:
         source.index_lag = r.records
+
+    def _s3_spool(self, source: Source, r: w.S3Spool) -> None:
+        source.s3_spool = (r.instances, r.bytes)
 
     def _index_writes(self, source: Source, r: w.IndexWrites) -> None:
         totals = self.totals(source).index
@@ -702,6 +709,7 @@ class StateCollector(Collector):
         yield open_conns
 
         yield from _index_metrics(s)
+        yield from _s3_metrics(s)
 
         restarts = CounterMetricFamily(
             "pacs_worker_restarts",
@@ -812,6 +820,34 @@ class StateCollector(Collector):
         )
         start.add_metric([], s.started)
         yield start
+
+
+def _s3_metrics(s: State) -> Iterator[Metric]:
+    """The S3 spool's backlog (instances acknowledged, not yet in the bucket)."""
+    sources = [src for src in s.sources if src.ready and src.s3_spool is not None]
+    if not sources:
+        return
+    instances = GaugeMetricFamily(
+        "pacs_s3_spool_backlog_instances",
+        "Instances in the S3 spool, acknowledged and not yet uploaded.",
+        labels=["worker"],
+    )
+    size = GaugeMetricFamily(
+        "pacs_s3_spool_backlog_bytes",
+        "Bytes of the instances in the S3 spool not yet uploaded.",
+        labels=["worker"],
+    )
+    counts: dict[str, int] = {}
+    sizes: dict[str, int] = {}
+    for src in sources:
+        assert src.s3_spool is not None
+        _add(counts, src.worker, src.s3_spool[0])
+        _add(sizes, src.worker, src.s3_spool[1])
+    for worker, n in counts.items():
+        instances.add_metric([worker], n)
+        size.add_metric([worker], sizes[worker])
+    yield instances
+    yield size
 
 
 def _index_metrics(s: State) -> Iterator[Metric]:

@@ -189,6 +189,8 @@ class Kind(IntEnum):
     INDEX_WRITES = 33
     #: acceptor trouble reported by the supervisor (refusals unanswered, accept back-off)
     ACCEPTOR = 21
+    # The object store's spool (workers/storage/spool.py), numbered apart likewise.
+    S3_SPOOL = 40
 
 
 class Direction(IntEnum):
@@ -517,6 +519,17 @@ class Acceptor:
     _SPEC: ClassVar[tuple[Any, ...]] = (str, COUNT)
 
 
+@dataclass(slots=True, frozen=True)
+class S3Spool:
+    """Snapshot: instances and bytes in the worker's spool, not yet uploaded."""
+
+    instances: int
+    bytes: int
+
+    KIND: ClassVar[Kind] = Kind.S3_SPOOL
+    _SPEC: ClassVar[tuple[Any, ...]] = (COUNT, COUNT)
+
+
 Record = (
     Hello
     | Process
@@ -540,6 +553,7 @@ Record = (
     | IndexLag
     | IndexWrites
     | Acceptor
+    | S3Spool
 )
 
 #: Record class by kind.
@@ -568,6 +582,7 @@ RECORD_TYPES: dict[int, type[Any]] = {
         IndexLag,
         IndexWrites,
         Acceptor,
+        S3Spool,
     )
 }
 

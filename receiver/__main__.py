@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Any
 
@@ -88,6 +89,34 @@ def make_parser() -> argparse.ArgumentParser:
         "(answering Success), or 'reject' (0x0111)",
     )
     g.add_argument("--layout", help=f"path template under --storage (default {d.layout})")
+    g.add_argument(
+        "--s3-endpoint",
+        metavar="URL",
+        help="with --storage s3://BUCKET/PREFIX: the S3 API endpoint (default: "
+        "AWS_ENDPOINT_URL, else AWS); region and credentials come from the AWS "
+        "environment and config files",
+    )
+    g.add_argument("--s3-region", help="S3 region (default: AWS_REGION / AWS config)")
+    g.add_argument(
+        "--s3-durability",
+        metavar="direct|spool",
+        help="'direct' (default): Success once the object store confirmed the upload; "
+        "'spool': once fsynced in --s3-spool, uploaded in the background",
+    )
+    g.add_argument(
+        "--s3-part-size", type=int, help="multipart upload part size, bytes (default 8 MiB)"
+    )
+    g.add_argument(
+        "--s3-spool-limit",
+        type=int,
+        help="spooled bytes not yet uploaded beyond which new instances get 0xA700 "
+        "(default 0: no limit)",
+    )
+    g.add_argument(
+        "--s3-spool",
+        metavar="DIR",
+        help=f"local directory with S3 storage: spool, embedded index (default {d.s3_spool})",
+    )
     g.add_argument(
         "--index",
         metavar="off|sqlite|sqlite:///PATH|postgresql://...",
@@ -338,6 +367,19 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(cfg.log_level, cfg.log_format)
     from .preflight import StartError
 
+    s3 = cfg.s3_settings()
+    if s3 is not None:
+        from workers.storage.objectstore import check_bucket
+
+        problem = check_bucket(s3)
+        if problem is not None and s3.durability == "direct":
+            print(f"pacs-receiver: error: --storage {cfg.storage}: {problem}", file=sys.stderr)
+            return 2
+        if problem is not None:
+            # spool: instances are accepted into the spool and uploaded once it answers
+            logging.getLogger("receiver").warning(
+                "%s; accepting into the spool %s until it answers", problem, cfg.local_storage()
+            )
     try:
         return run(cfg, reload)
     except IndexUnavailable as exc:

@@ -110,6 +110,19 @@ class ReceiverConfig:
     commitment_max_references: int = 10_000
     #: seconds before a storage commitment report is sent again (doubling, to 300 s)
     commitment_retry: float = 5.0
+    # object storage (--storage s3://bucket/prefix; workers/storage/objectstore.py)
+    #: endpoint URL; empty: AWS_ENDPOINT_URL or AWS itself
+    s3_endpoint: str = ""
+    #: region; empty: AWS_REGION / AWS_DEFAULT_REGION / the AWS config file
+    s3_region: str = ""
+    #: "direct": Success once the object store has the object; "spool": once the
+    #: instance is fsynced in --s3-spool (uploaded in the background)
+    s3_durability: str = "direct"
+    s3_part_size: int = 8 * 1024 * 1024
+    #: spool bytes beyond which new instances get 0xA700 (0: no limit)
+    s3_spool_limit: int = 0
+    #: local directory with S3: the spool, the embedded index, handler temp files
+    s3_spool: str = "./dicom-spool"
 
     def check(self) -> None:
         """Raise :class:`ConfigError` for the first value that cannot be used."""
@@ -173,11 +186,12 @@ class ReceiverConfig:
                 f"--log-instances: {self.log_instances!r} is not 'info', 'debug' or 'off'"
             )
         self._check_audit()
+        self.s3_settings()  # ConfigError on a bad s3:// URL or S3 setting
         try:
             from workers.storage.config import StorageConfig
 
             StorageConfig(
-                root=self.storage,
+                root=self.local_storage(),
                 layout=self.layout,
                 fsync=self.fsync,  # type: ignore[arg-type]  # checked above
                 duplicates=self.duplicates,  # type: ignore[arg-type]
@@ -351,6 +365,28 @@ class ReceiverConfig:
         from workers.identity import IdentitySettings
 
         return IdentitySettings.from_mapping(self.identity, base_dir=self.config_dir)
+
+    def local_storage(self) -> str:
+        """The local directory: --storage, or --s3-spool when --storage is s3://."""
+        return os.path.abspath(self.s3_spool if self.storage.startswith("s3://") else self.storage)
+
+    def s3_settings(self) -> Any:
+        """workers.storage.objectstore.S3Settings, or None when storing locally."""
+        if not self.storage.startswith("s3://"):
+            return None
+        from workers.storage.objectstore import S3Settings
+
+        try:
+            return S3Settings.from_url(
+                self.storage,
+                durability=self.s3_durability,  # checked by S3Settings
+                endpoint=self.s3_endpoint or None,
+                region=self.s3_region or None,
+                part_size=self.s3_part_size,
+                spool_limit=self.s3_spool_limit,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"--storage/--s3-*: {exc}") from None
 
     def index_target(self) -> str | None:
         """What ``workers.index.open_index`` takes; None with ``--index off``."""

@@ -284,7 +284,7 @@ class Supervisor:
         cfg = self.cfg
         data: dict[str, Any] = {
             "storage": {
-                "root": os.path.abspath(cfg.storage),
+                "root": cfg.local_storage(),
                 "layout": cfg.layout,
                 "fsync": cfg.fsync,
                 "duplicates": cfg.duplicates,
@@ -320,6 +320,9 @@ class Supervisor:
                 "metrics_socket": self.metrics_socket if self.metrics_on else None,
                 "index": cfg.index_target(),
                 "index_node": cfg.index_node_name(),
+                # --storage s3://... (workers/storage/objectstore.py)
+                "s3": cfg.s3_settings().to_dict() if cfg.s3_settings() else None,
+                "workers": cfg.workers,
                 # storage commitment and query/retrieve over the index (workers/indexed.py)
                 "indexed": {
                     "index": cfg.index_target(),
@@ -340,7 +343,7 @@ class Supervisor:
         cfg = self.cfg
         made = Leftovers()
         try:
-            storage = prepare_storage(cfg.storage, made)
+            storage = prepare_storage(cfg.local_storage(), made)
             self.listener = bind_tcp(cfg.host, cfg.port, cfg.backlog, "cannot listen on")
             made.sockets.append(self.listener)
             if cfg.metrics_port:
@@ -447,6 +450,12 @@ class Supervisor:
         if target is None:
             return
         index = open_index(target, storage, node=self.cfg.index_node_name())
+        if self.cfg.storage.startswith("s3://"):
+            # The store is the bucket, not this directory: no walk here would find
+            # its objects (every record would be marked missing). Spooled instances
+            # were indexed under their object URL when they were acknowledged.
+            index.close()
+            return
         try:
             report = reconcile(index, storage, replace=self.cfg.duplicates == "overwrite")
         finally:
@@ -551,7 +560,7 @@ class Supervisor:
             # A worker killed mid-write leaves its temp files: remove them now (only
             # files of dead processes go; the other workers' are kept).
             try:
-                sweep_incoming(os.path.abspath(self.cfg.storage), 0)
+                sweep_incoming(self.cfg.local_storage(), 0)
             except OSError as exc:
                 log.warning("could not sweep the temp directory: %s", exc)
         if self.telemetry is not None and not (slot.draining or self.stopping):
@@ -665,7 +674,7 @@ class Supervisor:
             self._log_unanswered(now)
             if not self.stopping and now - self._last_sweep > SWEEP_INTERVAL:
                 self._last_sweep = now
-                sweep_incoming(os.path.abspath(self.cfg.storage), 3600)
+                sweep_incoming(self.cfg.local_storage(), 3600)
             if self.reload_requested and not self.stopping:
                 self.reload_requested = False
                 self._reload()
@@ -1217,10 +1226,10 @@ class Supervisor:
         except Exception as exc:  # ConfigError, or a handler that no longer imports
             log.error("SIGHUP: configuration not reloaded: %s", exc)
             return
-        if os.path.abspath(new.storage) != os.path.abspath(self.cfg.storage):
+        if new.local_storage() != self.cfg.local_storage():
             # The new workers would fail on every instance: check it as at start-up.
             try:
-                prepare_storage(new.storage, Leftovers())
+                prepare_storage(new.local_storage(), Leftovers())
             except StartError as exc:
                 log.error("SIGHUP: configuration not reloaded: %s", exc)
                 return

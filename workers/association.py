@@ -502,12 +502,26 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         if transport is None or self._lost:
             return
         buffered = self.conn.buffered
+        receiving = self._receiving
+        if (
+            receiving is not None
+            and self.server.store.remote
+            and getattr(receiving.writer, "lagging", False)
+        ):
+            # An object store upload lags behind the peer: hold reading until a part
+            # is done (the writer calls _on_sink_drained then).
+            buffered = self.config.read_high_water + 1
         if not self._reading_paused and buffered > self.config.read_high_water:
             self._reading_paused = True
             transport.pause_reading()
         elif self._reading_paused and buffered <= self.config.read_high_water // 2:
             self._reading_paused = False
             transport.resume_reading()
+
+    def _on_sink_drained(self) -> None:
+        """An object store part finished uploading: maybe resume reading."""
+        if not self._lost:
+            self._backpressure()
 
     def _sync_artim(self) -> None:
         deadline = self.conn.get_timer()
@@ -1130,9 +1144,13 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         if writer is not None and server.committer is not None:
             company = server.store_company(self, self._last_rx)
             op.company = company
-        if writer is not None and (
-            server.committer is None
-            or (self._window == 1 and server.commit_seconds < self.config.inline_commit_below)
+        if (
+            writer is not None
+            and not server.store.remote
+            and (
+                server.store.config.fsync == "never"
+                or (self._window == 1 and server.commit_seconds < self.config.inline_commit_below)
+            )
         ):
             # The built-in C-STORE with a synchronous commit: what services.serve ->
             # builtin_store would do through drive(), without a generator, closures
@@ -1287,7 +1305,11 @@ class AssociationProtocol(asyncio.BufferedProtocol):
                 op.status = _STATUS_INVALID_OBJECT_INSTANCE
                 self.conn.set_dataset_sink(_discard)
                 return
-            self.conn.set_dataset_sink(op.writer.write, op.writer)
+            if hasattr(op.writer, "on_drain"):  # object store: flow control, no direct fd
+                op.writer.on_drain = self._on_sink_drained
+                self.conn.set_dataset_sink(op.writer.write)
+            else:
+                self.conn.set_dataset_sink(op.writer.write, op.writer)
         else:
             try:
                 op.spool = Spool(self.server.store.incoming_dir)

@@ -357,6 +357,24 @@ async def _amain(worker_id: int, ctrl_fd: int) -> int:
     )
     if telemetry is not None and server.audit is not None:
         telemetry.watch_audit(server.audit.sender)
+    if extra.get("s3"):
+        # --storage s3://...: the object store replaces the local store (whose root
+        # stays the local directory: spool, index, handler temp files).
+        from .storage.objectstore import S3Settings, open_object_store
+
+        server.store = open_object_store(  # type: ignore[assignment]
+            cfg.storage,
+            S3Settings(**extra["s3"]),
+            drain=worker_id == 0,
+            workers=int(extra.get("workers") or 1),
+        )
+        if telemetry is not None:
+            telemetry.object_store = server.store
+        # The group committer flushes files of the local store; the object store's
+        # writers commit themselves (upload, or the spool's own fsync) in the I/O pool.
+        if server.committer is not None:
+            server.committer.close()
+            server.committer = None
     if extra.get("index") is not None:
         open_index_writer(server, extra["index"], str(extra.get("index_node") or ""))
         if telemetry is not None:

@@ -355,7 +355,7 @@ class AssociationServer:
                 transfer_syntax=writer.transfer_syntax,
                 size=result.bytes_written,
                 digest=result.digest or "",
-                path=path[len(self.store._root_slash) :],
+                path=self.store.index_path(path),
                 received_at=time.time(),
                 study_time=scan.study_time or "",
                 node=self.index_node,
@@ -412,6 +412,9 @@ class AssociationServer:
                     1000 * self.committer.seconds / self.committer.groups,
                 )
         self.io_pool.shutdown(wait=True)
+        close_store = getattr(self.store, "close", None)
+        if close_store is not None:  # the object store's upload threads
+            await loop.run_in_executor(None, close_store)
         if self.audit is not None:
             # What is queued gets up to 2 s to reach the collector, off the loop.
             await loop.run_in_executor(None, self.audit.close)

@@ -216,6 +216,9 @@ class Telemetry:
         #: are read on every tick; None: no index
         self.index_writer: IndexWriter | None = None
         self._index_sent = [0, 0, 0]  # (written, errors, dropped) already reported
+        #: the object store in spool mode (workers/storage/objectstore.py): its
+        #: backlog is read on every tick; None: local storage
+        self.object_store: Any = None
         # Storage timings may come from pool threads: deque appends are atomic.
         self._writes: collections.deque[float] = collections.deque()
         self._fsyncs: collections.deque[float] = collections.deque()
@@ -705,6 +708,9 @@ class Telemetry:
             out.append(w.Dropped(self._dropped))
             self._dropped = 0
         self._collect_index(out)
+        uploader = getattr(self.object_store, "uploader", None)
+        if uploader is not None:
+            out.append(w.S3Spool(uploader.backlog_instances, uploader.backlog_bytes))
         for table in (
             self._dimse,
             self._assoc,

@@ -216,6 +216,13 @@ class Store:
         """Absolute path of the temp directory."""
         return self._incoming
 
+    #: commits are local I/O (the object store's wait on the network: never inline)
+    remote = False
+
+    def index_path(self, path: str) -> str:
+        """What the index records for a stored ``path``: relative to the root."""
+        return path[len(self._root_slash) :]
+
     def begin(
         self,
         sop_class_uid: str,

@@ -1,0 +1,687 @@
+"""Storing instances in an S3-compatible object store (``--storage s3://bucket/prefix``).
+
+Theory of operation
+-------------------
+:class:`ObjectStore` has the interface the worker uses of :class:`~.store.Store`
+(``begin`` -> writer with ``write`` / ``commit`` / ``discard``), so the association
+code is the same for both; it keeps a local :class:`~.store.Store` beside it for what
+stays local: the temp directory for handler data sets, the embedded index, and (in
+``spool`` mode) the spool itself. Objects are keyed ``prefix + rendered layout``, and
+hold the Part 10 file (file meta + data set), byte for byte what the local store writes.
+
+``direct`` (:class:`ObjectWriter`)
+    ``write`` (on the loop) appends each fragment to a part buffer; a full buffer
+    (``part_size``) becomes one UploadPart in the upload thread pool, the multipart
+    upload being created with the first one (by then the tag scanner, whose budget is
+    far below the 5 MiB part minimum, has found the UIDs the key is made of). With
+    more than one part in flight the writer says ``lagging`` and the association
+    pauses reading until a part is done: memory per instance is bounded by about two
+    part sizes, whatever the instance's size. ``commit`` (in a pool thread) sends the
+    last part and CompleteMultipartUpload, or one PutObject for an instance smaller
+    than a part, and answers Success only on the store's 200. Any failure aborts the
+    multipart upload (no partial object, no orphan parts) and answers 0xA700.
+``spool`` (:class:`SpoolStore`)
+    The local :class:`~.store.Store` under the spool directory does the writing (temp
+    file, fsync, atomic rename), Success follows that, and the path goes to the
+    :class:`~.spool.SpoolUploader`, which uploads in the background with retries.
+
+Duplicates (``keep`` / ``reject``) in ``direct`` mode are decided by the object store
+itself: PutObject / CompleteMultipartUpload carry ``If-None-Match: *`` and a 412 means
+the key exists (race-free across nodes). A store that does not implement conditional
+writes (501) is asked with HEAD instead, from then on (not race-free; rare).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from .config import StorageConfig
+from .filemeta import encode_file_meta_prechecked, is_valid_ae_title
+from .scanner import ScanResult, TagScanner
+from .store import Store, StoreResult, StoreStatus, _is_valid_uid_cached
+from .uids import UnsafeUID, is_valid_uid
+
+if TYPE_CHECKING:
+    from .spool import SpoolUploader
+    from .store import InstanceWriter
+
+__all__ = [
+    "ObjectStore",
+    "ObjectWriter",
+    "S3Settings",
+    "SpoolStore",
+    "check_bucket",
+    "make_client",
+    "open_object_store",
+]
+
+log = logging.getLogger(__name__)
+
+Durability = Literal["direct", "spool"]
+MIN_PART_SIZE = 5 * 1024 * 1024  # S3: every part but the last is at least 5 MiB
+DEFAULT_PART_SIZE = 8 * 1024 * 1024
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+#: parts of one instance uploading at once before the association pauses reading
+_MAX_IN_FLIGHT = 2
+
+
+@dataclass(slots=True, frozen=True)
+class S3Settings:
+    """Where and how instances go to the object store (``--storage s3://...``)."""
+
+    bucket: str
+    #: key prefix: "" or ending with "/"
+    prefix: str = ""
+    durability: Durability = "direct"
+    #: endpoint URL (``--s3-endpoint``); None: AWS_ENDPOINT_URL or AWS itself
+    endpoint: str | None = None
+    #: region; None: AWS_REGION / AWS_DEFAULT_REGION / ~/.aws/config
+    region: str | None = None
+    part_size: int = DEFAULT_PART_SIZE
+    #: spool bytes (all workers together) beyond which new instances get 0xA700; 0: none
+    spool_limit: int = 0
+    #: upload threads per worker
+    upload_threads: int = 4
+    #: longest pause between two attempts of a spooled upload, seconds
+    retry_max: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not _BUCKET.match(self.bucket):
+            raise ValueError(f"{self.bucket!r} is not an S3 bucket name")
+        if self.durability not in ("direct", "spool"):
+            raise ValueError(f"durability {self.durability!r} is neither direct nor spool")
+        if not MIN_PART_SIZE <= self.part_size <= 5 * 1024**3:
+            raise ValueError(f"part size {self.part_size} is not between 5 MiB and 5 GiB")
+        if self.spool_limit < 0 or self.upload_threads < 1:
+            raise ValueError("spool limit and upload threads must be positive")
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> S3Settings:
+        """``s3://bucket/prefix`` plus the other settings."""
+        if not url.startswith("s3://"):
+            raise ValueError(f"{url!r} is not s3://bucket/prefix")
+        bucket, _, prefix = url[5:].partition("/")
+        prefix = prefix.strip("/")
+        if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
+            raise ValueError(f"prefix {prefix!r} has an empty, '.' or '..' component")
+        return cls(bucket=bucket, prefix=prefix + "/" if prefix else "", **kwargs)
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def make_client(settings: S3Settings) -> Any:
+    """A boto3 S3 client: endpoint, region and credentials as boto3 finds them (the
+    usual AWS environment variables and files) unless given. Short timeouts and few
+    retries: a failure is answered (direct) or retried later (spool), not waited on."""
+    import boto3
+    from botocore.config import Config
+
+    # boto3's INFO lines ("Found credentials in ...") are noise in a receiver's log.
+    for name in ("boto3", "botocore", "s3transfer"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+    config = Config(
+        connect_timeout=5,
+        read_timeout=30,
+        retries={"max_attempts": 2, "mode": "standard"},
+        max_pool_connections=max(10, settings.upload_threads * 2 + 8),
+    )
+    return boto3.session.Session().client(
+        "s3", endpoint_url=settings.endpoint or None, region_name=settings.region, config=config
+    )
+
+
+def check_bucket(settings: S3Settings, client: Any = None) -> str | None:
+    """None when the bucket answers HEAD, else why not (one line)."""
+    try:
+        client = client or make_client(settings)
+        client.head_bucket(Bucket=settings.bucket)
+    except Exception as exc:  # botocore's errors, and no credentials, and bad URLs
+        return f"bucket {settings.bucket!r} unusable: {_describe(exc)}"
+    return None
+
+
+def _describe(exc: BaseException) -> str:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        error = response.get("Error") or {}
+        code = error.get("Code") or response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return f"{code} {error.get('Message') or ''}".strip()
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _error_code(exc: BaseException) -> str:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        return str((response.get("Error") or {}).get("Code") or "")
+    return ""
+
+
+def _status(exc: BaseException) -> int:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        return int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+    return 0
+
+
+class ObjectStore:
+    """Stores instances straight into the object store (``direct``); see the module doc.
+
+    ``config.root`` is a local directory (temp files of handler data sets, the
+    embedded index). Thread-safe like :class:`~.store.Store`.
+    """
+
+    #: commits wait on the network: never inline on the event loop
+    remote = True
+
+    def __init__(self, config: StorageConfig, settings: S3Settings, client: Any = None) -> None:
+        self.config = config
+        self.settings = settings
+        self.local = Store(config)
+        self.client = client if client is not None else make_client(settings)
+        self.pool = ThreadPoolExecutor(settings.upload_threads, thread_name_prefix="s3")
+        #: False once the store answered a conditional write with 501
+        self.conditional = True
+
+    @property
+    def root(self) -> str:
+        return self.local.root
+
+    @property
+    def incoming_dir(self) -> str:
+        return self.local.incoming_dir
+
+    @property
+    def _root_slash(self) -> str:
+        return self.local._root_slash
+
+    def index_path(self, path: str) -> str:
+        """What the index records as the instance's path: its ``s3://`` URL."""
+        return path
+
+    def key_url(self, key: str) -> str:
+        return f"s3://{self.settings.bucket}/{key}"
+
+    def begin(
+        self,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        transfer_syntax: str,
+        calling_ae: str | None = None,
+    ) -> ObjectWriter:
+        """Start one instance (raises :class:`~.uids.UnsafeUID` like Store.begin)."""
+        sop_class_uid = sop_class_uid.rstrip("\0 ")
+        sop_instance_uid = sop_instance_uid.rstrip("\0 ")
+        transfer_syntax = transfer_syntax.rstrip("\0 ")
+        if not _is_valid_uid_cached(sop_class_uid):
+            raise UnsafeUID(f"invalid SOP Class UID: {sop_class_uid!r}")
+        if not is_valid_uid(sop_instance_uid):
+            raise UnsafeUID(f"invalid SOP Instance UID: {sop_instance_uid!r}")
+        if not _is_valid_uid_cached(transfer_syntax):
+            raise UnsafeUID(f"invalid Transfer Syntax UID: {transfer_syntax!r}")
+        return ObjectWriter(self, sop_class_uid, sop_instance_uid, transfer_syntax, calling_ae)
+
+    def key_for(self, writer: Any, scan: ScanResult) -> str:
+        return self.settings.prefix + self.local._relative_path(writer, scan)
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.settings.bucket, Key=key)
+        except Exception as exc:
+            if _status(exc) == 404 or _error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+        return True
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Duplicate(Exception):
+    """Internal: the key exists and the policy keeps the existing object."""
+
+
+_OPEN, _FAILED, _DONE = range(3)
+
+
+class ObjectWriter:
+    """One instance streaming to the object store; made by :meth:`ObjectStore.begin`.
+
+    ``write`` runs on the loop and never blocks on the network; ``commit`` blocks (a
+    pool thread). ``lagging`` asks the association to pause reading; ``on_drain`` (set
+    by it) is called on the loop once a part is done.
+    """
+
+    __slots__ = (
+        "_buf",
+        "_error",
+        "_hash",
+        "_in_flight",
+        "_key",
+        "_lock",
+        "_loop",
+        "_nbytes",
+        "_parts",
+        "_scan",
+        "_scanner",
+        "_state",
+        "_store",
+        "_upload_id",
+        "calling_ae",
+        "on_drain",
+        "sop_class_uid",
+        "sop_instance_uid",
+        "transfer_syntax",
+    )
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        transfer_syntax: str,
+        calling_ae: str | None,
+    ) -> None:
+        self._store = store
+        self.sop_class_uid = sop_class_uid
+        self.sop_instance_uid = sop_instance_uid
+        self.transfer_syntax = transfer_syntax
+        self.calling_ae = calling_ae
+        self.on_drain: Callable[[], None] | None = None
+        self._loop: Any = None
+        self._nbytes = 0
+        self._state = _OPEN
+        self._error: str | None = None
+        self._scanner: TagScanner | None = TagScanner(
+            transfer_syntax, budget=store.config.scan_budget
+        )
+        self._scan: ScanResult | None = None
+        self._hash = hashlib.sha256() if store.config.digest else None
+        self._upload_id: str | None = None
+        self._key: str | None = None
+        self._parts: list[Future[dict[str, Any]]] = []
+        self._in_flight = 0
+        self._lock = threading.Lock()
+        source_ae = calling_ae if calling_ae and is_valid_ae_title(calling_ae) else None
+        self._buf = bytearray(
+            encode_file_meta_prechecked(
+                sop_class_uid, sop_instance_uid, transfer_syntax, source_ae=source_ae
+            )
+        )
+
+    @property
+    def bytes_written(self) -> int:
+        return self._nbytes
+
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
+
+    @property
+    def lagging(self) -> bool:
+        """True while more parts are uploading than the association may get ahead by."""
+        return self._in_flight >= _MAX_IN_FLIGHT
+
+    @property
+    def temp_path(self) -> str | None:
+        return None
+
+    def write(self, fragment: memoryview | bytes | bytearray) -> None:
+        """Append a data-set fragment (copied into the part buffer)."""
+        if self._state != _OPEN:
+            if self._state == _DONE:
+                raise RuntimeError("write() after commit()")
+            self._nbytes += memoryview(fragment).nbytes
+            return
+        view = fragment if type(fragment) is memoryview else memoryview(fragment)
+        if view.ndim != 1 or view.itemsize != 1:
+            view = view.cast("B")
+        self._nbytes += len(view)
+        scanner = self._scanner
+        if scanner is not None:
+            try:
+                done = scanner.feed(view)
+            except Exception:
+                log.exception("tag scanner failed; filing under 'unknown'")
+                done = True
+            if done:
+                self._scan = scanner.result()
+                self._scanner = None
+        if self._hash is not None:
+            self._hash.update(view)
+        self._buf += view
+        if len(self._buf) >= self._store.settings.part_size:
+            self._ship_part()
+
+    def _ship_part(self) -> None:
+        part, self._buf = self._buf, bytearray()
+        if self._key is None:
+            self._key = self._store.key_for(self, self._scan_result())
+        if self._loop is None and self.on_drain is not None:
+            import asyncio
+
+            try:
+                self._loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self._loop = None
+        number = len(self._parts) + 1
+        with self._lock:
+            self._in_flight += 1
+        future = self._store.pool.submit(self._upload_part, number, part)
+        future.add_done_callback(self._part_done)
+        self._parts.append(future)
+
+    def _part_done(self, _future: Future[dict[str, Any]]) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            resume = self._in_flight == _MAX_IN_FLIGHT - 1
+        callback, loop = self.on_drain, self._loop
+        if resume and callback is not None and loop is not None:
+            try:
+                loop.call_soon_threadsafe(callback)
+            except RuntimeError:
+                pass  # the loop is closed: nobody to resume
+
+    def _ensure_upload(self) -> str:
+        with self._lock:
+            if self._upload_id is None:
+                assert self._key is not None
+                answer = self._store.client.create_multipart_upload(
+                    Bucket=self._store.settings.bucket,
+                    Key=self._key,
+                    ContentType="application/dicom",
+                )
+                self._upload_id = str(answer["UploadId"])
+            return self._upload_id
+
+    def _upload_part(self, number: int, data: bytearray) -> dict[str, Any]:
+        upload_id = self._ensure_upload()
+        answer = self._store.client.upload_part(
+            Bucket=self._store.settings.bucket,
+            Key=self._key,
+            UploadId=upload_id,
+            PartNumber=number,
+            Body=data,
+        )
+        return {"PartNumber": number, "ETag": answer["ETag"]}
+
+    def commit(self) -> StoreResult:
+        """Finish the upload; Success only once the object store confirmed it."""
+        if self._state == _DONE:
+            raise RuntimeError("commit() after commit() or discard()")
+        scan = self._scan_result()
+        if self._error is not None:
+            self._state = _DONE
+            return self._failure("receive", self._error, scan)
+        self._state = _DONE
+        store = self._store
+        settings = store.settings
+        if self._key is None:
+            self._key = store.key_for(self, scan)
+        key = self._key
+        policy = store.config.duplicates
+        conditional: dict[str, str] = {}
+        stage = "upload"
+        try:
+            if policy != "overwrite":
+                if store.conditional:
+                    conditional = {"IfNoneMatch": "*"}
+                elif store.exists(key):
+                    raise _Duplicate
+            if not self._parts:
+                body = self._buf
+                self._buf = bytearray()
+                stage = "put"
+                self._conditional_call(
+                    lambda extra: store.client.put_object(
+                        Bucket=settings.bucket,
+                        Key=key,
+                        Body=body,
+                        ContentType="application/dicom",
+                        **extra,
+                    ),
+                    conditional,
+                    key,
+                )
+            else:
+                if self._buf:
+                    self._ship_part()
+                stage = "upload part"
+                parts = [future.result() for future in self._parts]
+                stage = "complete"
+                upload_id = self._upload_id
+                self._conditional_call(
+                    lambda extra: store.client.complete_multipart_upload(
+                        Bucket=settings.bucket,
+                        Key=key,
+                        UploadId=upload_id,
+                        MultipartUpload={"Parts": parts},
+                        **extra,
+                    ),
+                    conditional,
+                    key,
+                )
+                self._upload_id = None  # completed: nothing to abort
+        except _Duplicate:
+            self._abort()
+            duplicate = True
+        except Exception as exc:
+            self._abort()
+            return self._failure(stage, _describe(exc), scan)
+        else:
+            duplicate = False
+        status = StoreStatus.SUCCESS
+        comment = None
+        if duplicate:
+            if policy == "reject":
+                status = StoreStatus.DUPLICATE_REJECTED
+                comment = "Duplicate SOP Instance UID rejected"
+            else:
+                comment = "Duplicate SOP Instance UID: existing copy kept"
+        return StoreResult(
+            status=status,
+            path=store.key_url(key),
+            bytes_written=self._nbytes,
+            comment=comment,
+            duplicate=duplicate,
+            scan=scan,
+            digest=self._hash.hexdigest() if self._hash is not None and not duplicate else None,
+        )
+
+    def _conditional_call(
+        self, call: Callable[[dict[str, str]], Any], conditional: dict[str, str], key: str
+    ) -> None:
+        try:
+            call(conditional)
+        except Exception as exc:
+            if conditional and (_status(exc) == 412 or _error_code(exc) == "PreconditionFailed"):
+                raise _Duplicate from exc
+            if conditional and _status(exc) == 501:
+                # No conditional writes here: HEAD from now on (see the module doc).
+                log.warning("object store ignores If-None-Match; checking with HEAD")
+                self._store.conditional = False
+                if self._store.exists(key):
+                    raise _Duplicate from exc
+                call({})
+                return
+            raise
+
+    def discard(self) -> None:
+        """Abandon the instance: cancel queued parts, abort the multipart upload."""
+        if self._state == _DONE:
+            return
+        self._state = _DONE
+        self._buf = bytearray()
+        self._scan_result()
+        if self._parts:
+            # Abort off the loop: it is a network call, after the parts in flight.
+            self._store.pool.submit(self._abort)
+
+    def __enter__(self) -> ObjectWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.discard()
+
+    def _abort(self) -> None:
+        for future in self._parts:
+            future.cancel()
+        for future in self._parts:
+            if not future.cancelled():
+                try:
+                    future.result()
+                except Exception:
+                    pass
+        upload_id, self._upload_id = self._upload_id, None
+        if upload_id is None:
+            return
+        try:
+            self._store.client.abort_multipart_upload(
+                Bucket=self._store.settings.bucket, Key=self._key, UploadId=upload_id
+            )
+        except Exception as exc:
+            # The parts stay billed until a lifecycle rule removes them: say so.
+            log.warning("could not abort multipart upload of %s: %s", self._key, _describe(exc))
+
+    def _scan_result(self) -> ScanResult:
+        if self._scan is None:
+            self._scan = self._scanner.close() if self._scanner is not None else ScanResult()
+            self._scanner = None
+        return self._scan
+
+    def _failure(self, stage: str, reason: str, scan: ScanResult) -> StoreResult:
+        log.warning(
+            "storing %s in the object store failed at %s: %s", self.sop_instance_uid, stage, reason
+        )
+        return StoreResult(
+            status=StoreStatus.OUT_OF_RESOURCES,
+            path=None,
+            bytes_written=self._nbytes,
+            comment=f"Object store failure at {stage}"[:64],
+            error=errno.EIO,
+            scan=scan,
+        )
+
+
+class SpoolStore:
+    """``spool`` mode: the local store under the spool directory, then the uploader."""
+
+    remote = False
+
+    def __init__(
+        self,
+        config: StorageConfig,
+        settings: S3Settings,
+        uploader: SpoolUploader,
+        *,
+        limit: int = 0,
+    ) -> None:
+        self.config = config
+        self.settings = settings
+        self.local = Store(config)
+        self.uploader = uploader
+        #: this worker's share of the spool limit (bytes; 0: none)
+        self.limit = limit
+
+    @property
+    def root(self) -> str:
+        return self.local.root
+
+    @property
+    def incoming_dir(self) -> str:
+        return self.local.incoming_dir
+
+    @property
+    def _root_slash(self) -> str:
+        return self.local._root_slash
+
+    def index_path(self, path: str) -> str:
+        return path
+
+    def close(self) -> None:
+        """Stop uploading (what is left stays in the spool for the next start)."""
+        self.uploader.close()
+
+    def begin(
+        self,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        transfer_syntax: str,
+        calling_ae: str | None = None,
+    ) -> _SpoolWriter:
+        inner = self.local.begin(sop_class_uid, sop_instance_uid, transfer_syntax, calling_ae)
+        if self.limit and self.uploader.backlog_bytes >= self.limit:
+            inner._fail("spool", OSError(errno.ENOSPC, "spool limit reached"))
+        return _SpoolWriter(self, inner)
+
+
+class _SpoolWriter:
+    """The local writer, plus the hand-over to the uploader after a Success."""
+
+    __slots__ = ("_inner", "_store", "write")
+
+    def __init__(self, store: SpoolStore, inner: InstanceWriter) -> None:
+        self._store = store
+        self._inner = inner
+        self.write = inner.write  # the fragment path is the local store's, unwrapped
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def commit(self) -> StoreResult:
+        result = self._inner.commit()
+        if result.path is None:
+            return result
+        store = self._store
+        rel = result.path[len(store.local._root_slash) :]
+        key = store.settings.prefix + rel
+        if result.ok and not result.duplicate:
+            store.uploader.submit(result.path, key)
+        return StoreResult(
+            status=result.status,
+            path=f"s3://{store.settings.bucket}/{key}",
+            bytes_written=result.bytes_written,
+            comment=result.comment,
+            duplicate=result.duplicate,
+            error=result.error,
+            scan=result.scan,
+            digest=result.digest,
+        )
+
+    def discard(self) -> None:
+        self._inner.discard()
+
+    def __enter__(self) -> _SpoolWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._inner.discard()
+
+
+def open_object_store(
+    config: StorageConfig, settings: S3Settings, *, drain: bool = False, workers: int = 1
+) -> ObjectStore | SpoolStore:
+    """The store a worker uses for ``settings``; ``drain``: this worker also uploads
+    what an earlier run left in the spool."""
+    if settings.durability == "direct":
+        return ObjectStore(config, settings)
+    from .spool import SpoolUploader
+
+    uploader = SpoolUploader(os.fspath(config.root), settings, make_client(settings))
+    store = SpoolStore(config, settings, uploader, limit=settings.spool_limit // max(1, workers))
+    uploader.start(drain=drain)
+    return store
