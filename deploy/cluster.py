@@ -1,0 +1,709 @@
+"""Two pacs-receiver nodes behind HAProxy, on one machine, end to end.
+
+Usage (as root, from the repository with the test extra installed)::
+
+    .venv/bin/python deploy/cluster.py [--count 2000] [--size 64k] [--associations 8]
+                                       [--durability spool] [--nodes 2] [--keep DIR]
+
+Inside a fresh network namespace that has only ``lo`` (loadtest/netns.py: nothing
+started here is reachable from outside, whatever it binds), this brings up
+
+* PostgreSQL (``initdb`` into a temporary directory, unix socket only): the shared
+  index both nodes write (``--index postgresql://...``, ``--index-node nodeN``);
+* moto's standalone S3 server with one bucket: the object store both nodes write
+  (``--storage s3://pacs/cluster --s3-endpoint ...``, ``direct`` or ``spool``);
+* N ``pacs-receiver`` nodes on their own DICOM and metrics ports;
+* HAProxy from deploy/haproxy.cfg (leastconn, ``send-proxy-v2``, health checks on
+  each node's ``/readyz``);
+* Prometheus from deploy/prometheus.yml, scraping every node's metrics port;
+
+then drives ``pacs-loadtest`` through HAProxy, prints what arrived (objects in the
+bucket, rows in the index per node and per source address, Prometheus' sum of the
+C-STORE counters) and tears everything down. Every wait is bounded; the whole run
+stops by itself (``--deadline``).
+
+The same machinery (:class:`Cluster`) is what tests/cluster/ runs, on 127.0.0.1
+without a namespace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from string import Template
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: the repository's packages
+    sys.path.insert(0, str(REPO))
+
+DEPLOY = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+BUCKET = "pacs"
+PREFIX = "cluster"
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "cluster",
+    "AWS_SECRET_ACCESS_KEY": "cluster",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+#: HAProxy's connections to the nodes come from this address (any of 127/8 is
+#: loopback): a node that sees it instead of the client's did not get the PROXY header.
+BALANCER_SOURCE = "127.0.0.3"
+
+__all__ = ["Cluster", "Node", "free_port", "main", "render", "wait_for"]
+
+
+# ------------------------------------------------------------------------ helpers
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll ``predicate`` until it returns something true; raise after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def render(template: str, **values: str) -> str:
+    """deploy/<template> with its ``${...}`` fields filled (all must be given)."""
+    return Template((DEPLOY / template).read_text()).substitute(values)
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    """(status, body) of a GET; status 0 when nothing answered."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as rsp:
+            return int(rsp.status), bytes(rsp.read())
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), b""
+    except OSError:
+        return 0, b""
+
+
+@dataclass
+class Service:
+    """One child process with its output in a log file."""
+
+    name: str
+    cmd: list[str]
+    log: Path
+    env: dict[str, str] | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Service:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                self.cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,  # the caller's Ctrl-C is the caller's
+            )
+        return self
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def check(self) -> bool:
+        """True while running; raises with the end of the log once it has exited."""
+        if self.proc is not None and self.proc.poll() is not None:
+            tail = self.log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{tail}")
+        return True
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
+        proc = self.proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        return proc.returncode
+
+
+# -------------------------------------------------------------------- components
+
+
+@dataclass
+class Node:
+    """One ``pacs-receiver`` (supervisor, workers, metrics aggregator)."""
+
+    name: str
+    base: Path
+    args: list[str]
+    port: int = field(default_factory=free_port)
+    metrics_port: int = field(default_factory=free_port)
+    service: Service | None = None
+
+    @property
+    def log(self) -> Path:
+        return self.base / "receiver.log"
+
+    @property
+    def spool(self) -> Path:
+        return self.base / "spool"
+
+    def start(self, env: dict[str, str], workers: int, timeout: float = 60.0) -> Node:
+        self.base.mkdir(parents=True, exist_ok=True)
+        if self.log.exists():  # a restart: keep the earlier run's log beside
+            self.log.rename(self.log.with_suffix(f".{time.monotonic_ns()}.log"))
+        cmd = [
+            str(BIN / "pacs-receiver"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--metrics-host",
+            "127.0.0.1",
+            "--metrics-port",
+            str(self.metrics_port),
+            "--workers",
+            str(workers),
+            "--s3-spool",
+            str(self.spool),
+            "--index-node",
+            self.name,
+            *self.args,
+        ]
+        self.service = Service(self.name, cmd, self.log, env).start()
+        service = self.service
+
+        def ready() -> bool:
+            service.check()
+            text = self.log.read_text(errors="replace")
+            return "listening on" in text and text.count(" ready (pid") >= workers
+
+        wait_for(ready, timeout, f"{self.name} to start")
+        return self
+
+    def pids(self) -> list[int]:
+        """The supervisor and its children (workers, aggregator)."""
+        if self.service is None or self.service.proc is None:
+            return []
+        top = self.service.proc.pid
+        from loadtest.proctree import children
+
+        return [top, *children(top)]
+
+    def kill(self) -> None:
+        """SIGKILL the whole tree at once, as a power cut or the OOM killer would."""
+        pids = self.pids()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if self.service is not None and self.service.proc is not None:
+            self.service.proc.wait(10)
+        # Reparented children: wait until they are gone (or zombies nobody reaps).
+        wait_for(lambda: all(_gone(pid) for pid in pids[1:]), 10, f"{self.name} to die")
+
+    def stop(self) -> None:
+        if self.service is not None:
+            self.service.stop(timeout=40)
+        # Workers left behind by a failed stop are this node's only (by process group).
+        for pid in self.pids()[1:]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+class Moto:
+    """moto's standalone S3 server on 127.0.0.1, one bucket (state in memory)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.service = Service(
+            "moto",
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            workdir / "moto.log",
+        )
+
+    def start(self) -> Moto:
+        self.service.start()
+
+        def answers() -> bool:
+            self.service.check()
+            return http_get(self.url + "/moto-api/", 2)[0] != 0
+
+        wait_for(answers, 30, "the S3 server")
+        self.client().create_bucket(Bucket=BUCKET)
+        return self
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id="cluster",
+            aws_secret_access_key="cluster",
+        )
+
+    def objects(self) -> dict[str, int]:
+        """Key -> size of every object in the bucket."""
+        out: dict[str, int] = {}
+        for page in self.client().get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+            for item in page.get("Contents", []):
+                out[item["Key"]] = int(item["Size"])
+        return out
+
+    def body(self, key: str) -> bytes:
+        return bytes(self.client().get_object(Bucket=BUCKET, Key=key)["Body"].read())
+
+
+class HAProxy:
+    """HAProxy from deploy/haproxy.cfg in the foreground (``-db``)."""
+
+    def __init__(self, workdir: Path, nodes: Sequence[Node], *, proxy_protocol: bool) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        servers = "".join(
+            f"    server {n.name} 127.0.0.1:{n.port} check port {n.metrics_port}"
+            f"{' send-proxy-v2' if proxy_protocol else ''}\n"
+            for n in nodes
+        )
+        self.config = workdir / "haproxy.cfg"
+        self.config.write_text(
+            render(
+                "haproxy.cfg",
+                bind=f"127.0.0.1:{self.port}",
+                runtime=str(workdir),
+                servers=servers,
+                source=f"    source {BALANCER_SOURCE}\n",
+            )
+        )
+        self.service = Service(
+            "haproxy",
+            [shutil.which("haproxy") or "haproxy", "-db", "-f", str(self.config)],
+            workdir / "haproxy.log",
+        )
+
+    def start(self) -> HAProxy:
+        self.service.start()
+        wait_for(lambda: self.service.check() and self.stats(), 30, "HAProxy")
+        return self
+
+    def stats(self) -> dict[str, str]:
+        """Server name -> status (UP, DOWN, ...) from the admin socket."""
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(5)
+                s.connect(str(self.workdir / "haproxy.sock"))
+                s.sendall(b"show stat\n")
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+        except OSError:
+            return {}
+        out: dict[str, str] = {}
+        lines = data.decode(errors="replace").splitlines()
+        if not lines:
+            return out
+        header = lines[0].lstrip("# ").split(",")
+        for line in lines[1:]:
+            row = dict(zip(header, line.split(","), strict=False))
+            if row.get("pxname") == "receivers" and row.get("svname") not in ("BACKEND", None):
+                out[row["svname"]] = row.get("status", "")
+        return out
+
+
+class Prometheus:
+    """Prometheus from deploy/prometheus.yml, scraping every node."""
+
+    def __init__(self, workdir: Path, nodes: Sequence[Node], interval: str = "1s") -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = workdir / "prometheus.yml"
+        targets = json.dumps([f"127.0.0.1:{n.metrics_port}" for n in nodes])
+        config.write_text(render("prometheus.yml", scrape_interval=interval, targets=targets))
+        self.service = Service(
+            "prometheus",
+            [
+                shutil.which("prometheus") or "prometheus",
+                f"--config.file={config}",
+                f"--storage.tsdb.path={workdir / 'prometheus-data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--log.level=warn",
+            ],
+            workdir / "prometheus.log",
+        )
+
+    def start(self) -> Prometheus:
+        self.service.start()
+        wait_for(
+            lambda: self.service.check() and http_get(self.url + "/-/ready")[0] == 200,
+            60,
+            "Prometheus",
+        )
+        return self
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """The result vector of an instant query (empty when nothing matched)."""
+        url = f"{self.url}/api/v1/query?{urllib.parse.urlencode({'query': expr})}"
+        status, body = http_get(url)
+        if status != 200:
+            return []
+        return list(json.loads(body)["data"]["result"])
+
+    def value(self, expr: str) -> float | None:
+        result = self.query(expr)
+        return float(result[0]["value"][1]) if result else None
+
+    def targets_up(self) -> int:
+        return int(self.value("sum(up{job='pacs-receiver'})") or 0)
+
+
+# ----------------------------------------------------------------------- cluster
+
+
+def supports_proxy_protocol() -> bool:
+    """Whether this pacs-receiver takes ``--proxy-protocol-from``."""
+    done = subprocess.run(
+        [str(BIN / "pacs-receiver"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return "--proxy-protocol-from" in done.stdout
+
+
+@dataclass
+class Cluster:
+    """PostgreSQL, an S3 server, N nodes, HAProxy and Prometheus under ``workdir``.
+
+    ``node_args`` are extra flags for every node (``--s3-durability spool``, ...).
+    Use as a context manager: everything started is stopped on the way out.
+    """
+
+    workdir: Path
+    nodes_count: int = 2
+    workers: int = 1
+    node_args: list[str] = field(default_factory=list)
+    proxy_protocol: bool = True
+    scrape_interval: str = "1s"
+    pg: Any = None
+    moto: Moto | None = None
+    nodes: list[Node] = field(default_factory=list)
+    haproxy: HAProxy | None = None
+    prometheus: Prometheus | None = None
+    index_url: str = ""
+
+    def __enter__(self) -> Cluster:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            **AWS_ENV,
+            "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        }
+
+    def start(self) -> None:
+        from tests.pgserver import PostgresServer, find_bindir
+
+        bindir = find_bindir()
+        if bindir is None:
+            raise RuntimeError("PostgreSQL is not installed (make test installs it)")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.pg = PostgresServer(bindir)
+        self.pg.start()
+        self.index_url = self.pg.new_database()
+        self.moto = Moto(self.workdir).start()
+        args = [
+            "--storage",
+            f"s3://{BUCKET}/{PREFIX}",
+            "--s3-endpoint",
+            self.moto.url,
+            "--index",
+            self.index_url,
+            *self.node_args,
+        ]
+        if self.proxy_protocol:
+            args += ["--proxy-protocol-from", f"{BALANCER_SOURCE}/32"]
+        self.nodes = [
+            Node(f"node{i + 1}", self.workdir / f"node{i + 1}", list(args))
+            for i in range(self.nodes_count)
+        ]
+        for node in self.nodes:
+            node.start(self.env(), self.workers)
+        self.haproxy = HAProxy(self.workdir, self.nodes, proxy_protocol=self.proxy_protocol)
+        self.haproxy.start()
+        self.wait_servers_up()
+        self.prometheus = Prometheus(self.workdir, self.nodes, self.scrape_interval).start()
+        wait_for(lambda: self.prometheus_up() == len(self.nodes), 60, "Prometheus targets up")
+
+    def prometheus_up(self) -> int:
+        return self.prometheus.targets_up() if self.prometheus else 0
+
+    def wait_servers_up(self, timeout: float = 30.0) -> None:
+        assert self.haproxy is not None
+        haproxy = self.haproxy
+        names = {n.name for n in self.nodes}
+
+        def all_up() -> bool:
+            haproxy.service.check()
+            stats = haproxy.stats()
+            return all(stats.get(name, "").startswith("UP") for name in names)
+
+        wait_for(all_up, timeout, "HAProxy to see every node UP")
+
+    def restart(self, node: Node) -> None:
+        node.start(self.env(), self.workers)
+
+    def stop(self) -> None:
+        for part in (self.prometheus, self.haproxy):
+            if part is not None:
+                part.service.stop()
+        for node in self.nodes:
+            node.stop()
+        if self.moto is not None:
+            self.moto.service.stop()
+        if self.pg is not None:
+            self.pg.stop()
+
+    # -- what arrived ---------------------------------------------------------------
+
+    def index_rows(self) -> list[tuple[str, str, str, str, str]]:
+        """(SOP Instance UID, node, source address, digest, path) of every row."""
+        import psycopg
+
+        with psycopg.connect(self.index_url) as conn:
+            rows = conn.execute(
+                "SELECT sop_instance_uid, node, source_address, digest, path FROM instances"
+            ).fetchall()
+        return [tuple(map(str, row)) for row in rows]  # type: ignore[misc]
+
+    def cstore_sum(self) -> float | None:
+        """Prometheus: C-STORE requests answered, all nodes."""
+        assert self.prometheus is not None
+        return self.prometheus.value("sum(pacs_cstore_instances_total)")
+
+
+# ----------------------------------------------------------------------- driving
+
+
+def loadtest(
+    port: int,
+    count: int,
+    workdir: Path,
+    *,
+    associations: int = 4,
+    size: str = "8k",
+    per_association: int | None = None,
+    timeout: float = 600.0,
+    extra: Sequence[str] = (),
+) -> tuple[int, Path, dict[str, Any]]:
+    """Run pacs-loadtest against 127.0.0.1:``port``: (exit status, the records file
+    (UID, status, bytes, SHA-256 of the data set per line), the JSON report)."""
+    records = workdir / "sent.tsv"
+    report = workdir / "loadtest.json"
+    cmd = [
+        str(BIN / "pacs-loadtest"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--called-ae",
+        "PACSRX",
+        "--count",
+        str(count),
+        "--associations",
+        str(associations),
+        "--size",
+        size,
+        "--record-uids",
+        str(records),
+        "--json",
+        str(report),
+        "--no-progress",
+        "-q",
+        "--timeout",
+        "30",
+        *extra,
+    ]
+    if per_association:
+        cmd += ["--per-association", str(per_association)]
+    with open(workdir / "loadtest.log", "ab") as out:
+        done = subprocess.run(
+            cmd, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, check=False
+        )
+    data = json.loads(report.read_text()) if report.exists() else {}
+    return done.returncode, records, data
+
+
+def read_records(path: Path) -> dict[str, tuple[int, str]]:
+    """UID -> (status, SHA-256 of the data set sent) from a --record-uids file."""
+    out: dict[str, tuple[int, str]] = {}
+    for line in path.read_text().splitlines():
+        uid, status, _nbytes, digest = line.split("\t")
+        out[uid] = (int(status, 16) if status.startswith("0x") else -1, digest)
+    return out
+
+
+def summary(cluster: Cluster, sent: dict[str, tuple[int, str]]) -> str:
+    """What arrived, as printed by :func:`main`."""
+    assert cluster.moto is not None
+    ok = {uid for uid, (status, _) in sent.items() if status == 0}
+    objects = cluster.moto.objects()
+    keys = {key.rsplit("/", 1)[-1].removesuffix(".dcm") for key in objects}
+    rows = cluster.index_rows()
+    per_node: dict[str, int] = {}
+    per_source: dict[str, int] = {}
+    for _uid, node, source, _digest, _path in rows:
+        per_node[node] = per_node.get(node, 0) + 1
+        host = source.rsplit(":", 1)[0] if source.count(":") == 1 else source
+        per_source[host] = per_source.get(host, 0) + 1
+    lines = [
+        f"sent: {len(sent)} C-STORE requests, {len(ok)} answered Success",
+        f"bucket s3://{BUCKET}/{PREFIX}: {len(objects)} objects, "
+        f"{sum(objects.values())} bytes; Success instances missing: {len(ok - keys)}",
+        f"index: {len(rows)} rows ({len({r[0] for r in rows})} distinct UIDs); "
+        f"per node {dict(sorted(per_node.items()))}; per source {per_source}",
+        f"prometheus: sum(pacs_cstore_instances_total) = {cluster.cstore_sum()}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--nodes", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=1, help="worker processes per node")
+    ap.add_argument("--count", type=int, default=2000, help="instances to send")
+    ap.add_argument("--size", default="64k", help="synthetic instance size")
+    ap.add_argument("--associations", type=int, default=8)
+    ap.add_argument("--durability", choices=("direct", "spool"), default="spool")
+    ap.add_argument("--deadline", type=float, default=600, help="seconds for the whole run")
+    ap.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (logs, configs)")
+    ap.add_argument(
+        "--no-netns",
+        action="store_true",
+        help="run in this namespace (everything binds 127.0.0.1 anyway)",
+    )
+    args = ap.parse_args(argv)
+
+    from loadtest import netns
+
+    if not args.no_netns and (why := netns.unavailable()) is not None:
+        print(f"deploy/cluster.py: {why} (or run with --no-netns)", file=sys.stderr)
+        return 2
+    # The whole run is bounded: SIGALRM ends it (the context managers tear down).
+    signal.signal(signal.SIGALRM, _deadline)
+    signal.alarm(int(args.deadline))
+    workdir = Path(args.keep or tempfile.mkdtemp(prefix="pacs-cluster-"))
+    namespace = contextlib.nullcontext() if args.no_netns else netns.loopback_namespace()
+    try:
+        with namespace:
+            if not args.no_netns:
+                print(f"network namespace with interfaces {netns.interfaces()}", flush=True)
+            cluster = Cluster(
+                workdir,
+                nodes_count=args.nodes,
+                workers=args.workers,
+                node_args=["--s3-durability", args.durability],
+                proxy_protocol=supports_proxy_protocol(),
+            )
+            with cluster:
+                assert cluster.haproxy is not None and cluster.moto is not None
+                prom = cluster.prometheus.url if cluster.prometheus else None
+                print(
+                    f"up: {len(cluster.nodes)} nodes, HAProxy on 127.0.0.1:"
+                    f"{cluster.haproxy.port} (PROXY v2: {cluster.proxy_protocol}), "
+                    f"S3 {cluster.moto.url}, Prometheus {prom}",
+                    flush=True,
+                )
+                t0 = time.monotonic()
+                status, records, report = loadtest(
+                    cluster.haproxy.port,
+                    args.count,
+                    workdir,
+                    associations=args.associations,
+                    size=args.size,
+                    per_association=50,
+                )
+                elapsed = time.monotonic() - t0
+                sent = read_records(records)
+                print(
+                    f"pacs-loadtest exit {status} in {elapsed:.1f} s "
+                    f"({report.get('throughput', {})})",
+                    flush=True,
+                )
+                ok = sum(1 for s, _ in sent.values() if s == 0)
+                _settle(cluster, ok, deadline=120)
+                print(summary(cluster, sent), flush=True)
+    finally:
+        signal.alarm(0)
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"kept {workdir}")
+    return 0
+
+
+def _settle(cluster: Cluster, ok: int, deadline: float) -> None:
+    """Wait (bounded) until the bucket, the index and Prometheus have caught up."""
+    assert cluster.moto is not None
+    moto = cluster.moto
+    with contextlib.suppress(TimeoutError):
+        wait_for(lambda: len(moto.objects()) >= ok, deadline, "the bucket")
+    with contextlib.suppress(TimeoutError):
+        wait_for(lambda: len(cluster.index_rows()) >= ok, 30, "the index")
+    with contextlib.suppress(TimeoutError):
+        wait_for(lambda: (cluster.cstore_sum() or 0) >= ok, 30, "a scrape")
+
+
+def _deadline(signum: int, frame: Any) -> None:
+    raise TimeoutError("deploy/cluster.py: --deadline reached; tearing down")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
