@@ -56,6 +56,7 @@ from workers.engine.connection import Connection, EngineConfig, Role
 from workers.engine.primitives import NEED_DATA, AssociateIndication
 from workers.index import IndexUnavailable, open_index
 from workers.index.reconcile import reconcile
+from workers.index.reconcile_s3 import reconcile_object_store
 from workers.main import CONFIG_ENV
 from workers.storage.sweep import sweep_incoming
 
@@ -450,14 +451,11 @@ class Supervisor:
         if target is None:
             return
         index = open_index(target, storage, node=self.cfg.index_node_name())
-        if self.cfg.storage.startswith("s3://"):
-            # The store is the bucket, not this directory: no walk here would find
-            # its objects (every record would be marked missing). Spooled instances
-            # were indexed under their object URL when they were acknowledged.
-            index.close()
-            return
         try:
-            report = reconcile(index, storage, replace=self.cfg.duplicates == "overwrite")
+            if self.cfg.storage.startswith("s3://"):  # the bucket and the spool
+                report = reconcile_object_store(index, self.cfg.s3_settings(), storage)
+            else:
+                report = reconcile(index, storage, replace=self.cfg.duplicates == "overwrite")
         finally:
             index.close()
         log.log(
