@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 import socket
 import struct
 import threading
@@ -63,7 +64,7 @@ from .conftest import (
     stored_files,
     wait_for,
 )
-from .test_metrics_tree import free_port, scrape, total
+from .test_metrics import free_port, scrape, total
 
 CLIENT = ("192.0.2.10", 40001)
 BALANCER_FACING = ("198.51.100.1", 11112)
@@ -501,3 +502,102 @@ def test_through_a_balancer_the_client_address_is_the_peer(
         )
     )
     assert not any('NetworkAccessPointID="127.0.0.1"' in t for t in texts(collector.messages))
+
+
+def closed_unanswered(sock: socket.socket) -> bool:
+    """The receiver closed ``sock`` without sending a byte (no A-ASSOCIATE-RJ)."""
+    sock.settimeout(20)
+    try:
+        return sock.recv(4096) == b""
+    except ConnectionResetError:
+        return True  # closed with our bytes unread: the kernel resets
+
+
+def test_abuse_cases_are_closed_and_counted(receiver_factory: ReceiverFactory) -> None:
+    port = free_port()
+    rx = receiver_factory(
+        "--proxy-protocol-from",
+        "127.0.0.1/32",
+        "--metrics-port",
+        str(port),
+        "--network-timeout",
+        "2",
+    )
+    wait_for(lambda: scrape(port, "/healthz"), 20, what="/healthz")
+    cases = {
+        Reason.MISSING: ASSOCIATE_RQ_START + bytes(60),
+        Reason.MALFORMED: MALFORMED["v2 version 1"],
+        Reason.TOO_LONG: b"PROXY " + b"x" * 120,
+        Reason.TRUNCATED: VALID["v2 ipv4"][:20],
+        Reason.TIMEOUT: VALID["v1 tcp4"][:20],
+    }
+    for reason, data in cases.items():
+        with socket.create_connection((rx.host, rx.port), timeout=10) as sock:
+            sock.sendall(data)
+            if reason == Reason.TRUNCATED:
+                sock.shutdown(socket.SHUT_WR)
+            assert closed_unanswered(sock), reason
+    # A header from an address not in --proxy-protocol-from (127.0.0.2 is loopback too).
+    with socket.create_connection(
+        (rx.host, rx.port), timeout=10, source_address=("127.0.0.2", 0)
+    ) as sock:
+        sock.sendall(build_v2(CLIENT) + ASSOCIATE_RQ_START)
+        assert closed_unanswered(sock)
+    # The balancer's health check (LOCAL, then close) is not an abuse.
+    with socket.create_connection((rx.host, rx.port), timeout=10) as sock:
+        sock.sendall(build_v2(None))
+    # A DICOM peer on an untrusted address without a header is served as usual.
+    assoc = scu_ae("DIRECTSCU").associate(
+        rx.host, rx.port, ae_title="PACSRX", bind_address=("127.0.0.2", 0)
+    )
+    try:
+        assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
+    finally:
+        release(assoc)
+    rx.wait_log(r"association peer=127\.0\.0\.2:\d+ calling_ae=DIRECTSCU")
+
+    reasons = [*cases, Reason.UNTRUSTED]
+
+    def counted() -> bool:
+        text = scrape(port)
+        return all(
+            total(text, "pacs_proxy_protocol_rejected_total", reason=r) == 1 for r in reasons
+        )
+
+    wait_for(counted, 20, interval=0.2, what="each reason counted once on /metrics")
+    text = scrape(port)
+    assert total(text, "pacs_proxy_protocol_rejected_total") == len(reasons)  # LOCAL: not
+    for reason in reasons:
+        rx.wait_log(rf"closing connection from 127\.0\.0\.[12]:\d+: PROXY protocol: .*\({reason}\)")
+    assert rx.proc is not None and rx.proc.poll() is None
+
+
+def http_status(port: int, path: str) -> int | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as rsp:
+            return int(rsp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except OSError:
+        return None
+
+
+def test_readiness_goes_503_on_sigterm_while_drain_delay_still_accepts(
+    receiver_factory: ReceiverFactory,
+) -> None:
+    port = free_port()
+    rx = receiver_factory("--metrics-port", str(port), "--drain-delay", "10")
+    wait_for(lambda: http_status(port, "/readyz") == 200, 20, what="/readyz 200")
+    rx.signal(signal.SIGTERM)
+    wait_for(lambda: http_status(port, "/readyz") == 503, 10, what="/readyz 503")
+    rx.wait_log(r"draining: not ready; accepting for 10 s more")
+    # Not ready, yet still accepting: an association made now is served.
+    assoc = associate(rx, scu_ae("LATESCU"))
+    try:
+        assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
+    finally:
+        release(assoc)
+    assert http_status(port, "/readyz") == 503  # and it stays so
+    assert "stopping: no new connections" not in rx.log()
+    assert rx.wait(40) == 0  # then the usual graceful stop
+    rx.wait_log(r"stopping: no new connections")
