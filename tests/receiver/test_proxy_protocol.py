@@ -65,6 +65,7 @@ from .conftest import (
     wait_for,
 )
 from .test_metrics import free_port, scrape, total
+from .test_tls import Pki, client, pki, tls_flags  # noqa: F401  (pki: a fixture)
 
 CLIENT = ("192.0.2.10", 40001)
 BALANCER_FACING = ("198.51.100.1", 11112)
@@ -513,7 +514,9 @@ def closed_unanswered(sock: socket.socket) -> bool:
         return True  # closed with our bytes unread: the kernel resets
 
 
-def test_abuse_cases_are_closed_and_counted(receiver_factory: ReceiverFactory) -> None:
+def test_abuse_cases_are_closed_and_counted(
+    receiver_factory: ReceiverFactory, relays: Callable[..., Relay]
+) -> None:
     port = free_port()
     rx = receiver_factory(
         "--proxy-protocol-from",
@@ -555,6 +558,14 @@ def test_abuse_cases_are_closed_and_counted(receiver_factory: ReceiverFactory) -
     finally:
         release(assoc)
     rx.wait_log(r"association peer=127\.0\.0\.2:\d+ calling_ae=DIRECTSCU")
+    # And one through the balancer, among all these (no [ae-sources]: straight to a worker).
+    relay = relays((rx.host, rx.port), claiming("192.0.2.10"))
+    assoc = scu_ae("RELAYEDSCU").associate("127.0.0.1", relay.port, ae_title="PACSRX")
+    try:
+        assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
+    finally:
+        release(assoc)
+    rx.wait_log(r"association peer=192\.0\.2\.10:\d+ calling_ae=RELAYEDSCU")
 
     reasons = [*cases, Reason.UNTRUSTED]
 
@@ -601,3 +612,35 @@ def test_readiness_goes_503_on_sigterm_while_drain_delay_still_accepts(
     assert "stopping: no new connections" not in rx.log()
     assert rx.wait(40) == 0  # then the usual graceful stop
     rx.wait_log(r"stopping: no new connections")
+
+
+def test_tls_behind_a_balancer(
+    receiver_factory: ReceiverFactory,
+    relays: Callable[..., Relay],
+    pki: Pki,  # noqa: F811  (the fixture imported from test_tls)
+    tmp_path: Path,
+) -> None:
+    """With DICOM TLS the balancer passes the TLS stream through, the header first in
+    clear: the acceptor consumes it, the worker's handshake follows, and the
+    admission the worker asks the supervisor for ([ae-sources] inside TLS) is about
+    the client's address."""
+    config = tmp_path / "rx.toml"
+    config.write_text('[ae-sources]\nMODALITY = ["192.0.2.10"]\n')
+    rx = receiver_factory(
+        *tls_flags(pki), "--proxy-protocol-from", "127.0.0.1", "--config", str(config)
+    )
+    good = relays((rx.host, rx.port), claiming("192.0.2.10"))
+    bad = relays((rx.host, rx.port), claiming("192.0.2.99", version=1))
+    assoc = scu_ae("MODALITY").associate(
+        "127.0.0.1", good.port, ae_title="PACSRX", tls_args=(client(pki), "127.0.0.1")
+    )
+    try:
+        assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
+    finally:
+        release(assoc)
+    rx.wait_log(r"association peer=192\.0\.2\.10:\d+ calling_ae=MODALITY")
+    other = scu_ae("MODALITY").associate(
+        "127.0.0.1", bad.port, ae_title="PACSRX", tls_args=(client(pki), "127.0.0.1")
+    )
+    assert rejection(other) == (1, 1, 3)  # read over TLS: permanent, service-user, AE
+    rx.wait_log(r"refusing 'MODALITY' from 192\.0\.2\.99 \(over TLS, in worker \d\)")
