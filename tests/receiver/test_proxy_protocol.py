@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import socket
@@ -34,6 +35,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from metrics import wire as w
+from metrics.aggregator import Aggregator
 from receiver.config import ConfigError, build
 from receiver.proxy import (
     V1_MAX_BYTES,
@@ -50,7 +53,9 @@ from receiver.proxy import (
 )
 from receiver.proxy_gate import read_header
 from tests.audit.collector import Collector
+from tests.metrics.helpers import short_tmpdir, until
 from workers.index import open_index
+from workers.telemetry import Telemetry
 
 from .conftest import (
     ReceiverFactory,
@@ -276,6 +281,73 @@ def test_config_checks(tmp_path: Path) -> None:
         build({}, {"proxy_protocol_from": "10.0.0.0/33"})
     with pytest.raises(ConfigError, match="--drain-delay"):
         build({}, {"drain_delay": "-1"})
+
+
+# ------------------------------------------------- readiness in the aggregator
+
+
+def test_readyz_follows_what_the_supervisor_reports() -> None:
+    """503 "starting" until the supervisor says it accepts, 200 then, 503 "draining"
+    once it says it drains, for good: a second sender (the supervisor reconnecting)
+    saying "accepting" does not undo it. The state arrives as wire record 41."""
+
+    async def get(port: int, path: str) -> tuple[int | None, str]:
+        def call() -> tuple[int | None, str]:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+                    return int(r.status), r.read().decode()
+            except urllib.error.HTTPError as exc:
+                return int(exc.code), exc.read().decode()
+
+        return await asyncio.to_thread(call)
+
+    async def scenario(sockdir: str) -> None:
+        path = os.path.join(sockdir, "agg.sock")
+        agg = Aggregator(path, port=0)
+        await agg.start()
+        supervisor = Telemetry(path, "supervisor", role="supervisor", interval=3600)
+        worker = Telemetry(path, 0, interval=3600)
+        try:
+            await supervisor.start()
+            await worker.start()
+            port = agg.http_port
+            assert await get(port, "/readyz") == (503, "starting\n")
+            worker.flush()  # workers say nothing about readiness
+            await asyncio.sleep(0.2)
+            assert await get(port, "/readyz") == (503, "starting\n")
+            supervisor.readiness = 0
+            supervisor.flush()
+            await until(lambda: agg.state.accepting)
+            assert await get(port, "/readyz") == (200, "ready\n")
+            assert (await get(port, "/healthz"))[0] == 200
+            supervisor.readiness = 1
+            supervisor.flush()
+            await until(lambda: agg.state.draining)
+            assert await get(port, "/readyz") == (503, "draining\n")
+            again = Telemetry(path, "supervisor", role="supervisor", interval=3600)
+            again.readiness = 0
+            await again.start()
+            again.flush()
+            await until(lambda: again.backlog == 0)
+            await asyncio.sleep(0.2)
+            assert await get(port, "/readyz") == (503, "draining\n")
+            assert (await get(port, "/healthz"))[0] == 200  # alive, not ready
+            await again.close()
+        finally:
+            await worker.close()
+            await supervisor.close()
+            await agg.close()
+
+    with short_tmpdir() as sockdir:
+        asyncio.run(scenario(sockdir))
+
+
+def test_readiness_is_wire_record_41() -> None:
+    record = w.Readiness(1)
+    assert int(record.KIND) == 41
+    ((payload, _start, _stop),) = list(w.encode_frames([record]))
+    decoded = w.FrameDecoder().feed(payload)
+    assert [w.decode_payload(p) for p in decoded] == [[record]]
 
 
 # ----------------------------------------------- the gate over real sockets
