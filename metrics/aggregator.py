@@ -291,6 +291,10 @@ class State:
         self.services: dict[tuple[str, str], int] = {}
         #: acceptor trouble by event (metrics.wire.Acceptor)
         self.acceptor: dict[str, int] = {}
+        #: GET /readyz: the supervisor said it accepts / that it drains (for good:
+        #: a draining supervisor never accepts again, even if its sender reconnects)
+        self.accepting = False
+        self.draining = False
         self.decode = w.DecodeStats()
         self.records_without_hello = 0
         self.oversized_frames = 0
@@ -317,6 +321,7 @@ class State:
             w.IndexWrites: self._index_writes,
             w.Acceptor: self._acceptor,
             w.S3Spool: self._s3_spool,
+            w.Readiness: self._readiness,
         }
 
     # -- sources --
@@ -491,6 +496,21 @@ class State:
 
     def _acceptor(self, source: Source, r: w.Acceptor) -> None:
         _add(self.acceptor, self.name(r.event), r.count)
+
+    def _readiness(self, source: Source, r: w.Readiness) -> None:
+        if r.draining:
+            self.draining = True
+        else:
+            self.accepting = True
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, why) for GET /readyz: ready once the supervisor said it accepts,
+        until it says it drains. Read from the HTTP threads: two plain booleans."""
+        if self.draining:
+            return False, "draining"
+        if not self.accepting:
+            return False, "starting"
+        return True, "ready"
 
 
 # -- exposition ------------------------------------------------------------------------
@@ -763,6 +783,16 @@ class StateCollector(Collector):
             if event.startswith("backoff_"):
                 backoffs.add_metric([event.removeprefix("backoff_")], n)
         yield backoffs
+        proxy = CounterMetricFamily(
+            "pacs_proxy_protocol_rejected",
+            "Connections closed by the acceptor for their PROXY protocol header, by reason "
+            "(missing, malformed, too_long, truncated, timeout, untrusted).",
+            labels=["reason"],
+        )
+        for event, n in s.acceptor.items():
+            if event.startswith("proxy_"):
+                proxy.add_metric([event.removeprefix("proxy_")], n)
+        yield proxy
 
         # -- processes: the latest connection of each sender, and the aggregator --
         cpu = CounterMetricFamily(
@@ -989,7 +1019,12 @@ class Aggregator:
         finally:
             os.umask(old_umask)
         self._http = MetricsHTTPServer(
-            self.registry, self.host, self.port, self.http_timeout, sock=self.http_sock
+            self.registry,
+            self.host,
+            self.port,
+            self.http_timeout,
+            sock=self.http_sock,
+            readiness=self.state.readiness,
         )
         self._http.start(loop)
         self.http_port = self._http.port

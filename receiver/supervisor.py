@@ -62,6 +62,7 @@ from workers.storage.sweep import sweep_incoming
 
 from .config import ReceiverConfig
 from .preflight import Leftovers, StartError, bind_tcp, prepare_storage
+from .proxy_gate import Peer, ProxyGate
 
 log = logging.getLogger("receiver.supervisor")
 
@@ -141,6 +142,7 @@ class Rejector(asyncio.Protocol):
         why: str | None = None,
         telemetry: Any = None,
         on_close: Callable[[], None] | None = None,
+        peer: Peer | None = None,
     ) -> None:
         self.rj = rj
         self.on_close = on_close
@@ -155,6 +157,8 @@ class Rejector(asyncio.Protocol):
         self.why = why
         self.telemetry = telemetry
         self.peer = "?"
+        #: the client's address from a PROXY header (receiver/proxy_gate.py)
+        self.proxied = peer
         self.answered = False
         self.conn = Connection(Role.ACCEPTOR, EngineConfig(max_control_pdu_length=256 * 1024))
         self.transport: asyncio.Transport | None = None
@@ -162,7 +166,7 @@ class Rejector(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        peer = transport.get_extra_info("peername")
+        peer = self.proxied or transport.get_extra_info("peername")
         if peer:
             self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in str(peer[0]) else f"{peer[0]}:{peer[1]}"
         loop = asyncio.get_running_loop()
@@ -235,6 +239,7 @@ class Supervisor:
     ) -> None:
         self.cfg = cfg
         self.access = cfg.access_policy()
+        self.proxy_gate = self._proxy_gate(cfg)
         self.reload_config = reload_config
         self.on_ready = on_ready
         self.slots: list[WorkerSlot] = []
@@ -245,6 +250,9 @@ class Supervisor:
         self.listener: socket.socket | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stopping = False
+        #: SIGTERM came: readiness says 503; stopping follows after --drain-delay
+        self.draining = False
+        self._drain_timer: asyncio.TimerHandle | None = None
         self.reload_requested = False
         #: made by run(), once the ports are bound (a failed start leaves none)
         self.runtime_dir = ""
@@ -413,6 +421,8 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGTERM, self._request_stop, False)
         loop.add_signal_handler(signal.SIGINT, self._request_stop, True)
         loop.add_signal_handler(signal.SIGHUP, self._request_reload)
+        if self.telemetry is not None:
+            self.telemetry.readiness = 0  # accepting: GET /readyz answers 200
         log.info(
             "pacs-receiver listening on %s:%d as %s with %d worker(s), storing in %s (fsync %s)%s",
             address[0],
@@ -810,6 +820,11 @@ class Supervisor:
                 continue
             if self._accept_pauses:
                 self._accepting_again()
+            if self.proxy_gate is not None:
+                # Behind a balancer: the header's address is the peer's (proxy_gate.py).
+                sock = self._socket(fd)
+                self._track(asyncio.ensure_future(self._admit_proxied(sock, addr)))
+                continue
             if screen and not access.address_allowed(addr[0]):
                 # Before any limit: a refused peer takes no one's place.
                 self._refuse(
@@ -882,17 +897,26 @@ class Supervisor:
         listener may be closed by now: the family is the fd's own)."""
         return socket.socket(fileno=fd)
 
-    def _hand_off(self, slot: WorkerSlot, fds: list[int], ids: list[int], aes: list[str]) -> None:
-        """Send the accepted ``fds`` to ``slot``'s worker; ours are closed once sent."""
+    def _hand_off(
+        self,
+        slot: WorkerSlot,
+        fds: list[int],
+        ids: list[int],
+        aes: list[str],
+        peers: list[Peer] | None = None,
+    ) -> None:
+        """Send the accepted ``fds`` to ``slot``'s worker; ours are closed once sent.
+        ``peers``: the clients' addresses from PROXY headers (the workers' peers)."""
         for start in range(0, len(fds), control.MAX_FDS_PER_MESSAGE):
             part = fds[start : start + control.MAX_FDS_PER_MESSAGE]
             part_ids = ids[start : start + control.MAX_FDS_PER_MESSAGE]
             part_aes = aes[start : start + control.MAX_FDS_PER_MESSAGE]
+            part_peers = peers[start : start + control.MAX_FDS_PER_MESSAGE] if peers else None
             try:
                 ctrl = slot.ctrl
                 if ctrl is None:
                     raise ConnectionResetError("worker channel closed")
-                control.send_connections(ctrl, part, part_ids)
+                control.send_connections(ctrl, part, part_ids, part_peers)
             except OSError as exc:
                 if not isinstance(exc, BlockingIOError):
                     # EPIPE ...: the worker died and is not reaped yet. Another one
@@ -900,16 +924,18 @@ class Supervisor:
                     self._channel_lost(slot)
                     other = self._pick()
                     if other is not None:
-                        self._hand_off(other, part, part_ids, part_aes)
+                        self._hand_off(other, part, part_ids, part_aes, part_peers)
                         continue
                 # The channel is full, or no worker is left: answer these ourselves.
                 log.warning(
                     "cannot hand %d connection(s) to worker %d: %s", len(part), slot.index, exc
                 )
-                for fd, ae in zip(part, part_aes, strict=False):
+                for i, (fd, ae) in enumerate(zip(part, part_aes, strict=False)):
                     self._ae_closed(ae)  # counted by _admit_by_ae, never assigned
                     self._reject(
-                        self._socket(fd), transient_reason=p.RejectReason.TEMPORARY_CONGESTION
+                        self._socket(fd),
+                        transient_reason=p.RejectReason.TEMPORARY_CONGESTION,
+                        peer=part_peers[i] if part_peers else None,
                     )
                 continue
             assigned, sent_seq = slot.assigned, slot.sent_seq
@@ -964,7 +990,7 @@ class Supervisor:
         except OSError as exc:  # its ACSE timeout answers the peer
             log.warning("could not answer worker %d's admission question: %s", slot.index, exc)
 
-    async def _admit_by_ae(self, sock: socket.socket, host: str) -> None:
+    async def _admit_by_ae(self, sock: socket.socket, host: str, peer: Peer | None = None) -> None:
         """Peek the calling AE title of the A-ASSOCIATE-RQ; apply [ae-sources] and the
         per-AE limit, then (again: others were admitted during the peek) the total."""
         assert self.loop is not None
@@ -985,21 +1011,61 @@ class Supervisor:
         refusal = self._ae_refusal(ae, host)
         if refusal is not None:
             if refusal[0] == "ae":
-                self._refuse(sock, p.RejectReason.CALLING_AE_NOT_RECOGNIZED, refusal[1])
+                self._refuse(sock, p.RejectReason.CALLING_AE_NOT_RECOGNIZED, refusal[1], peer)
             else:
-                self._reject(sock)
+                self._reject(sock, peer=peer)
             return
         limit = self.cfg.max_associations
         if limit and self._open_total() >= limit:
-            self._reject(sock)
+            self._reject(sock, peer=peer)
             return
         slot = self._pick()
         if slot is None:
-            self._reject(sock)
+            self._reject(sock, peer=peer)
             return
         if ae:
             self.per_ae[ae] += 1
-        self._hand_off(slot, [sock.detach()], [next(self.ids)], [ae or ""])
+        peers = [peer] if peer is not None else None
+        self._hand_off(slot, [sock.detach()], [next(self.ids)], [ae or ""], peers)
+
+    def _proxy_gate(self, cfg: ReceiverConfig) -> ProxyGate | None:
+        """--proxy-protocol-from: the gate every connection passes first, or None."""
+        if not cfg.proxy_protocol_from:
+            return None
+
+        def count(reason: str) -> None:
+            if self.telemetry is not None:
+                self.telemetry.acceptor_event(f"proxy_{reason}")
+
+        return ProxyGate(cfg.proxy_protocol_from, cfg.network_timeout, cfg.acse_timeout, count)
+
+    async def _admit_proxied(self, sock: socket.socket, addr: tuple[Any, ...]) -> None:
+        """Behind a balancer: the PROXY header first (its client address is the
+        peer's from here on: --allow-ip, the limits, [ae-sources], the worker),
+        then what _on_accept does for one connection."""
+        gate = self.proxy_gate
+        assert gate is not None
+        peer = await gate.admit(sock, (str(addr[0]), int(addr[1])))
+        if peer is None:
+            return  # closed, logged, counted
+        host = peer[0]
+        if self.access.filters_addresses and not self.access.address_allowed(host):
+            self._refuse(
+                sock, p.RejectReason.NO_REASON, "address refused by --deny-ip/--allow-ip", peer
+            )
+            return
+        limit = self.cfg.max_associations
+        if limit and self._open_total() >= limit:
+            self._reject(sock, peer=peer)
+            return
+        if not self.cfg.tls_cert and (self.cfg.max_associations_per_ae or self.access.ae_sources):
+            await self._admit_by_ae(sock, host, peer)
+            return
+        slot = self._pick()
+        if slot is None:
+            self._reject(sock, peer=peer)
+            return
+        self._hand_off(slot, [sock.detach()], [next(self.ids)], [""], [peer])
 
     async def _peek_calling_ae(self, sock: socket.socket) -> str | None:
         """The Calling AE Title (bytes 26..42 of an A-ASSOCIATE-RQ), read with MSG_PEEK
@@ -1069,19 +1135,21 @@ class Supervisor:
         *,
         rj: p.AssociateRJ | None = None,
         why: str | None = None,
+        peer: Peer | None = None,
     ) -> None:
         """Answer ``sock``'s A-ASSOCIATE-RQ with ``rj`` (default: rejected-transient,
-        service-provider presentation, ``transient_reason``) instead of a worker."""
+        service-provider presentation, ``transient_reason``) instead of a worker.
+        ``peer``: the client's address from a PROXY header, for the log line."""
         self.rejected += 1
         if self.cfg.tls_cert:
             # The acceptor does not speak TLS (the handshake is the workers'): an
             # A-ASSOCIATE-RJ in clear text would be garbage to the client. Close.
             try:
-                host, port = sock.getpeername()[:2]
-                peer = f"{host}:{port}"
+                host, port = peer or sock.getpeername()[:2]
+                shown = f"{host}:{port}"
             except OSError:
-                peer = "?"
-            log.info("refusing a TLS connection from %s by closing it (%s)", peer, why or "limit")
+                shown = "?"
+            log.info("refusing a TLS connection from %s by closing it (%s)", shown, why or "limit")
             sock.close()
             return
         if rj is None:
@@ -1114,7 +1182,7 @@ class Supervisor:
 
         task = asyncio.ensure_future(
             self.loop.connect_accepted_socket(
-                lambda: Rejector(answer, timeout, why, telemetry, on_close=done), sock
+                lambda: Rejector(answer, timeout, why, telemetry, on_close=done, peer=peer), sock
             )
         )
         task.add_done_callback(started)
@@ -1142,17 +1210,17 @@ class Supervisor:
             self._unanswered_unlogged = 0
             self._unanswered_logged_at = now
 
-    def _refuse(self, sock: socket.socket, reason: int, why: str) -> None:
+    def _refuse(self, sock: socket.socket, reason: int, why: str, peer: Peer | None = None) -> None:
         """Who may connect: PS3.8 Table 9-21 rejected-permanent (1), source
         service-user (1), ``reason`` 1 no-reason-given or 3 calling-AE-not-recognized."""
         rj = p.AssociateRJ(p.RejectResult.PERMANENT, p.RejectSource.SERVICE_USER, reason)
         if self.audit is not None:
             try:
-                host = str(sock.getpeername()[0])
+                host = str(peer[0] if peer else sock.getpeername()[0])
             except OSError:
                 host = "unknown"
             self.audit.refused(host, why)
-        self._reject(sock, rj=rj, why=why)
+        self._reject(sock, rj=rj, why=why, peer=peer)
 
     def _track(self, task: asyncio.Future[Any]) -> None:
         # Keep a reference until done: the loop only holds weak references to tasks.
@@ -1162,6 +1230,31 @@ class Supervisor:
     # ---------------------------------------------------- stop and reload
 
     def _request_stop(self, interactive: bool = False) -> None:
+        if not self.draining:
+            # Readiness goes 503 at once; during --drain-delay the listener still
+            # accepts while a balancer's health check takes this node out.
+            self.draining = True
+            if self.telemetry is not None:
+                self.telemetry.readiness = 1
+                self.telemetry.flush()
+            delay = self.cfg.drain_delay
+            if delay > 0 and not interactive:
+                log.info("draining: not ready; accepting for %g s more, then stopping", delay)
+                assert self.loop is not None
+                self._drain_timer = self.loop.call_later(delay, self._drained)
+                return
+        elif self._drain_timer is not None:
+            if not interactive:
+                return  # SIGTERM again while draining: the delay runs its course
+            self._drain_timer.cancel()  # an interrupt: stop now
+            self._drain_timer = None
+        self._stop(interactive)
+
+    def _drained(self) -> None:
+        self._drain_timer = None
+        self._stop(False)
+
+    def _stop(self, interactive: bool) -> None:
         if self.stopping:
             if not interactive:
                 return  # SIGTERM again: still graceful
@@ -1245,6 +1338,7 @@ class Supervisor:
         old_metrics = (self.cfg.metrics_host, self.cfg.metrics_port)
         self.cfg = new
         self.access = new.access_policy()
+        self.proxy_gate = self._proxy_gate(new)
         self.generation += 1
         log.info("SIGHUP: configuration reloaded; replacing %d worker(s)", len(self.slots))
         old, self.slots = self.slots, []

@@ -219,6 +219,9 @@ class Telemetry:
         #: the object store in spool mode (workers/storage/objectstore.py): its
         #: backlog is read on every tick; None: local storage
         self.object_store: Any = None
+        #: the supervisor's readiness, sent on every tick (metrics.wire.Readiness):
+        #: None (workers: nothing to say), 0 accepting, 1 draining
+        self.readiness: int | None = None
         # Storage timings may come from pool threads: deque appends are atomic.
         self._writes: collections.deque[float] = collections.deque()
         self._fsyncs: collections.deque[float] = collections.deque()
@@ -711,6 +714,8 @@ class Telemetry:
         uploader = getattr(self.object_store, "uploader", None)
         if uploader is not None:
             out.append(w.S3Spool(uploader.backlog_instances, uploader.backlog_bytes))
+        if self.readiness is not None:
+            out.append(w.Readiness(self.readiness))
         for table in (
             self._dimse,
             self._assoc,
