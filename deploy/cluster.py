@@ -308,8 +308,6 @@ class HAProxy:
             servers=servers,
             source=f"    source {BALANCER_SOURCE}\n",
         )
-        if not proxy_protocol:  # TEMPORARY until r17-proxy (it adds /readyz) is merged
-            text = text.replace("GET /readyz", "GET /healthz")
         self.config.write_text(text)
         self.service = Service(
             "haproxy",
@@ -393,18 +391,6 @@ class Prometheus:
 
 
 # ----------------------------------------------------------------------- cluster
-
-
-def supports_proxy_protocol() -> bool:
-    """Whether this pacs-receiver takes ``--proxy-protocol-from``."""
-    done = subprocess.run(
-        [str(BIN / "pacs-receiver"), "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    return "--proxy-protocol-from" in done.stdout
 
 
 @dataclass
@@ -655,7 +641,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 nodes_count=args.nodes,
                 workers=args.workers,
                 node_args=["--s3-durability", args.durability],
-                proxy_protocol=supports_proxy_protocol(),
             )
             with cluster:
                 assert cluster.haproxy is not None and cluster.moto is not None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -34,7 +35,6 @@ from deploy.cluster import (
     Prometheus,
     loadtest,
     read_records,
-    supports_proxy_protocol,
     wait_for,
 )
 from tests.pgserver import PostgresServer
@@ -58,7 +58,6 @@ def start_cluster(tmp_path: Path, pg_server: PostgresServer, *node_args: str) ->
         tmp_path / "cluster",
         workers=1,
         node_args=["--fsync", "never", *node_args],
-        proxy_protocol=supports_proxy_protocol(),
         index_url=pg_server.new_database(),
     )
     return cluster.__enter__()
@@ -144,11 +143,10 @@ def test_two_nodes_behind_haproxy_every_instance_once(direct: Cluster, tmp_path:
     assert {row[1] for row in rows} == {"node1", "node2"}
     for uid, (_status, digest) in sent.items():
         assert by_uid[uid][3] == digest
-    if direct.proxy_protocol:
-        assert {host_of(by_uid[uid][2]) for uid in sent} == {"127.0.0.1"}
-        assert {host_of(by_uid[uid][2]) for uid in others} == {other}
-    else:  # until the PROXY protocol is there the nodes see HAProxy
-        assert {host_of(row[2]) for row in rows} == {BALANCER_SOURCE}
+    # HAProxy connects from BALANCER_SOURCE; the PROXY header named the client.
+    assert {host_of(by_uid[uid][2]) for uid in sent} == {"127.0.0.1"}
+    assert {host_of(by_uid[uid][2]) for uid in others} == {other}
+    assert BALANCER_SOURCE not in {host_of(row[2]) for row in rows}
 
     # Prometheus, scraping both nodes, sums their counters to what was sent.
     assert direct.prometheus is not None
@@ -174,7 +172,7 @@ def test_sigkill_of_a_node_under_load(spool: Cluster, tmp_path: Path) -> None:
     first.mkdir()
     cmd_dir = first
     # Many short associations, so that the load keeps opening new ones.
-    proc = _background_loadtest(haproxy.port, 1500, cmd_dir)
+    proc = _background_loadtest(haproxy.port, 1000, cmd_dir)
     try:
         wait_for(lambda: node_rows(spool, victim.name) >= 30, 60, "load on the victim")
         victim.kill()
@@ -217,6 +215,38 @@ def test_sigkill_of_a_node_under_load(spool: Cluster, tmp_path: Path) -> None:
         uid = uid_of(key)
         if uid in ok:
             assert stored_digest(spool.moto.body(key)) == sent[uid][1], key
+
+
+def test_sigterm_drains_a_node_without_failing_an_association(
+    tmp_path: Path, pg_server: PostgresServer
+) -> None:
+    cluster = start_cluster(tmp_path, pg_server, "--s3-durability", "direct",
+                            "--drain-delay", "4", "--graceful-timeout", "20")  # fmt: skip
+    try:
+        assert cluster.haproxy is not None and cluster.moto is not None
+        haproxy = cluster.haproxy
+        victim, survivor = cluster.nodes
+        proc = _background_loadtest(haproxy.port, 800, tmp_path)
+        try:
+            wait_for(lambda: node_rows(cluster, victim.name) >= 20, 60, "load on the victim")
+            assert victim.service is not None
+            victim.service.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+            # /readyz says 503 at once: HAProxy takes the node out while it still
+            # accepts, then its open associations finish.
+            wait_for(lambda: haproxy.stats().get(victim.name, "").startswith("DOWN"), 30, "DOWN")
+            assert victim.service.proc.wait(60) == 0  # type: ignore[union-attr]
+            assert proc.wait(240) == 0, (tmp_path / "loadtest.log").read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        sent = read_records(tmp_path / "sent.tsv")
+        assert len(sent) == 800 and all(s == 0 for s, _ in sent.values())
+        wait_for(lambda: len(cluster.index_rows()) >= 800, 30, "the index rows")
+        assert {uid_of(k) for k in cluster.moto.objects()} == set(sent)
+        assert node_rows(cluster, survivor.name) > 0
+    finally:
+        cluster.stop()
 
 
 def _background_loadtest(port: int, count: int, workdir: Path) -> subprocess.Popen[bytes]:
