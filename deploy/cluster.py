@@ -189,8 +189,7 @@ class Node:
             str(self.metrics_port),
             "--workers",
             str(workers),
-            "--s3-spool",
-            str(self.spool),
+            *(["--s3-spool", str(self.spool)] if "--s3-endpoint" in self.args else []),
             "--index-node",
             self.name,
             *self.args,
@@ -320,20 +319,25 @@ class HAProxy:
         wait_for(lambda: self.service.check() and self.stats(), 30, "HAProxy")
         return self
 
-    def stats(self) -> dict[str, str]:
-        """Server name -> status (UP, DOWN, ...) from the admin socket."""
+    def command(self, line: str) -> str:
+        """One command on the admin socket (``show stat``, ``set server ...``); its
+        answer, or "" when the socket does not answer."""
         try:
             with socket.socket(socket.AF_UNIX) as s:
                 s.settimeout(5)
                 s.connect(str(self.workdir / "haproxy.sock"))
-                s.sendall(b"show stat\n")
+                s.sendall(line.encode() + b"\n")
                 data = b""
                 while chunk := s.recv(65536):
                     data += chunk
         except OSError:
-            return {}
+            return ""
+        return data.decode(errors="replace")
+
+    def stats(self) -> dict[str, str]:
+        """Server name -> status (UP, DOWN, MAINT, ...) from the admin socket."""
         out: dict[str, str] = {}
-        lines = data.decode(errors="replace").splitlines()
+        lines = self.command("show stat").splitlines()
         if not lines:
             return out
         header = lines[0].lstrip("# ").split(",")
@@ -398,7 +402,8 @@ class Cluster:
     """PostgreSQL, an S3 server, N nodes, HAProxy and Prometheus under ``workdir``.
 
     ``node_args`` are extra flags for every node (``--s3-durability spool``, ...);
-    ``index_url``: an empty PostgreSQL database to share (else one is initdb'd here).
+    ``index_url``: an empty PostgreSQL database to share (else one is initdb'd here);
+    ``local_storage``: each node on its own directory, no S3 server (benchmarks).
     Use as a context manager: everything started is stopped on the way out.
     """
 
@@ -407,6 +412,8 @@ class Cluster:
     workers: int = 1
     node_args: list[str] = field(default_factory=list)
     proxy_protocol: bool = True
+    #: each node stores under its own directory instead of the S3 bucket (no moto)
+    local_storage: bool = False
     scrape_interval: str = "1s"
     pg: Any = None
     moto: Moto | None = None
@@ -445,22 +452,17 @@ class Cluster:
             self.pg = PostgresServer(bindir)
             self.pg.start()
             self.index_url = self.pg.new_database()
-        self.moto = Moto(self.workdir).start()
-        args = [
-            "--storage",
-            f"s3://{BUCKET}/{PREFIX}",
-            "--s3-endpoint",
-            self.moto.url,
-            "--index",
-            self.index_url,
-            *self.node_args,
-        ]
+        args = ["--index", self.index_url, *self.node_args]
+        if not self.local_storage:
+            self.moto = Moto(self.workdir).start()
+            args += ["--storage", f"s3://{BUCKET}/{PREFIX}", "--s3-endpoint", self.moto.url]
         if self.proxy_protocol:
             args += ["--proxy-protocol-from", f"{BALANCER_SOURCE}/32"]
-        self.nodes = [
-            Node(f"node{i + 1}", self.workdir / f"node{i + 1}", list(args))
-            for i in range(self.nodes_count)
-        ]
+        self.nodes = []
+        for i in range(self.nodes_count):
+            base = self.workdir / f"node{i + 1}"
+            local = ["--storage", str(base / "store")] if self.local_storage else []
+            self.nodes.append(Node(f"node{i + 1}", base, [*args, *local]))
         for node in self.nodes:
             node.start(self.env(), self.workers)
         self.haproxy = HAProxy(self.workdir, self.nodes, proxy_protocol=self.proxy_protocol)
