@@ -37,6 +37,7 @@ from deploy.cluster import (
     read_records,
     wait_for,
 )
+from deploy.components import haproxy_binary
 from tests.pgserver import PostgresServer
 from workers.index.digest import dataset_offset
 
@@ -44,7 +45,7 @@ pytest.importorskip("boto3")
 pytest.importorskip("moto.server")
 pytest.importorskip("psycopg")
 
-HAPROXY = shutil.which("haproxy")
+HAPROXY = haproxy_binary()
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
 pytestmark = pytest.mark.skipif(
