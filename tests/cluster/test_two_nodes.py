@@ -176,6 +176,7 @@ def test_sigkill_of_a_node_under_load(spool: Cluster, tmp_path: Path) -> None:
     proc = _background_loadtest(haproxy.port, 1000, cmd_dir)
     try:
         wait_for(lambda: node_rows(spool, victim.name) >= 30, 60, "load on the victim")
+        assert proc.poll() is None  # under load
         victim.kill()
         wait_for(lambda: haproxy.stats().get(victim.name, "").startswith("DOWN"), 30, "victim DOWN")
         proc.wait(240)
@@ -230,7 +231,7 @@ def test_sigterm_drains_a_node_without_failing_an_association(
         proc = _background_loadtest(haproxy.port, 800, tmp_path)
         try:
             wait_for(lambda: node_rows(cluster, victim.name) >= 20, 60, "load on the victim")
-            assert victim.service is not None
+            assert victim.service is not None and proc.poll() is None
             victim.service.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
             # /readyz says 503 at once: HAProxy takes the node out while it still
             # accepts, then its open associations finish.
@@ -255,6 +256,7 @@ def _background_loadtest(port: int, count: int, workdir: Path) -> subprocess.Pop
     cmd = [str(bindir / "pacs-loadtest"), "--host", "127.0.0.1", "--port", str(port),
            "--called-ae", "PACSRX", "--count", str(count), "--associations", "4",
            "--per-association", "10", "--size", "8k", "--timeout", "10", "--grace", "5",
+           "--rate", "200",  # still sending when the node goes, on any machine
            "--record-uids", str(workdir / "sent.tsv"), "--no-progress", "-q"]  # fmt: skip
     with open(workdir / "loadtest.log", "wb") as out:
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
