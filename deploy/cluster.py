@@ -93,7 +93,6 @@ class Cluster:
     nodes_count: int = 2
     workers: int = 1
     node_args: list[str] = field(default_factory=list)
-    proxy_protocol: bool = True
     #: each node stores under its own directory instead of the S3 bucket (no moto)
     local_storage: bool = False
     scrape_interval: str = "1s"
@@ -138,8 +137,8 @@ class Cluster:
         if not self.local_storage:
             self.moto = Moto(self.workdir).start()
             args += ["--storage", f"s3://{BUCKET}/{PREFIX}", "--s3-endpoint", self.moto.url]
-        if self.proxy_protocol:
-            args += ["--proxy-protocol-from", f"{BALANCER_SOURCE}/32"]
+        # HAProxy sends a PROXY v2 header (deploy/haproxy.cfg); it connects from here.
+        args += ["--proxy-protocol-from", f"{BALANCER_SOURCE}/32"]
         self.nodes = []
         for i in range(self.nodes_count):
             base = self.workdir / f"node{i + 1}"
@@ -147,7 +146,7 @@ class Cluster:
             self.nodes.append(Node(f"node{i + 1}", base, [*args, *local]))
         for node in self.nodes:
             node.start(self.env(), self.workers)
-        self.haproxy = HAProxy(self.workdir, self.nodes, proxy_protocol=self.proxy_protocol)
+        self.haproxy = HAProxy(self.workdir, self.nodes)
         self.haproxy.start()
         self.wait_servers_up()
         self.prometheus = Prometheus(self.workdir, self.nodes, self.scrape_interval).start()
@@ -331,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 prom = cluster.prometheus.url if cluster.prometheus else None
                 print(
                     f"up: {len(cluster.nodes)} nodes, HAProxy on 127.0.0.1:"
-                    f"{cluster.haproxy.port} (PROXY v2: {cluster.proxy_protocol}), "
+                    f"{cluster.haproxy.port} (PROXY v2), "
                     f"S3 {cluster.moto.url}, Prometheus {prom}",
                     flush=True,
                 )

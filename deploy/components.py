@@ -280,13 +280,11 @@ class Moto:
 class HAProxy:
     """HAProxy from deploy/haproxy.cfg in the foreground (``-db``)."""
 
-    def __init__(self, workdir: Path, nodes: Sequence[Node], *, proxy_protocol: bool) -> None:
+    def __init__(self, workdir: Path, nodes: Sequence[Node]) -> None:
         self.port = free_port()
         self.workdir = workdir
         servers = "".join(
-            f"    server {n.name} 127.0.0.1:{n.port} check port {n.metrics_port}"
-            f"{' send-proxy-v2' if proxy_protocol else ''}\n"
-            for n in nodes
+            f"    server {n.name} 127.0.0.1:{n.port} check port {n.metrics_port}\n" for n in nodes
         )
         self.config = workdir / "haproxy.cfg"
         text = render(

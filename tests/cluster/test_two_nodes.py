@@ -267,10 +267,11 @@ def _background_loadtest(port: int, count: int, workdir: Path) -> subprocess.Pop
 
 def test_haproxy_configuration_is_valid(tmp_path: Path) -> None:
     nodes = [Node(f"node{i}", tmp_path / f"node{i}", []) for i in (1, 2)]
-    config = HAProxy(tmp_path, nodes, proxy_protocol=True).config
+    config = HAProxy(tmp_path, nodes).config
     text = config.read_text()
     servers = [line.split() for line in text.splitlines() if line.startswith("    server ")]
-    assert len(servers) == 2 and all("send-proxy-v2" in s for s in servers)
+    assert len(servers) == 2 and all("check" in s and "port" in s for s in servers)
+    assert "default-server send-proxy-v2 " in text
     assert "balance leastconn" in text
     done = subprocess.run([str(HAPROXY), "-c", "-f", str(config)], capture_output=True,
                           text=True, timeout=30, check=False)  # fmt: skip
