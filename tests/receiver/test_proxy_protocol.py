@@ -94,6 +94,13 @@ def test_v2_ipv4_header_and_what_follows() -> None:
     assert got == ProxyHeader(2, 28, Command.PROXY, CLIENT, BALANCER_FACING)
 
 
+def test_ipv4_mapped_addresses_read_as_the_kernel_writes_them() -> None:
+    src, dst = ("::ffff:192.0.2.10", 1), ("::ffff:198.51.100.1", 2)
+    for header in (build_v2(src, dst), build_v1(src, dst)):
+        got = parse(header)
+        assert isinstance(got, ProxyHeader) and (got.source, got.destination) == (src, dst)
+
+
 def test_v2_ipv6_header() -> None:
     src, dst = ("2001:db8::10", 50000), ("2001:db8::1", 104)
     header = build_v2(src, dst)
@@ -253,8 +260,9 @@ def test_looks_like_header() -> None:
     st.binary(max_size=64),
 )
 def test_round_trip(address: object, sport: int, dport: int, tail: bytes) -> None:
-    src = (str(address), sport)
-    dst = ("0.0.0.0" if ":" not in src[0] else "::", dport)
+    family = socket.AF_INET6 if ":" in str(address) else socket.AF_INET
+    src = (socket.inet_ntop(family, address.packed), sport)  # type: ignore[attr-defined]
+    dst = ("0.0.0.0" if family == socket.AF_INET else "::", dport)
     for header in (build_v2(src, dst), build_v1(src, dst)):
         got = parse(header + tail)
         assert isinstance(got, ProxyHeader)
