@@ -86,7 +86,10 @@ async def read_header(
                     raise ProxyError(Reason.TRUNCATED, "closed before sending a header")
                 result = parse(data)
                 if isinstance(result, ProxyHeader):
-                    _consume(sock, result.length)
+                    try:
+                        _consume(sock, result.length)
+                    except OSError as exc:
+                        raise ProxyError(Reason.TRUNCATED, f"connection failed: {exc}") from None
                     return result
                 if _peer_closed(fd):
                     raise ProxyError(
