@@ -51,7 +51,7 @@ from receiver.proxy import (
     looks_like_header,
     parse,
 )
-from receiver.proxy_gate import read_header
+from receiver.proxy_gate import ProxyGate, read_header
 from tests.audit.collector import Collector
 from tests.metrics.helpers import short_tmpdir, until
 from workers.index import open_index
@@ -419,6 +419,27 @@ def test_gate_peer_stalling_mid_header_times_out() -> None:
         with pytest.raises(ProxyError) as info:
             _read(server, 0.5)
         assert info.value.reason == Reason.TIMEOUT
+
+
+def test_gate_local_health_check_is_closed_and_a_local_stream_is_served() -> None:
+    gate = ProxyGate(["127.0.0.1/32"], 5.0, 5.0)
+
+    async def admit(server: socket.socket) -> tuple[str, int] | None:
+        return await gate.admit(server, server.getpeername()[:2])
+
+    client, server = _pair()
+    with client, server:
+        client.sendall(build_v2(None))  # HAProxy's TCP check: connect, LOCAL, close
+        client.shutdown(socket.SHUT_WR)
+        time.sleep(0.1)
+        assert asyncio.run(admit(server)) is None
+        assert server.fileno() == -1  # closed: no worker bothered
+    client, server = _pair()
+    with client, server:
+        client.sendall(build_v2(None) + ASSOCIATE_RQ_START)
+        expected = client.getsockname()[:2]
+        assert asyncio.run(admit(server)) == expected  # the balancer's own address
+    assert gate.refused == {}
 
 
 # ------------------------------------------------------- a running receiver
