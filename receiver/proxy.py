@@ -29,6 +29,7 @@ wait, timeout, consume exactly the header) is :mod:`receiver.proxy_gate`.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -175,7 +176,9 @@ def _v1_address(text: str, version: int) -> str:
         raise ProxyError(Reason.MALFORMED, f"v1 address {text[:48]!r} is not valid") from None
     if address.version != version:
         raise ProxyError(Reason.MALFORMED, f"v1 address {text!r} is not IPv{version}")
-    return str(address)
+    # Written as the kernel's addresses are (getpeername: ::ffff:192.0.2.1, not
+    # ipaddress's ::ffff:c000:201), whichever version of the header brought it.
+    return socket.inet_ntop(socket.AF_INET if version == 4 else socket.AF_INET6, address.packed)
 
 
 def _v1_port(text: str) -> int:
@@ -214,25 +217,18 @@ def _parse_v2(buf: bytes) -> ProxyHeader | int:
         return ProxyHeader(2, total, Command.LOCAL)
     if family in (1, 2) and transport != 1:
         raise ProxyError(Reason.MALFORMED, "v2 header for a non-stream transport")
-    if family == 1:
-        src, dst = buf[16:20], buf[20:24]
-        sport, dport = struct.unpack_from("!HH", buf, 24)
+    if family in (1, 2):
+        # inet_ntop: the text getpeername gives for the same address.
+        af, size = (socket.AF_INET, 4) if family == 1 else (socket.AF_INET6, 16)
+        src_end = V2_FIXED + size
+        dst_end = src_end + size
+        sport, dport = struct.unpack_from("!HH", buf, dst_end)
         return ProxyHeader(
             2,
             total,
             Command.PROXY,
-            (str(ipaddress.IPv4Address(src)), sport),
-            (str(ipaddress.IPv4Address(dst)), dport),
-        )
-    if family == 2:
-        src, dst = buf[16:32], buf[32:48]
-        sport, dport = struct.unpack_from("!HH", buf, 48)
-        return ProxyHeader(
-            2,
-            total,
-            Command.PROXY,
-            (str(ipaddress.IPv6Address(src)), sport),
-            (str(ipaddress.IPv6Address(dst)), dport),
+            (socket.inet_ntop(af, buf[V2_FIXED:src_end]), sport),
+            (socket.inet_ntop(af, buf[src_end:dst_end]), dport),
         )
     # UNSPEC (the spec: use the connection's addresses) or UNIX (no IP address to
     # apply a policy to): the connection's own addresses stand.

@@ -33,7 +33,15 @@ import socket
 from collections.abc import Callable, Iterable
 
 from .access import Network, parse_networks, peer_address
-from .proxy import V2_MAX_BYTES, ProxyError, ProxyHeader, Reason, looks_like_header, parse
+from .proxy import (
+    V2_MAX_BYTES,
+    Command,
+    ProxyError,
+    ProxyHeader,
+    Reason,
+    looks_like_header,
+    parse,
+)
 
 log = logging.getLogger("receiver.proxy")
 
@@ -86,7 +94,10 @@ async def read_header(
                     raise ProxyError(Reason.TRUNCATED, "closed before sending a header")
                 result = parse(data)
                 if isinstance(result, ProxyHeader):
-                    _consume(sock, result.length)
+                    try:
+                        _consume(sock, result.length)
+                    except OSError as exc:
+                        raise ProxyError(Reason.TRUNCATED, f"connection failed: {exc}") from None
                     return result
                 if _peer_closed(fd):
                     raise ProxyError(
@@ -166,6 +177,16 @@ async def sniff_header(
                 pass
 
 
+def _closed_empty(sock: socket.socket) -> bool:
+    """The peer closed and nothing of its stream is left to read."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
 def _show(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -206,6 +227,11 @@ class ProxyGate:
                 header = await read_header(loop, sock, self.header_timeout)
             except ProxyError as exc:
                 self._refuse(sock, host, port, exc.reason, exc.detail)
+                return None
+            if header.command == Command.LOCAL and _closed_empty(sock):
+                # The balancer's health check (connect, LOCAL, close): nothing to serve.
+                log.debug("PROXY v2 LOCAL from %s: health check", _show(host, port))
+                sock.close()
                 return None
             if header.source is None:
                 return host, port  # LOCAL / UNKNOWN: the balancer's own connection

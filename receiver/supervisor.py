@@ -822,8 +822,8 @@ class Supervisor:
                 self._accepting_again()
             if self.proxy_gate is not None:
                 # Behind a balancer: the header's address is the peer's (proxy_gate.py).
-                sock = self._socket(fd)
-                self._track(asyncio.ensure_future(self._admit_proxied(sock, addr)))
+                admit = self._admit_proxied(self._socket(fd), addr, self.proxy_gate)
+                self._track(asyncio.ensure_future(admit))
                 continue
             if screen and not access.address_allowed(addr[0]):
                 # Before any limit: a refused peer takes no one's place.
@@ -1039,13 +1039,18 @@ class Supervisor:
 
         return ProxyGate(cfg.proxy_protocol_from, cfg.network_timeout, cfg.acse_timeout, count)
 
-    async def _admit_proxied(self, sock: socket.socket, addr: tuple[Any, ...]) -> None:
+    async def _admit_proxied(
+        self, sock: socket.socket, addr: tuple[Any, ...], gate: ProxyGate
+    ) -> None:
         """Behind a balancer: the PROXY header first (its client address is the
         peer's from here on: --allow-ip, the limits, [ae-sources], the worker),
         then what _on_accept does for one connection."""
-        gate = self.proxy_gate
-        assert gate is not None
-        peer = await gate.admit(sock, (str(addr[0]), int(addr[1])))
+        try:
+            peer = await gate.admit(sock, (str(addr[0]), int(addr[1])))
+        except OSError as exc:  # the connection failed under the gate
+            log.info("connection from %s:%s lost before its header was read: %s", *addr[:2], exc)
+            sock.close()
+            return
         if peer is None:
             return  # closed, logged, counted
         host = peer[0]

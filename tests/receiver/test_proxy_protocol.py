@@ -51,7 +51,7 @@ from receiver.proxy import (
     looks_like_header,
     parse,
 )
-from receiver.proxy_gate import read_header
+from receiver.proxy_gate import ProxyGate, read_header
 from tests.audit.collector import Collector
 from tests.metrics.helpers import short_tmpdir, until
 from workers.index import open_index
@@ -92,6 +92,13 @@ def test_v2_ipv4_header_and_what_follows() -> None:
     assert len(header) == 16 + 12
     got = parse(header + ASSOCIATE_RQ_START)
     assert got == ProxyHeader(2, 28, Command.PROXY, CLIENT, BALANCER_FACING)
+
+
+def test_ipv4_mapped_addresses_read_as_the_kernel_writes_them() -> None:
+    src, dst = ("::ffff:192.0.2.10", 1), ("::ffff:198.51.100.1", 2)
+    for header in (build_v2(src, dst), build_v1(src, dst)):
+        got = parse(header)
+        assert isinstance(got, ProxyHeader) and (got.source, got.destination) == (src, dst)
 
 
 def test_v2_ipv6_header() -> None:
@@ -253,8 +260,9 @@ def test_looks_like_header() -> None:
     st.binary(max_size=64),
 )
 def test_round_trip(address: object, sport: int, dport: int, tail: bytes) -> None:
-    src = (str(address), sport)
-    dst = ("0.0.0.0" if ":" not in src[0] else "::", dport)
+    family = socket.AF_INET6 if ":" in str(address) else socket.AF_INET
+    src = (socket.inet_ntop(family, address.packed), sport)  # type: ignore[attr-defined]
+    dst = ("0.0.0.0" if family == socket.AF_INET else "::", dport)
     for header in (build_v2(src, dst), build_v1(src, dst)):
         got = parse(header + tail)
         assert isinstance(got, ProxyHeader)
@@ -411,6 +419,27 @@ def test_gate_peer_stalling_mid_header_times_out() -> None:
         with pytest.raises(ProxyError) as info:
             _read(server, 0.5)
         assert info.value.reason == Reason.TIMEOUT
+
+
+def test_gate_local_health_check_is_closed_and_a_local_stream_is_served() -> None:
+    gate = ProxyGate(["127.0.0.1/32"], 5.0, 5.0)
+
+    async def admit(server: socket.socket) -> tuple[str, int] | None:
+        return await gate.admit(server, server.getpeername()[:2])
+
+    client, server = _pair()
+    with client, server:
+        client.sendall(build_v2(None))  # HAProxy's TCP check: connect, LOCAL, close
+        client.shutdown(socket.SHUT_WR)
+        time.sleep(0.1)
+        assert asyncio.run(admit(server)) is None
+        assert server.fileno() == -1  # closed: no worker bothered
+    client, server = _pair()
+    with client, server:
+        client.sendall(build_v2(None) + ASSOCIATE_RQ_START)
+        expected = client.getsockname()[:2]
+        assert asyncio.run(admit(server)) == expected  # the balancer's own address
+    assert gate.refused == {}
 
 
 # ------------------------------------------------------- a running receiver
