@@ -3,6 +3,8 @@
 Every relative Markdown link of README.md and docs/*.md must name a file of the
 repository and, with a ``#fragment``, a heading of that file (slugged the way GitHub
 renders anchors); no link may leave the repository (``../shared`` and the like).
+Every repository path the pages name in code spans (`workers/storage/group.py`,
+`tests/worker/`) must exist, so that moving a module shows which page to update.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ REPO = Path(__file__).resolve().parent.parent
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 _LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+_PACKAGES = "receiver|workers|metrics|loadtest|benchmarks|tests"
+_NAMED_PATH = re.compile(rf"`((?:{_PACKAGES})/[^`\s:]*)")
 _FENCE = re.compile(r"^```.*?^```", flags=re.MULTILINE | re.DOTALL)
 
 
@@ -68,3 +72,10 @@ def test_docs_pages_are_linked_from_the_readme() -> None:
     readme = set(links(REPO / "README.md"))
     for page in PAGES[1:]:
         assert f"docs/{page.name}" in readme, f"docs/{page.name} is not linked from README.md"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
+def test_named_paths_exist(page: Path) -> None:
+    named = _NAMED_PATH.findall(page.read_text())
+    missing = sorted({path for path in named if not (REPO / path).exists()})
+    assert not missing, f"{page.name} names paths that do not exist: {missing}"
