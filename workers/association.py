@@ -34,19 +34,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
-import tempfile
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import services
 from .activity import Activity, abort_names, context_result_name, log_fields, reject_names
 from .engine import acse, dimse
 from .engine import events as evt
 from .engine import pdu as p
-from .engine.connection import Connection, PresentationContext, Role
+from .engine.connection import Connection, Role
 from .engine.fsm import State
 from .engine.primitives import (
     NEED_DATA,
@@ -61,12 +59,30 @@ from .engine.primitives import (
     ReleaseRequested,
     StateChanged,
 )
-from .handlers import HandlerRegistry, Step, drive, notify, resolve
-from .storage.store import InstanceWriter, StoreResult
+from .handlers import Step, drive, notify, resolve
+from .session import Association, ContextInfo, Operation, ServerPort, ServiceUser, Spool
+from .session import discard as _discard
+from .storage.store import StoreResult
 from .storage.uids import UnsafeUID
 
 if TYPE_CHECKING:
-    from .server import AssociationServer
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .engine.connection import EngineConfig, MemoryBudget
+    from .handlers import Binding
+    from .storage.group import GroupCommitter
+    from .storage.store import InstanceWriter
+
+__all__ = [
+    "AcceptorServer",
+    "Association",
+    "AssociationProtocol",
+    "ContextInfo",
+    "Operation",
+    "ServiceUser",
+    "Spool",
+    "Telemetry",
+]
 
 log = logging.getLogger("workers.association")
 
@@ -105,211 +121,90 @@ def _quickack_socket(sock: Any) -> Any:
         return sock
 
 
-class ServiceUser:
-    """One end of the association, as handlers see it (``assoc.requestor``,
-    ``assoc.acceptor``), with pynetdicom's attribute names."""
+class Telemetry(Protocol):
+    """Receives what the metrics channel counts (see workers/telemetry.py)."""
 
-    __slots__ = (
-        "address",
-        "ae_title",
-        "implementation_class_uid",
-        "implementation_version_name",
-        "maximum_length",
-        "port",
-        "user_identity",
-    )
+    def record(
+        self, event: evt.NotificationEvent, protocol: AssociationProtocol, attrs: dict[str, Any]
+    ) -> None: ...
 
-    def __init__(self) -> None:
-        self.ae_title = ""
-        self.address = ""
-        self.port = 0
-        self.implementation_class_uid: str | None = None
-        self.implementation_version_name: str | None = None
-        self.maximum_length: int | None = None
-        self.user_identity: p.UserIdentityRQ | None = None
+    def dimse(self, direction: int, command_field: int, status: int | None = None) -> None: ...
+
+    def stored(
+        self, protocol: AssociationProtocol, op: Operation, result: Any, duration_seconds: float
+    ) -> None: ...
+
+    def handler_error(self, event_name: str) -> None: ...
+
+    def context_rejected(self, reason: str) -> None: ...
 
 
-class ContextInfo:
-    """An accepted presentation context, as handlers see it (``event.context``)."""
-
-    __slots__ = ("abstract_syntax", "as_scp", "as_scu", "context_id", "transfer_syntax")
-
-    def __init__(self, ctx: PresentationContext, as_scu: bool = False, as_scp: bool = True) -> None:
-        self.context_id = ctx.id
-        self.abstract_syntax = ctx.abstract_syntax
-        self.transfer_syntax = ctx.transfer_syntax
-        self.as_scu = as_scu
-        self.as_scp = as_scp
-
-    def __repr__(self) -> str:
-        return f"<Context {self.context_id} {self.abstract_syntax} {self.transfer_syntax}>"
-
-
-class Association:
-    """What handlers get as ``event.assoc``: who is talking, what was agreed, and the
-    per-association ``bind``/``unbind``/``abort``/``release``."""
-
-    def __init__(self, protocol: AssociationProtocol, registry: HandlerRegistry) -> None:
-        self._protocol = protocol
-        #: the server's registry until a handler is bound to this association alone;
-        #: then one of its own that falls back to the server's (see bind())
-        self.registry = registry
-        self.requestor = ServiceUser()
-        self.acceptor = ServiceUser()
-        self.is_established = False
-        self.is_released = False
-        self.is_aborted = False
-        self.is_rejected = False
-        self.accepted_contexts: list[ContextInfo] = []
-        self.rejected_contexts: list[p.PresentationContextRQ] = []
-        #: asynchronous operations window granted (invoked, performed)
-        self.async_ops = (1, 1)
-        self.name = ""
+class AcceptorServer(ServerPort, Protocol):
+    """What an :class:`AssociationProtocol` needs of the server that made it
+    (implemented by :class:`workers.server.AssociationServer`): the services' view
+    (:class:`~workers.session.ServerPort`) plus admission, negotiation, the commit
+    machinery, audit and the association bookkeeping."""
 
     @property
-    def server(self) -> AssociationServer:
-        return self._protocol.server
+    def telemetry(self) -> Telemetry | None: ...
 
     @property
-    def mode(self) -> str:
-        return "acceptor"
+    def engine_config(self) -> EngineConfig: ...
 
-    def bind(self, event: evt.EventType, handler: Callable[..., Any], args: Any = None) -> None:
-        proto = self._protocol
-        if self.registry is proto.server.registry:
-            # The first handler of this association's own: most never get one, so the
-            # registry of their own is only made now.
-            self.registry = proto.registry = HandlerRegistry(parent=proto.server.registry)
-        self.registry.bind(event, handler, args)
-        proto.refresh_tracing()
+    @property
+    def policy(self) -> acse.AcceptorPolicy: ...
 
-    def unbind(self, event: evt.EventType, handler: Callable[..., Any]) -> None:
-        proto = self._protocol
-        if self.registry is proto.server.registry:
-            return  # nothing was bound to this association alone
-        self.registry.unbind(event, handler)
-        proto.refresh_tracing()
+    @property
+    def negotiations(self) -> acse.NegotiationCache: ...
 
-    def get_handlers(self, event: evt.EventType) -> Any:
-        return self.registry.get_handlers(event)
+    @property
+    def ask_admission(
+        self,
+    ) -> Callable[[AssociationProtocol, p.AssociateRQ], asyncio.Future[Any] | None] | None: ...
 
-    def abort(self) -> None:
-        """Abort the association (A-ABORT, service-user source).
+    @property
+    def memory_budget(self) -> MemoryBudget: ...
 
-        Safe to call from a handler running in the handler thread pool: the abort is
-        then handed to the event loop, which owns the transport.
-        """
-        proto = self._protocol
-        try:
-            on_loop = asyncio.get_running_loop() is proto.loop
-        except RuntimeError:
-            on_loop = False
-        if on_loop:
-            proto.abort_association(p.AbortSource.SERVICE_USER, 0, "aborted by a handler")
-        else:
-            proto.loop.call_soon_threadsafe(
-                proto.abort_association, p.AbortSource.SERVICE_USER, 0, "aborted by a handler"
-            )
+    @property
+    def committer(self) -> GroupCommitter | None: ...
 
-    def release(self) -> None:
-        """Not offered to an acceptor: PS3.8 lets only the requestor release."""
-        raise RuntimeError("the association acceptor cannot request a release; use abort()")
+    @property
+    def commit_seconds(self) -> float: ...
 
-    def context(self, context_id: int) -> ContextInfo | None:
-        for ctx in self.accepted_contexts:
-            if ctx.context_id == context_id:
-                return ctx
-        return None
+    @property
+    def io_pool(self) -> ThreadPoolExecutor: ...
 
-    def __repr__(self) -> str:
-        return f"<Association {self.name}>"
+    @property
+    def instance_level(self) -> int | None: ...
 
+    @property
+    def audit(self) -> Any: ...
 
-class Operation:
-    """One DIMSE request being served."""
+    def admission(self, proto: AssociationProtocol, rq: p.AssociateRQ) -> p.AssociateRJ | None: ...
 
-    __slots__ = (
-        "command",
-        "company",
-        "context_id",
-        "data",
-        "held",
-        "message_id",
-        "spool",
-        "started",
-        "status",
-        "writer",
-    )
+    def timed_commit(self, writer: InstanceWriter) -> StoreResult: ...
 
-    def __init__(self, context_id: int, command: dimse.Command, started: float = 0.0) -> None:
-        self.context_id = context_id
-        #: time.perf_counter() when the command set arrived (C-STORE duration metrics)
-        self.started = started
-        self.command = command
-        self.message_id = command.MessageID or 0
-        self.data: bytes | None = None
-        #: bytes of the worker's memory budget ``data`` holds until the operation ends
-        self.held = 0
-        self.writer: InstanceWriter | None = None
-        #: other associations storing when this instance was ready (group commit)
-        self.company = 0
-        self.spool: Spool | None = None
-        #: a status decided before the data set arrived (refused, bad UID ...)
-        self.status: int | None = None
+    def store_company(self, proto: AssociationProtocol, now: float) -> int: ...
 
+    def track(self, future: asyncio.Future[Any]) -> None: ...
 
-class Spool:
-    """A C-STORE data set kept in a temp file for a user handler (never in memory)."""
+    def connection_opened(self, proto: AssociationProtocol) -> None: ...
 
-    __slots__ = ("error", "fd", "path", "size")
+    def association_established(self, proto: AssociationProtocol) -> None: ...
 
-    def __init__(self, directory: str) -> None:
-        # "<pid>-..." like the store's temp files: the sweep of a dead worker's files
-        # (workers/storage/sweep.py) must recognise a live worker's spool as owned.
-        self.fd, self.path = tempfile.mkstemp(
-            dir=directory, prefix=f"{os.getpid()}-", suffix=".spool"
-        )
-        self.size = 0
-        #: the write error (ENOSPC ...) that made the spool give up, if any
-        self.error: OSError | None = None
+    def association_ended(self, proto: AssociationProtocol) -> None: ...
 
-    def write(self, view: memoryview) -> None:
-        # Called from inside the engine's parser: an exception here would abort the
-        # association. A full disk is the request's failure (0xA700), not the
-        # association's: remember it, free the space at once, drop the rest.
-        if self.error is not None:
-            return
-        try:
-            while view:
-                n = os.write(self.fd, view)
-                view = view[n:]
-                self.size += n
-        except OSError as exc:
-            self.error = exc
-            self.close()
+    def connection_closed(self, proto: AssociationProtocol) -> None: ...
 
-    def read(self) -> bytes:
-        with open(self.path, "rb") as f:
-            return f.read()
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-
-
-def _discard(view: memoryview) -> None:
-    """Sink for a data set that is refused before it arrives."""
+    def instance_stored(
+        self, proto: AssociationProtocol, op: Operation, result: StoreResult
+    ) -> None: ...
 
 
 class AssociationProtocol(asyncio.BufferedProtocol):
     """One transport connection served as a DICOM association acceptor."""
 
-    def __init__(self, server: AssociationServer) -> None:
+    def __init__(self, server: AcceptorServer) -> None:
         self.server = server
         self.loop = server.loop
         self.config = server.config
@@ -745,7 +640,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
                     },
                 )
                 try:
-                    result = yield from resolve(caller.call(binding, event, self._inline(binding)))
+                    result = yield from resolve(caller.call(binding, event, self.inline(binding)))
                     verified, response = bool(result[0]), result[1]
                 except Exception:
                     log.exception("%s: EVT_USER_ID handler failed: rejecting", self.assoc.name)
@@ -762,7 +657,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
                 app_info = {item.sop_class_uid: item.info for item in ui.sop_class_extended}
                 event = evt.Event(self.assoc, evt.EVT_SOP_EXTENDED, {"app_info": app_info})
                 try:
-                    answer = yield from resolve(caller.call(binding, event, self._inline(binding)))
+                    answer = yield from resolve(caller.call(binding, event, self.inline(binding)))
                     sop_extended = tuple(
                         p.SOPClassExtended(uid, bytes(info))
                         for uid, info in (answer or {}).items()
@@ -776,7 +671,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
                 items = {item.sop_class_uid: item for item in ui.sop_class_common_extended}
                 event = evt.Event(self.assoc, evt.EVT_SOP_COMMON, {"items": items})
                 try:
-                    yield from resolve(caller.call(binding, event, self._inline(binding)))
+                    yield from resolve(caller.call(binding, event, self.inline(binding)))
                 except Exception:
                     log.exception("%s: EVT_SOP_COMMON handler failed", self.assoc.name)
         extended = acse.Extended(
@@ -820,7 +715,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
             )
             try:
                 answer = yield from resolve(
-                    self.server.caller.call(binding, event, self._inline(binding))
+                    self.server.caller.call(binding, event, self.inline(binding))
                 )
                 wanted = (int(answer[0]), int(answer[1]))
             except Exception:
@@ -1114,7 +1009,8 @@ class AssociationProtocol(asyncio.BufferedProtocol):
 
     # ------------------------------------------------------- operations
 
-    def _inline(self, binding: tuple[Callable[..., Any], tuple[Any, ...]]) -> bool:
+    def inline(self, binding: Binding) -> bool:
+        """Whether ``binding`` runs on the loop (bound inline) rather than in the pool."""
         return binding[0] in self.server.registry.inline
 
     def _start(

@@ -17,10 +17,10 @@ import ssl
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from . import activity
-from .association import AssociationProtocol, Operation
+from .association import AssociationProtocol, Operation, Telemetry
 from .config import WorkerConfig
 from .engine import acse
 from .engine import events as evt
@@ -43,24 +43,6 @@ log = logging.getLogger("workers.server")
 #: an association that had an instance to commit this recently counts as storing:
 #: a commit with fsync waits (--group-commit-wait at most) for its next instance
 STORING_RECENTLY = 0.05
-
-
-class Telemetry(Protocol):
-    """Receives what the metrics channel counts (see workers/telemetry.py)."""
-
-    def record(
-        self, event: evt.NotificationEvent, protocol: AssociationProtocol, attrs: dict[str, Any]
-    ) -> None: ...
-
-    def dimse(self, direction: int, command_field: int, status: int | None = None) -> None: ...
-
-    def stored(
-        self, protocol: AssociationProtocol, op: Operation, result: Any, duration_seconds: float
-    ) -> None: ...
-
-    def handler_error(self, event_name: str) -> None: ...
-
-    def context_rejected(self, reason: str) -> None: ...
 
 
 class AssociationServer:
