@@ -39,10 +39,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from . import events as evt
 from . import services
 from .activity import Activity, abort_names, context_result_name, log_fields, reject_names
 from .engine import acse, dimse
-from .engine import events as evt
 from .engine import pdu as p
 from .engine.connection import Connection, Role
 from .engine.fsm import State

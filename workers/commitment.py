@@ -218,7 +218,7 @@ def parse_action(data: bytes | None, transfer_syntax: str, limit: int) -> tuple[
     SUCCESS and the request, or a failure status and a log message."""
     if not data:
         return INVALID_ARGUMENT, "no Action Information"
-    from .engine.events import decode_dataset
+    from .events import decode_dataset
 
     try:
         ds = decode_dataset(data, transfer_syntax)

@@ -24,8 +24,8 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from . import events as evt
 from .config import IndexedSettings
-from .engine import events as evt
 
 if TYPE_CHECKING:
     from .commitment import Commitment

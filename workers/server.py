@@ -20,10 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from . import activity
+from . import events as evt
 from .association import AssociationProtocol, Operation, Telemetry
 from .config import WorkerConfig
 from .engine import acse
-from .engine import events as evt
 from .engine import pdu as p
 from .engine.connection import MemoryBudget
 from .handlers import HandlerCaller, HandlerRegistry

@@ -13,7 +13,7 @@ shapes are the contract's (``../shared/reference/events.rst``):
   of sub-operations, then ``(status, dataset)`` pairs.
 
 A handler that raises, times out or returns something unusable gets the contract's
-failure status (:data:`workers.engine.events.DEFAULT_STATUS`) and a log line.
+failure status (:data:`workers.events.DEFAULT_STATUS`) and a log line.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import logging
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
+from . import events as evt
 from .datasets import encode_dataset
 from .engine import dimse
-from .engine import events as evt
 from .engine.dimse import CommandField as CF
 from .handlers import DONE, Binding, Step, resolve
 

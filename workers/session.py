@@ -27,7 +27,7 @@ import tempfile
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .engine import events as evt
+from . import events as evt
 from .engine import pdu as p
 from .handlers import HandlerRegistry
 
