@@ -34,20 +34,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from . import events as evt
 from . import services
 from .activity import Activity, abort_names, context_result_name, log_fields, reject_names
+from .bridge import EngineBridge
 from .engine import acse, dimse
 from .engine import pdu as p
 from .engine.connection import Connection, Role
 from .engine.fsm import State
 from .engine.primitives import (
-    NEED_DATA,
     Aborted,
     AssociateIndication,
     AssociateRejected,
@@ -60,18 +59,21 @@ from .engine.primitives import (
     StateChanged,
 )
 from .handlers import Step, drive, notify, resolve
-from .session import Association, ContextInfo, Operation, ServerPort, ServiceUser, Spool
+from .session import (
+    AcceptorServer,
+    Association,
+    ContextInfo,
+    Operation,
+    ServiceUser,
+    Spool,
+    Telemetry,
+)
 from .session import discard as _discard
 from .storage.store import StoreResult
 from .storage.uids import UnsafeUID
 
 if TYPE_CHECKING:
-    from concurrent.futures import ThreadPoolExecutor
-
-    from .engine.connection import EngineConfig, MemoryBudget
     from .handlers import Binding
-    from .storage.group import GroupCommitter
-    from .storage.store import InstanceWriter
 
 __all__ = [
     "AcceptorServer",
@@ -86,7 +88,6 @@ __all__ = [
 
 log = logging.getLogger("workers.association")
 
-_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 _STATUS_PROCESSING_FAILURE = 0x0110
 _STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 _STATUS_INVALID_OBJECT_INSTANCE = 0x0117
@@ -94,133 +95,22 @@ _STATUS_CANNOT_UNDERSTAND = 0xC000
 _STATUS_OUT_OF_RESOURCES = 0xA700
 
 
-class _BorrowedSocket(socket.socket):
-    """A socket object over the transport's fd that never closes it.
-
-    uvloop's ``get_extra_info("socket")`` hands out a pseudo-socket whose every
-    ``setsockopt`` builds a throwaway ``socket.socket`` (a ``getsockname`` syscall and
-    an object per call); re-arming TCP_QUICKACK after each read through it cost more
-    than the ``setsockopt`` itself. This one is made once per connection and detached
-    (never closed: the fd is the transport's) when the connection ends or the object
-    is collected.
-    """
-
-    def __del__(self) -> None:
-        self.detach()
-
-
-def _quickack_socket(sock: Any) -> Any:
-    """What to re-arm TCP_QUICKACK on: ``sock`` itself when it is a real socket,
-    else (uvloop's pseudo-socket, asyncio's TransportSocket) a
-    :class:`_BorrowedSocket` over its fd."""
-    if sock is None or isinstance(sock, socket.socket):
-        return sock
-    try:
-        return _BorrowedSocket(sock.family, sock.type, sock.proto, sock.fileno())
-    except (OSError, AttributeError, ValueError):
-        return sock
-
-
-class Telemetry(Protocol):
-    """Receives what the metrics channel counts (see workers/telemetry.py)."""
-
-    def record(
-        self, event: evt.NotificationEvent, protocol: AssociationProtocol, attrs: dict[str, Any]
-    ) -> None: ...
-
-    def dimse(self, direction: int, command_field: int, status: int | None = None) -> None: ...
-
-    def stored(
-        self, protocol: AssociationProtocol, op: Operation, result: Any, duration_seconds: float
-    ) -> None: ...
-
-    def handler_error(self, event_name: str) -> None: ...
-
-    def context_rejected(self, reason: str) -> None: ...
-
-
-class AcceptorServer(ServerPort, Protocol):
-    """What an :class:`AssociationProtocol` needs of the server that made it
-    (implemented by :class:`workers.server.AssociationServer`): the services' view
-    (:class:`~workers.session.ServerPort`) plus admission, negotiation, the commit
-    machinery, audit and the association bookkeeping."""
-
-    @property
-    def telemetry(self) -> Telemetry | None: ...
-
-    @property
-    def engine_config(self) -> EngineConfig: ...
-
-    @property
-    def policy(self) -> acse.AcceptorPolicy: ...
-
-    @property
-    def negotiations(self) -> acse.NegotiationCache: ...
-
-    @property
-    def ask_admission(
-        self,
-    ) -> Callable[[AssociationProtocol, p.AssociateRQ], asyncio.Future[Any] | None] | None: ...
-
-    @property
-    def memory_budget(self) -> MemoryBudget: ...
-
-    @property
-    def committer(self) -> GroupCommitter | None: ...
-
-    @property
-    def commit_seconds(self) -> float: ...
-
-    @property
-    def io_pool(self) -> ThreadPoolExecutor: ...
-
-    @property
-    def instance_level(self) -> int | None: ...
-
-    @property
-    def audit(self) -> Any: ...
-
-    def admission(self, proto: AssociationProtocol, rq: p.AssociateRQ) -> p.AssociateRJ | None: ...
-
-    def timed_commit(self, writer: InstanceWriter) -> StoreResult: ...
-
-    def store_company(self, proto: AssociationProtocol, now: float) -> int: ...
-
-    def track(self, future: asyncio.Future[Any]) -> None: ...
-
-    def connection_opened(self, proto: AssociationProtocol) -> None: ...
-
-    def association_established(self, proto: AssociationProtocol) -> None: ...
-
-    def association_ended(self, proto: AssociationProtocol) -> None: ...
-
-    def connection_closed(self, proto: AssociationProtocol) -> None: ...
-
-    def instance_stored(
-        self, proto: AssociationProtocol, op: Operation, result: StoreResult
-    ) -> None: ...
-
-
-class AssociationProtocol(asyncio.BufferedProtocol):
+class AssociationProtocol(EngineBridge):
     """One transport connection served as a DICOM association acceptor."""
 
-    def __init__(self, server: AcceptorServer) -> None:
+    quickack = True
+
+    def __init__(self, server: AcceptorServer[AssociationProtocol]) -> None:
+        super().__init__(Connection(Role.ACCEPTOR, server.engine_config), server.loop)
         self.server = server
-        self.loop = server.loop
         self.config = server.config
-        self.conn = Connection(Role.ACCEPTOR, server.engine_config)
         self.registry = server.registry  # Association.bind() gives it one of its own
         self.assoc = Association(self, self.registry)
-        self.transport: asyncio.Transport | None = None
         #: the acceptor's name for this connection (handed over by the supervisor)
         self.connection_id: int | None = None
-        self._sock: Any = None
-        self._quickack_sock: Any = None
         self._reading_paused = False
         self._closing = False
         self._lost = False
-        self._artim: asyncio.TimerHandle | None = None
-        self._artim_at: float | None = None
         self._idle: asyncio.TimerHandle | None = None
         self._last_rx = 0.0
         self._receiving: Operation | None = None  # the request whose data set is arriving
@@ -247,21 +137,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
     # ------------------------------------------------------------- transport
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        self._sock = sock
-        if sock is not None:
-            # Through the socket made for TCP_QUICKACK: uvloop's pseudo-socket would
-            # build (and getsockname) a throwaway socket object for this setsockopt.
-            # uvloop's TCP transports set TCP_NODELAY already; asyncio's do not always
-            # (not on a socket whose proto is 0, as accepted ones can be).
-            qsock = _quickack_socket(sock)
-            try:
-                qsock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
-            if _QUICKACK is not None:
-                self._quickack_sock = qsock
+        self.adopt_transport(transport)
         peer = transport.get_extra_info("peername") or ("", 0)
         local = transport.get_extra_info("sockname") or ("", 0)
         self.assoc.requestor.address, self.assoc.requestor.port = str(peer[0]), int(peer[1])
@@ -277,29 +153,10 @@ class AssociationProtocol(asyncio.BufferedProtocol):
             evt.EVT_CONN_OPEN,
             {"address": (self.assoc.requestor.address, self.assoc.requestor.port)},
         )
-        self._sync_artim()
+        self.sync_timer()
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.conn.get_buffer(sizehint)
-
-    def buffer_updated(self, nbytes: int) -> None:
-        now = self.loop.time()
-        self.conn.buffer_updated(nbytes, now)
+    def bytes_fed(self, nbytes: int, now: float) -> None:
         self._last_rx = now
-        qsock = self._quickack_sock
-        if qsock is not None:
-            # Our response makes Linux treat the connection as interactive
-            # ("pingpong"): the ACK of the sender's next small segment (DCMTK's 12-byte
-            # PDU header) then waits for our next write or the delayed-ACK timer, and
-            # a Nagle-bound sender holds the rest of its message until it comes.
-            # Re-arming here sends that ACK as soon as we have read the segment.
-            # Once per read, not only on the first read after a write (which would
-            # be enough, since only our writes bring pingpong mode back): that
-            # saving is not done yet.
-            try:
-                qsock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-            except OSError:
-                pass
         if self._trace_data:
             self._emit(evt.EVT_DATA_RECV, {"data": self.conn.last_received(nbytes)})
         self._run()
@@ -311,19 +168,14 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         if self._lost:
             return
         self._lost = True
-        self._release_quickack_socket()
-        self.conn.connection_lost(self.loop.time())
+        self.release_socket()
+        self.engine_lost()
         self._run()
         self._cleanup()
         self._log_activity()
         self._emit(evt.EVT_CONN_CLOSE, {})
         self.server.connection_closed(self)
         self.conn.recycle()
-
-    def _release_quickack_socket(self) -> None:
-        qsock, self._quickack_sock = self._quickack_sock, None
-        if isinstance(qsock, _BorrowedSocket):
-            qsock.detach()
 
     def pause_writing(self) -> None:
         """The peer reads slower than we answer: operations that produce many
@@ -364,30 +216,30 @@ class AssociationProtocol(asyncio.BufferedProtocol):
 
     def _run(self) -> None:
         """Pull and dispatch indications until the engine needs more bytes."""
-        conn = self.conn
-        try:
-            while True:
-                ev = conn.next_event()
-                if ev is NEED_DATA:
-                    break
-                _DISPATCH[type(ev)](self, ev)
-        except Exception:
-            log.exception("%s: internal error; aborting the association", self.assoc.name)
-            self.abort_association(p.AbortSource.SERVICE_PROVIDER, 0, "internal error", flush=False)
+        self.pump()
+
+    def handle_indication(self, event: Any) -> None:
+        _DISPATCH[type(event)](self, event)
+
+    def indication_failed(self) -> None:
+        log.exception("%s: internal error; aborting the association", self.assoc.name)
+        self.abort_association(p.AbortSource.SERVICE_PROVIDER, 0, "internal error", flush=False)
+
+    def after_pump(self) -> None:
         self._flush()
         self._backpressure()
-        self._sync_artim()
+        self.sync_timer()
+
+    def writable(self) -> bool:
+        return not self._lost
+
+    def sending(self, out: Sequence[Any]) -> None:
+        if self.registry.has_notification(evt.EVT_DATA_SENT):
+            self._emit(evt.EVT_DATA_SENT, {"data": b"".join(bytes(x) for x in out)})
 
     def _flush(self) -> None:
-        out = self.conn.data_to_send()
+        self.write_queued()
         transport = self.transport
-        if out and transport is not None and not self._lost:
-            if self.registry.has_notification(evt.EVT_DATA_SENT):
-                self._emit(evt.EVT_DATA_SENT, {"data": b"".join(bytes(x) for x in out)})
-            if len(out) == 1:
-                transport.write(out[0])
-            else:
-                transport.writelines(out)
         if self.conn.wants_close and not self._closing and transport is not None:
             self._closing = True
             transport.close()
@@ -417,23 +269,6 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         """An object store part finished uploading: maybe resume reading."""
         if not self._lost:
             self._backpressure()
-
-    def _sync_artim(self) -> None:
-        deadline = self.conn.get_timer()
-        if deadline == self._artim_at:
-            return
-        if self._artim is not None:
-            self._artim.cancel()
-            self._artim = None
-        self._artim_at = deadline
-        if deadline is not None and not self._lost:
-            self._artim = self.loop.call_at(deadline, self._on_artim)
-
-    def _on_artim(self) -> None:
-        self._artim = None
-        self._artim_at = None
-        self.conn.handle_timer(self.loop.time())
-        self._run()
 
     def _start_idle_timer(self) -> None:
         timeout = self.config.network_timeout
@@ -1001,10 +836,11 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         # Running operations are not cancelled: a user handler that got a complete
         # data set finishes its work (its response then goes nowhere), bounded by
         # handler_timeout; AssociationServer.close() cancels what is left.
-        for handle in (self._artim, self._idle, self._acse_timer):
+        self.cancel_timer()
+        for handle in (self._idle, self._acse_timer):
             if handle is not None:
                 handle.cancel()
-        self._artim = self._idle = self._acse_timer = None
+        self._idle = self._acse_timer = None
         self._drop_operations()
 
     # ------------------------------------------------------- operations

@@ -54,7 +54,7 @@ class AssociationServer:
         *,
         evt_handlers: Iterable[Sequence[Any]] | None = None,
         store_ops: FileOps | None = None,
-        telemetry: Telemetry | None = None,
+        telemetry: Telemetry[AssociationProtocol] | None = None,
         io_threads: int = 8,
     ) -> None:
         self.config = config

@@ -25,7 +25,7 @@ import asyncio
 import os
 import tempfile
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from . import events as evt
 from .engine import pdu as p
@@ -35,13 +35,18 @@ if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
 
     from .config import IndexedSettings, WorkerConfig
-    from .engine import dimse
-    from .engine.connection import PresentationContext
+    from .engine import acse, dimse
+    from .engine.connection import EngineConfig, MemoryBudget, PresentationContext
     from .handlers import Binding, HandlerCaller, Step
     from .index import Index
+    from .storage.group import GroupCommitter
     from .storage.store import InstanceWriter, Store, StoreResult
 
+#: the acceptor's protocol class, as its server and telemetry see it
+P_contra = TypeVar("P_contra", contravariant=True)
+
 __all__ = [
+    "AcceptorServer",
     "Association",
     "AssociationPort",
     "ContextInfo",
@@ -50,6 +55,7 @@ __all__ = [
     "ServerPort",
     "ServiceUser",
     "Spool",
+    "Telemetry",
 ]
 
 
@@ -77,6 +83,85 @@ class ServerPort(Protocol):
 
     @property
     def indexed(self) -> IndexedPort | None: ...
+
+
+class Telemetry(Protocol[P_contra]):
+    """Receives what the metrics channel counts (see workers/telemetry.py)."""
+
+    def record(
+        self, event: evt.NotificationEvent, protocol: P_contra, attrs: dict[str, Any]
+    ) -> None: ...
+
+    def dimse(self, direction: int, command_field: int, status: int | None = None) -> None: ...
+
+    def stored(
+        self, protocol: P_contra, op: Operation, result: Any, duration_seconds: float
+    ) -> None: ...
+
+    def handler_error(self, event_name: str) -> None: ...
+
+    def context_rejected(self, reason: str) -> None: ...
+
+
+class AcceptorServer(ServerPort, Protocol[P_contra]):
+    """What the acceptor's protocol (``P_contra``, that is
+    :class:`workers.association.AssociationProtocol`) needs of the server that made it
+    (implemented by :class:`workers.server.AssociationServer`): the services' view
+    (:class:`~workers.session.ServerPort`) plus admission, negotiation, the commit
+    machinery, audit and the association bookkeeping."""
+
+    @property
+    def telemetry(self) -> Telemetry[P_contra] | None: ...
+
+    @property
+    def engine_config(self) -> EngineConfig: ...
+
+    @property
+    def policy(self) -> acse.AcceptorPolicy: ...
+
+    @property
+    def negotiations(self) -> acse.NegotiationCache: ...
+
+    @property
+    def ask_admission(
+        self,
+    ) -> Callable[[P_contra, p.AssociateRQ], asyncio.Future[Any] | None] | None: ...
+
+    @property
+    def memory_budget(self) -> MemoryBudget: ...
+
+    @property
+    def committer(self) -> GroupCommitter | None: ...
+
+    @property
+    def commit_seconds(self) -> float: ...
+
+    @property
+    def io_pool(self) -> ThreadPoolExecutor: ...
+
+    @property
+    def instance_level(self) -> int | None: ...
+
+    @property
+    def audit(self) -> Any: ...
+
+    def admission(self, proto: P_contra, rq: p.AssociateRQ) -> p.AssociateRJ | None: ...
+
+    def timed_commit(self, writer: InstanceWriter) -> StoreResult: ...
+
+    def store_company(self, proto: P_contra, now: float) -> int: ...
+
+    def track(self, future: asyncio.Future[Any]) -> None: ...
+
+    def connection_opened(self, proto: P_contra) -> None: ...
+
+    def association_established(self, proto: P_contra) -> None: ...
+
+    def association_ended(self, proto: P_contra) -> None: ...
+
+    def connection_closed(self, proto: P_contra) -> None: ...
+
+    def instance_stored(self, proto: P_contra, op: Operation, result: StoreResult) -> None: ...
 
 
 class IndexedPort(Protocol):
