@@ -2,11 +2,18 @@
 
 Theory of operation
 -------------------
-:class:`AssociationProtocol` is a thin ``asyncio.BufferedProtocol`` over a
-:class:`~workers.engine.connection.Connection` (the uvicorn pattern): the event loop
-receives straight into the engine's buffer, :meth:`_run` pulls indications out of the
-engine and dispatches them, and whatever the engine queued is written at once, one
-buffer per PDU.
+:class:`AssociationProtocol` is the acceptor's :class:`~workers.bridge.EngineBridge`
+over a :class:`~workers.engine.connection.Connection` (the uvicorn pattern): the
+event loop receives straight into the engine's buffer, :meth:`_run` pulls
+indications out of the engine and dispatches them, and whatever the engine queued is
+written at once, one buffer per PDU.
+
+This module holds the association's state, its indications and its operations; the
+rest of the protocol is in parts, one responsibility each: the A-ASSOCIATE
+negotiation (:mod:`workers.negotiation`), the C-STORE path (:mod:`workers.storing`),
+the network timer (:mod:`workers.timeouts`), the log lines and audit trail
+(:mod:`workers.trail`). Services see it only through
+:class:`~workers.session.AssociationPort`.
 
 Indications never wait for handlers: a DIMSE request starts an operation
 (:class:`Operation`) that runs synchronously when it can (the built-in C-ECHO and
@@ -39,10 +46,9 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import events as evt
-from . import services
-from .activity import Activity, abort_names, context_result_name, log_fields, reject_names
+from .activity import Activity, abort_names
 from .bridge import EngineBridge
-from .engine import acse, dimse
+from .engine import dimse
 from .engine import pdu as p
 from .engine.connection import Connection, Role
 from .engine.fsm import State
@@ -58,7 +64,8 @@ from .engine.primitives import (
     ReleaseRequested,
     StateChanged,
 )
-from .handlers import Step, drive, notify, resolve
+from .handlers import Step, drive, notify
+from .negotiation import Negotiation
 from .session import (
     AcceptorServer,
     Association,
@@ -69,8 +76,9 @@ from .session import (
     Telemetry,
 )
 from .session import discard as _discard
-from .storage.store import StoreResult
-from .storage.uids import UnsafeUID
+from .storing import STATUS_OUT_OF_RESOURCES, StorePath
+from .timeouts import NetworkTimer
+from .trail import AssociationTrail
 
 if TYPE_CHECKING:
     from .handlers import Binding
@@ -88,14 +96,8 @@ __all__ = [
 
 log = logging.getLogger("workers.association")
 
-_STATUS_PROCESSING_FAILURE = 0x0110
-_STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
-_STATUS_INVALID_OBJECT_INSTANCE = 0x0117
-_STATUS_CANNOT_UNDERSTAND = 0xC000
-_STATUS_OUT_OF_RESOURCES = 0xA700
 
-
-class AssociationProtocol(EngineBridge):
+class AssociationProtocol(Negotiation, StorePath, NetworkTimer, AssociationTrail, EngineBridge):
     """One transport connection served as a DICOM association acceptor."""
 
     quickack = True
@@ -270,88 +272,6 @@ class AssociationProtocol(EngineBridge):
         if not self._lost:
             self._backpressure()
 
-    def _start_idle_timer(self) -> None:
-        timeout = self.config.network_timeout
-        if timeout:
-            # Established now: time spent deciding (user identity handlers ...) was
-            # ours, not the peer's silence.
-            self._last_rx = self.loop.time()
-            self._idle = self.loop.call_at(self._last_rx + timeout, self._on_idle)
-
-    def _on_idle(self) -> None:
-        """The network timer: no byte at all for ``network_timeout`` aborts, and so
-        does a peer that, in the middle of a PDU or a message, sends fewer than
-        ``min_receive_rate`` bytes a second over a ``network_timeout`` window (one
-        byte a second would otherwise hold the association open for ever)."""
-        self._idle = None
-        timeout = self.config.network_timeout
-        if not timeout or self._lost or not self.conn.is_established:
-            return
-        now = self.loop.time()
-        # We are the slow side when a handler or an fsync is running, or when we paused
-        # reading. A request whose data set is still arriving is not ours to wait for:
-        # a peer that stalls halfway through an instance must time out too.
-        busy = self._reading_paused or any(
-            op is not self._receiving for op in self._outstanding.values()
-        )
-        if busy:
-            self._rate_mark = None
-            self._idle_grace_rx = None
-            self._idle = self.loop.call_at(max(self._last_rx + timeout, now + 1.0), self._on_idle)
-            return
-        if now >= self._last_rx + timeout:
-            if self._idle_grace_rx != self._last_rx:
-                # One short grace before blaming the peer: after our own loop stalled,
-                # the timer can run before the reads that were waiting meanwhile.
-                self._idle_grace_rx = self._last_rx
-                self._idle = self.loop.call_at(now + 0.25, self._on_idle)
-                return
-            log.warning(
-                "%s: no data from the peer for %.0f s; aborting",
-                self.assoc.name,
-                now - self._last_rx,
-            )
-            self.abort_association(
-                p.AbortSource.SERVICE_PROVIDER,
-                0,
-                f"network timeout ({timeout:g} s)",
-                hard_close=True,
-            )
-            return
-        self._idle_grace_rx = None
-        next_check = self._last_rx + timeout
-        rate = self.config.min_receive_rate
-        conn = self.conn
-        if rate and conn.mid_message:
-            received = conn.bytes_received
-            mark = self._rate_mark
-            if mark is None or mark[2] != conn.messages_received:
-                # Judged only over a window inside one message: one that saw a message
-                # complete may hold an idle gap between two.
-                self._rate_mark = mark = (now, received, conn.messages_received)
-            elif now - mark[0] >= timeout:
-                got = (received - mark[1]) / (now - mark[0])
-                if got < rate:
-                    log.warning(
-                        "%s: the peer sends %.1f bytes/s in the middle of a message "
-                        "(minimum %d); aborting",
-                        self.assoc.name,
-                        got,
-                        rate,
-                    )
-                    self.abort_association(
-                        p.AbortSource.SERVICE_PROVIDER,
-                        0,
-                        f"receive rate {got:.1f} bytes/s below {rate}",
-                        hard_close=True,
-                    )
-                    return
-                self._rate_mark = mark = (now, received, mark[2])
-            next_check = min(next_check, mark[0] + timeout)
-        else:
-            self._rate_mark = None
-        self._idle = self.loop.call_at(max(next_check, now + 0.5), self._on_idle)
-
     def abort_association(
         self,
         source: int,
@@ -393,233 +313,6 @@ class AssociationProtocol(EngineBridge):
             telemetry.record(event, self, attrs)
 
     # ----------------------------------------------------------- indications
-
-    def _on_associate(self, ev: AssociateIndication) -> None:
-        rq = ev.request
-        assoc = self.assoc
-        assoc.requestor.ae_title = rq.calling_ae
-        ui = rq.user_info
-        assoc.requestor.implementation_class_uid = ui.implementation_class_uid
-        assoc.requestor.implementation_version_name = ui.implementation_version_name
-        assoc.requestor.maximum_length = ui.max_length
-        assoc.requestor.user_identity = ui.user_identity_rq
-        self._emit(evt.EVT_REQUESTED, {})
-        self._emit(evt.EVT_ACSE_RECV, {"primitive": rq})
-        refusal = self.server.admission(self, rq)
-        if refusal is not None:
-            self._answer_association(refusal)
-            return
-        if (
-            ui.user_identity_rq is None
-            and self.server.ask_admission is None
-            and ui.async_ops is None
-            and not ui.sop_class_extended
-            and not ui.sop_class_common_extended
-        ):
-            # No item a handler answers, nobody else to ask: what _negotiate would do,
-            # without a step.
-            try:
-                answer = self.server.negotiations.negotiate(
-                    rq, self.server.policy, acse.NO_EXTENDED
-                )
-            except Exception as exc:
-                self._negotiated(None, exc)
-            else:
-                self._answer_association(answer)
-            return
-        self._start(self._negotiate(rq), self._negotiated)
-        timeout = self.config.acse_timeout
-        if self.conn.state is State.STA3 and timeout:
-            # Extended negotiation handlers are still deciding: bound the whole answer
-            # by acse_timeout (a late answer is ignored by _answer_association).
-            self._acse_timer = self.loop.call_later(timeout, self._acse_expired)
-
-    def _acse_expired(self) -> None:
-        self._acse_timer = None
-        if self.conn.state is not State.STA3 or self._lost:
-            return
-        log.warning(
-            "%s: no answer to the association request within %g s: rejecting",
-            self.assoc.name,
-            self.config.acse_timeout,
-        )
-        self._answer_association(
-            p.AssociateRJ(
-                p.RejectResult.TRANSIENT, p.RejectSource.SERVICE_USER, p.RejectReason.NO_REASON
-            )
-        )
-        self._run()
-
-    def _negotiate(self, rq: p.AssociateRQ) -> Step[p.AssociateAC | p.AssociateRJ]:
-        ask = self.server.ask_admission
-        if ask is not None:
-            refusal = yield from resolve(ask(self, rq))
-            if refusal is not None:
-                log.warning("%s: refused by the supervisor", self.assoc.name)
-                return refusal
-        ui = rq.user_info
-        caller = self.server.caller
-        verified: bool | None = None
-        response: bytes | None = None
-        if ui.user_identity_rq is not None:
-            binding = self.registry.intervention_handler(evt.EVT_USER_ID)
-            if binding is not None:
-                identity = ui.user_identity_rq
-                event = evt.Event(
-                    self.assoc,
-                    evt.EVT_USER_ID,
-                    {
-                        "user_id_type": identity.type,
-                        "primary_field": identity.primary,
-                        "secondary_field": identity.secondary,
-                    },
-                )
-                try:
-                    result = yield from resolve(caller.call(binding, event, self.inline(binding)))
-                    verified, response = bool(result[0]), result[1]
-                except Exception:
-                    log.exception("%s: EVT_USER_ID handler failed: rejecting", self.assoc.name)
-                    verified, response = False, None
-                if not verified and self.server.audit is not None:
-                    self._audit_user_refused(identity)
-        async_ops = None
-        if ui.async_ops is not None:
-            async_ops = yield from self._negotiate_async_ops(ui.async_ops)
-        sop_extended: tuple[p.SOPClassExtended, ...] = ()
-        if ui.sop_class_extended:
-            binding = self.registry.intervention_handler(evt.EVT_SOP_EXTENDED)
-            if binding is not None:
-                app_info = {item.sop_class_uid: item.info for item in ui.sop_class_extended}
-                event = evt.Event(self.assoc, evt.EVT_SOP_EXTENDED, {"app_info": app_info})
-                try:
-                    answer = yield from resolve(caller.call(binding, event, self.inline(binding)))
-                    sop_extended = tuple(
-                        p.SOPClassExtended(uid, bytes(info))
-                        for uid, info in (answer or {}).items()
-                        if uid in app_info and info is not None
-                    )
-                except Exception:
-                    log.exception("%s: EVT_SOP_EXTENDED handler failed", self.assoc.name)
-        if ui.sop_class_common_extended:
-            binding = self.registry.intervention_handler(evt.EVT_SOP_COMMON)
-            if binding is not None:
-                items = {item.sop_class_uid: item for item in ui.sop_class_common_extended}
-                event = evt.Event(self.assoc, evt.EVT_SOP_COMMON, {"items": items})
-                try:
-                    yield from resolve(caller.call(binding, event, self.inline(binding)))
-                except Exception:
-                    log.exception("%s: EVT_SOP_COMMON handler failed", self.assoc.name)
-        extended = acse.Extended(
-            user_identity_verified=verified,
-            user_identity_response=response,
-            async_ops=async_ops,
-            sop_class_extended=sop_extended,
-        )
-        return self.server.negotiations.negotiate(rq, self.server.policy, extended)
-
-    def _audit_user_refused(self, identity: p.UserIdentityRQ) -> None:
-        # Only a user name is worth naming: Kerberos, SAML and JWT primary fields
-        # are credentials, and the passcode never goes into an audit message.
-        if identity.type in (1, 2):
-            user = bytes(identity.primary).decode("utf-8", "replace")
-        else:
-            user = f"(user identity type {identity.type})"
-        calling = str(self.assoc.requestor.ae_title)
-        self.server.audit.user_refused(
-            self.assoc.requestor.address, user, calling, "user identity not accepted"
-        )
-
-    def _negotiate_async_ops(self, proposed: p.AsyncOpsWindow) -> Step[p.AsyncOpsWindow | None]:
-        """The asynchronous operations window to answer with (PS3.7 D.3.3.3).
-
-        With a bound EVT_ASYNC_OPS handler its (invoked, performed) is used, bounded by
-        configuration; without one, and with ``max_async_ops`` 1, no item is answered
-        (the contract's default), which means (1, 1).
-        """
-        limit = max(1, self.config.max_async_ops)
-        binding = self.registry.intervention_handler(evt.EVT_ASYNC_OPS)
-        if binding is None:
-            if limit == 1:
-                return None
-            wanted = (proposed.invoked, proposed.performed)
-        else:
-            event = evt.Event(
-                self.assoc,
-                evt.EVT_ASYNC_OPS,
-                {"invoked": proposed.invoked, "performed": proposed.performed},
-            )
-            try:
-                answer = yield from resolve(
-                    self.server.caller.call(binding, event, self.inline(binding))
-                )
-                wanted = (int(answer[0]), int(answer[1]))
-            except Exception:
-                log.exception("%s: EVT_ASYNC_OPS handler failed", self.assoc.name)
-                return None
-
-        def bound(value: int, asked: int) -> int:
-            value = limit if value == 0 else min(value, limit)  # 0 is "unlimited"
-            return value if asked == 0 else min(value, asked)
-
-        # PS3.7 D.3.3.3: the AC carries the negotiated values, each no larger than the
-        # proposed one (as dcm4che reads it too): invoked is how many requests the
-        # requestor may have outstanding with us, performed how many we may invoke.
-        return p.AsyncOpsWindow(
-            bound(wanted[0], proposed.invoked), bound(wanted[1], proposed.performed)
-        )
-
-    def _negotiated(
-        self, result: p.AssociateAC | p.AssociateRJ | None, error: BaseException | None
-    ) -> None:
-        if error is not None or result is None:
-            log.error("%s: negotiation failed: %r", self.assoc.name, error)
-            result = p.AssociateRJ(
-                p.RejectResult.TRANSIENT, p.RejectSource.SERVICE_USER, p.RejectReason.NO_REASON
-            )
-        self._answer_association(result)
-
-    def _answer_association(self, answer: p.AssociateAC | p.AssociateRJ) -> None:
-        if self._acse_timer is not None:
-            self._acse_timer.cancel()
-            self._acse_timer = None
-        if self.conn.state is not State.STA3:
-            return  # the peer aborted or left while we were deciding
-        assoc = self.assoc
-        if isinstance(answer, p.AssociateRJ):
-            self.conn.reject(answer, self.loop.time())
-            assoc.is_rejected = True
-            self._rejected(answer)
-            self._emit(evt.EVT_ACSE_SENT, {"primitive": answer})
-            self._emit(evt.EVT_REJECTED, {"response": answer})
-            return
-        self.conn.accept(answer, self.loop.time())
-        assoc.is_established = True
-        ui = answer.user_info
-        if ui.async_ops is not None:
-            assoc.async_ops = (ui.async_ops.invoked or 65535, ui.async_ops.performed or 65535)
-        # The window we enforce is what the requestor may have outstanding with us: the
-        # negotiated Maximum Number Operations Invoked.
-        self._window = assoc.async_ops[0]
-        roles = {r.sop_class_uid: r for r in ui.roles}
-        assoc.accepted_contexts = []
-        for ctx in self.conn.contexts.values():
-            role = roles.get(ctx.abstract_syntax)
-            # Default roles: requestor SCU, acceptor SCP; a granted selection adds ours
-            # as SCU when the requestor takes the SCP role (C-GET sub-operations).
-            as_scu = bool(role and role.scp_role)
-            as_scp = bool(role.scu_role) if role else True
-            assoc.accepted_contexts.append(ContextInfo(ctx, as_scu=as_scu, as_scp=as_scp))
-        accepted_ids = set(self.conn.contexts)
-        if self.conn.request is not None:
-            assoc.rejected_contexts = [
-                c for c in self.conn.request.contexts if c.id not in accepted_ids
-            ]
-        self._contexts_answered(answer)
-        self._emit(evt.EVT_ACSE_SENT, {"primitive": answer})
-        self._emit(evt.EVT_ACCEPTED, {})
-        self._emit(evt.EVT_ESTABLISHED, {})
-        self._start_idle_timer()
-        self.server.association_established(self)
 
     def _on_command(self, ev: CommandReceived) -> None:
         cmd = ev.command
@@ -711,7 +404,7 @@ class AssociationProtocol(EngineBridge):
             self.server.memory_budget.hold(op.held)
         if op.spool is not None and op.spool.error is not None and op.status is None:
             log.error("%s: cannot spool C-STORE data set: %s", self.assoc.name, op.spool.error)
-            op.status = _STATUS_OUT_OF_RESOURCES
+            op.status = STATUS_OUT_OF_RESOURCES
         self._dispatch_operation(op)
 
     def _on_release(self, ev: ReleaseRequested) -> None:
@@ -869,59 +562,6 @@ class AssociationProtocol(EngineBridge):
         if not drive(step, finish, self.server.track):
             synchronous[0] = False
 
-    def _dispatch_operation(self, op: Operation) -> None:
-        writer = op.writer
-        server = self.server
-        company = 0
-        if writer is not None and server.committer is not None:
-            company = server.store_company(self, self._last_rx)
-            op.company = company
-        if (
-            writer is not None
-            and not server.store.remote
-            and (
-                server.store.config.fsync == "never"
-                or (self._window == 1 and server.commit_seconds < self.config.inline_commit_below)
-            )
-        ):
-            # The built-in C-STORE with a synchronous commit: what services.serve ->
-            # builtin_store would do through drive(), without a generator, closures
-            # and a list per instance (same order: commit, answer, then done).
-            # With fsync too, one operation at a time, while the worker's commits have
-            # been quick: handing a commit to the I/O pool costs more than the loop
-            # loses while a short fsync blocks it (the loop thread and the pool thread
-            # pass the GIL back and forth several times per instance). Measured, 8 KiB,
-            # 2 workers, same run: 1 association 251-267 -> 447-577 instances/s; 4
-            # associations 856 -> 1656/s, at half the CPU. A worker starts out
-            # committing in the pool (AssociationServer.commit_seconds); where fsync is
-            # slow the average stays above the bound, so the loop (heartbeats, timers,
-            # other associations) is never held up by it, and concurrent instances
-            # share their flushes in the group committer (workers/storage/group.py),
-            # as do the instances of an asynchronous operations window, always. With
-            # quick flushes, grouping the instances of window-1 associations means
-            # waiting for each other's next instance, which cost more than the
-            # flushes it saved (measured, 8 KiB, 4 senders, 2 workers).
-            error: BaseException | None = None
-            try:
-                result = (
-                    writer.commit() if server.committer is None else server.timed_commit(writer)
-                )
-                services.answer_store(self, op, result)
-            except Exception as exc:
-                error = exc
-            try:
-                self._operation_done(op, error)
-            except Exception:
-                log.exception("%s: internal error after an operation", self.assoc.name)
-                self.abort_association(p.AbortSource.SERVICE_PROVIDER, 0, "internal error")
-            return
-        if op.command.CommandField == dimse.CommandField.C_ECHO_RQ and services.answer_echo(
-            self, op
-        ):
-            self._operation_done(op, None)
-            return
-        self._start(services.serve(self, op), lambda result, error: self._operation_done(op, error))
-
     def _operation_done(self, op: Operation, error: BaseException | None) -> None:
         if error is not None and not isinstance(error, ConnectionError | asyncio.CancelledError):
             log.error("%s: %s failed: %r", self.assoc.name, _label(op.command), error)
@@ -1007,191 +647,11 @@ class AssociationProtocol(EngineBridge):
         if not future.done():
             future.set_result((cmd, None))
 
-    # ---------------------------------------------------------- C-STORE
-
-    def _begin_store(self, op: Operation) -> None:
-        """Prepare where the C-STORE data set goes as it arrives (before it does)."""
-        cmd = op.command
-        ctx = self.conn.contexts[op.context_id]
-        problem = dimse.validate_command(cmd)
-        if problem is not None:
-            log.warning("%s: invalid C-STORE-RQ: %s", self.assoc.name, problem)
-            op.status = _STATUS_CANNOT_UNDERSTAND
-        elif cmd.AffectedSOPClassUID != ctx.abstract_syntax:
-            op.status = _STATUS_SOP_CLASS_NOT_SUPPORTED
-        if not cmd.has_dataset:
-            return
-        if op.status is not None:
-            self.conn.set_dataset_sink(_discard)
-            return
-        if self.registry.intervention_handler(evt.EVT_C_STORE) is None:
-            try:
-                op.writer = self.server.store.begin(
-                    cmd.AffectedSOPClassUID or "",
-                    cmd.AffectedSOPInstanceUID or "",
-                    ctx.transfer_syntax,
-                    self.assoc.requestor.ae_title,
-                )
-            except UnsafeUID as exc:
-                log.warning("%s: refusing C-STORE: %s", self.assoc.name, exc)
-                op.status = _STATUS_INVALID_OBJECT_INSTANCE
-                self.conn.set_dataset_sink(_discard)
-                return
-            if hasattr(op.writer, "on_drain"):  # object store: flow control, no direct fd
-                op.writer.on_drain = self._on_sink_drained
-                self.conn.set_dataset_sink(op.writer.write)
-            else:
-                self.conn.set_dataset_sink(op.writer.write, op.writer)
-        else:
-            try:
-                op.spool = Spool(self.server.store.incoming_dir)
-            except OSError as exc:
-                log.error("%s: cannot spool C-STORE data set: %s", self.assoc.name, exc)
-                op.status = _STATUS_OUT_OF_RESOURCES
-                self.conn.set_dataset_sink(_discard)
-                return
-            self.conn.set_dataset_sink(op.spool.write)
-
-    def commit_store(self, op: Operation) -> Step[StoreResult]:
-        """Commit a built-in store in the I/O pool (it fsyncs); without fsync, or
-        when a short fsync costs less than the hand-off (see :meth:`_dispatch_operation`),
-        the commit runs inline and never comes here."""
-        writer = op.writer
-        assert writer is not None
-        server = self.server
-        committer = server.committer
-        if committer is None:
-            result = yield self.loop.run_in_executor(server.io_pool, server.timed_commit, writer)
-            return result
-        # With fsync: in a group with whatever else waits for durability now
-        # (workers/storage/group.py); answered once this instance is covered.
-        future: asyncio.Future[StoreResult] = self.loop.create_future()
-        committer.submit(writer, future, op.company)
-        result = yield future
-        return result
-
-    def store_done(self, op: Operation, result: Any) -> None:
-        """A C-STORE was answered: ``result`` has ``status`` and ``bytes_written``."""
-        activity = self.activity
-        status = result.status
-        # Success (0x0000) and warnings (0x0001, 0xB...) are stored; the rest failed.
-        if status == 0 or status == 1 or status & 0xF000 == 0xB000:
-            activity.instances += 1
-            activity.bytes += result.bytes_written
-            if self.server.audit is not None:
-                activity.note_instance(
-                    op.command.AffectedSOPClassUID or "", getattr(result, "scan", None)
-                )
-        else:
-            activity.failed += 1
-        level = self.server.instance_level
-        if level is not None:
-            self._log_instance(level, op, result)
-        telemetry = self.server.telemetry
-        if telemetry is not None:
-            telemetry.stored(self, op, result, time.perf_counter() - op.started)
-        if isinstance(result, StoreResult):
-            self.server.instance_stored(self, op, result)
-
     def handler_failed(self, event: evt.InterventionEvent) -> None:
         """A user handler raised, timed out or answered something unusable."""
         telemetry = self.server.telemetry
         if telemetry is not None:
             telemetry.handler_error(event.name)
-
-    # ------------------------------------------------- logs and audit trail
-
-    def _called_ae(self) -> str:
-        request = self.conn.request
-        return str(request.called_ae) if request is not None else ""
-
-    def _rejected(self, answer: p.AssociateRJ) -> None:
-        """Log an A-ASSOCIATE-RJ we send with its PS3.8 names; a permanent one by
-        the service user (who the peer is, not how busy we are) is a Security Alert."""
-        assoc = self.assoc
-        names = reject_names(answer.result, answer.source, answer.reason)
-        activity = self.activity
-        activity.outcome = "rejected"
-        activity.aborted = names
-        calling, called = str(assoc.requestor.ae_title), self._called_ae()
-        log_fields(
-            log,
-            logging.INFO,
-            "association-rejected",
-            {"peer": assoc.name, "calling_ae": calling, "called_ae": called, **names},
-        )
-        audit = self.server.audit
-        if (
-            audit is not None
-            and answer.result == p.RejectResult.PERMANENT
-            and answer.source == p.RejectSource.SERVICE_USER
-        ):
-            why = f"association {calling!r} -> {called!r} rejected: {names['reject_reason']}"
-            audit.refused(assoc.requestor.address, why, calling)
-
-    def _contexts_answered(self, answer: p.AssociateAC) -> None:
-        """Count the contexts of an A-ASSOCIATE-AC; log and count each refused one."""
-        activity = self.activity
-        activity.outcome = "established"
-        proposed = (
-            {c.id: c for c in self.conn.request.contexts} if self.conn.request is not None else {}
-        )
-        telemetry = self.server.telemetry
-        for item in answer.contexts:
-            if item.result == p.ContextResult.ACCEPTANCE:
-                activity.contexts_accepted += 1
-                continue
-            activity.contexts_rejected += 1
-            reason = context_result_name(item.result)
-            if telemetry is not None:
-                telemetry.context_rejected(reason)
-            ctx = proposed.get(item.id)
-            log_fields(
-                log,
-                logging.INFO,
-                "context-rejected",
-                {
-                    "peer": self.assoc.name,
-                    "calling_ae": str(self.assoc.requestor.ae_title),
-                    "context_id": item.id,
-                    "abstract_syntax": ctx.abstract_syntax if ctx else "",
-                    "transfer_syntaxes": ",".join(ctx.transfer_syntaxes) if ctx else "",
-                    "reason": reason,
-                },
-            )
-
-    def _log_instance(self, level: int, op: Operation, result: Any) -> None:
-        cmd = op.command
-        log_fields(
-            log,
-            level,
-            "instance",
-            {
-                "peer": self.assoc.name,
-                "calling_ae": str(self.assoc.requestor.ae_title),
-                "sop_class": cmd.AffectedSOPClassUID or "",
-                "sop_instance": cmd.AffectedSOPInstanceUID or "",
-                "status": f"0x{result.status:04x}",
-                "bytes": result.bytes_written,
-                "path": getattr(result, "path", None) or "",
-            },
-        )
-
-    def _log_activity(self) -> None:
-        """The association's one line, and its DICOM Instances Transferred message."""
-        activity = self.activity
-        assoc = self.assoc
-        calling, called = str(assoc.requestor.ae_title or ""), self._called_ae()
-        fields = activity.fields(assoc.name, calling, called, self.loop.time())
-        # A connection that never asked for an association (a port probe, a health
-        # check) is worth a line only when debugging.
-        level = logging.INFO if activity.outcome != "closed" else logging.DEBUG
-        log_fields(log, level, "association", fields)
-        audit = self.server.audit
-        if audit is not None and activity.studies:
-            audit.instances_transferred(
-                activity.studies, activity.failed, assoc.requestor.address, calling, called
-            )
 
 
 def _label(cmd: dimse.Command) -> str:
