@@ -3,9 +3,10 @@ handlers (user identity, asynchronous operations window, SOP class extended and
 common extended negotiation), the answer, and the presentation contexts as handlers
 see them.
 
-The answer never waits on the event loop: when no item needs a handler the request
-is negotiated at once; otherwise a step runs (:mod:`workers.handlers`), bounded as a
-whole by ``acse_timeout``, and a late answer is dropped.
+Negotiation never blocks the event loop: when no item needs a handler and nobody
+else is asked for admission, the request is answered at once; otherwise a step runs
+(:mod:`workers.handlers`), bounded as a whole by ``acse_timeout`` (a transient
+A-ASSOCIATE-RJ then), and an answer that comes later is ignored.
 
 It is one part of :class:`workers.association.AssociationProtocol` (a mixin: it
 holds no state of its own; the attributes and methods it uses are declared below).
