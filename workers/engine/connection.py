@@ -47,12 +47,21 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from .. import dataplane
 from . import dimse
 from . import pdu as p
-from .fsm import LOCAL_EVENTS, NEXT_STATE, TABLE, Action, Event, State
+from .fsm import (
+    LOCAL_EVENTS,
+    NEXT_STATE,
+    RECEIVE_FAST_PATH_STATES,
+    SEND_FAST_PATH_STATES,
+    TABLE,
+    Action,
+    Event,
+    State,
+)
 from .primitives import (
     NEED_DATA,
     Aborted,
@@ -79,19 +88,14 @@ __all__ = [
     "Role",
 ]
 
-_STA6 = State.STA6
-assert TABLE[(Event.EVT10, _STA6)] is Action.DT_2 and NEXT_STATE[Action.DT_2] is _STA6
-assert TABLE[(Event.EVT9, _STA6)] is Action.DT_1 and NEXT_STATE[Action.DT_1] is _STA6
-assert p.PDUType.P_DATA_TF == 4
+_P_DATA_TF = int(p.PDUType.P_DATA_TF)
 
 #: The states in which the data plane (:mod:`workers.dataplane`) may consume P-DATA-TF
 #: PDUs on its own: derived from the state table, those where Evt10 (P-DATA-TF
 #: received) is DT-2 (pass the data on) and stays in the same state. The data plane
 #: takes no other event: any other PDU goes back to the table. Checked pair by pair by
-#: tests/engine/test_dataplane.py.
-FAST_PATH_STATES: frozenset[State] = frozenset(
-    s for s in State if TABLE.get((Event.EVT10, s)) is Action.DT_2 and NEXT_STATE[Action.DT_2] is s
-)
+#: tests/engine/test_dataplane.py (and every shortcut by tests/engine/test_fsm.py).
+FAST_PATH_STATES: frozenset[State] = RECEIVE_FAST_PATH_STATES
 #: the (state, event) pairs the data plane handles without the table
 FAST_PATH_PAIRS: frozenset[tuple[State, Event]] = frozenset(
     (s, Event.EVT10) for s in FAST_PATH_STATES
@@ -239,6 +243,38 @@ class PresentationContext:
     id: int
     abstract_syntax: str
     transfer_syntax: str
+
+
+_P = TypeVar("_P", p.AssociateRQ, p.AssociateAC, p.AssociateRJ, p.Abort)
+
+
+@dataclass(slots=True)
+class FireContext:
+    """What an event brings to its action (PS3.8 Table 9-10): the PDU received or to
+    send, the P-DATA to send, the abort's source and reason, the length of a P-DATA-TF
+    received, or the detail of a peer fault. Each event fills in only its own fields."""
+
+    pdu: p.PDU | None = None
+    context_id: int = 0
+    data: bytes | bytearray | memoryview = b""
+    control: int = 0
+    last: bool = False
+    length: int = 0
+    source: int = 0
+    reason: int | None = None
+    detail: str | None = None
+
+    def expect(self, kind: type[_P]) -> _P:
+        """The PDU, which the event says is a ``kind``. A local primitive given another
+        kind is misuse; received PDUs always match (the event is chosen by type)."""
+        pdu = self.pdu
+        if not isinstance(pdu, kind):
+            raise LocalProtocolError(f"expected {kind.__name__}, got {type(pdu).__name__}")
+        return pdu
+
+
+#: The context of the events that bring nothing (never modified: actions only read it).
+_NO_CONTEXT = FireContext()
 
 
 class Connection:
@@ -457,40 +493,45 @@ class Connection:
         if self.role is not Role.REQUESTOR:
             raise LocalProtocolError("only a requestor requests an association")
         self._clock(now)
-        self._fire(Event.EVT1, pdu=request)
+        self._fire(Event.EVT1, FireContext(pdu=request))
 
     def accept(self, response: p.AssociateAC, now: float) -> None:
         """A-ASSOCIATE response, accept (Evt7)."""
         self._clock(now)
-        self._fire(Event.EVT7, pdu=response)
+        self._fire(Event.EVT7, FireContext(pdu=response))
 
     def reject(self, response: p.AssociateRJ, now: float) -> None:
         """A-ASSOCIATE response, reject (Evt8)."""
         self._clock(now)
-        self._fire(Event.EVT8, pdu=response)
+        self._fire(Event.EVT8, FireContext(pdu=response))
 
     def send_command(self, context_id: int, command: dimse.Command | bytes) -> None:
         """Send a command set on ``context_id`` (Evt9, fragmented to the peer's max)."""
         raw = command if isinstance(command, bytes) else dimse.encode_command(command)
         config = self.config
         if (
-            self.state is _STA6
+            self.state in SEND_FAST_PATH_STATES
             and not config.trace_transitions
             and not config.trace_pdus
             and context_id in self.contexts
         ):
-            # Evt9 in Sta6 is DT-1 back to Sta6 (Table 9-10). A command set that fits
-            # one PDU (every response does) is queued here as _send_pdata would.
+            # Evt9 in Sta6 is DT-1 back to Sta6 (Table 9-10, fsm.SHORTCUTS). A command
+            # set that fits one PDU (every response does) is queued here as _send_pdata
+            # would.
             n = len(raw)
             limit = self.peer_max_pdu_length or UNLIMITED_SEND_CAP
             if config.max_send_pdu_length:
                 limit = min(limit, config.max_send_pdu_length)
             if n <= max((limit - 6) & ~1, 2) and n < _JOIN_BELOW:
-                self._out.append(_PDATA_SINGLE_HEADER.pack(4, n + 6, n + 2, context_id, 3) + raw)
-                self.pdus_sent[4] += 1
+                self._out.append(
+                    _PDATA_SINGLE_HEADER.pack(_P_DATA_TF, n + 6, n + 2, context_id, 3) + raw
+                )
+                self.pdus_sent[_P_DATA_TF] += 1
                 self.bytes_sent += n + 12
                 return
-        self._fire(Event.EVT9, context_id=context_id, data=raw, control=0x01, last=True)
+        self._fire(
+            Event.EVT9, FireContext(context_id=context_id, data=raw, control=0x01, last=True)
+        )
 
     def send_dataset(
         self, context_id: int, data: bytes | bytearray | memoryview, last: bool = True
@@ -500,7 +541,9 @@ class Connection:
         A large data set may be sent in several calls, ``last`` only on the final one;
         ``data`` is not copied when it is large, so keep it unchanged until written.
         """
-        self._fire(Event.EVT9, context_id=context_id, data=data, control=0x00, last=last)
+        self._fire(
+            Event.EVT9, FireContext(context_id=context_id, data=data, control=0x00, last=last)
+        )
 
     def send_message(
         self,
@@ -539,7 +582,7 @@ class Connection:
                 self._close()
                 self.state = State.STA1
             return
-        self._fire(Event.EVT15, source=source, reason=reason)
+        self._fire(Event.EVT15, FireContext(source=source, reason=reason))
 
     @property
     def is_established(self) -> bool:
@@ -554,14 +597,14 @@ class Connection:
         # older time the engine last saw (the connection's opening).
         self._now = now
 
-    def _fire(self, event: Event, **ctx: object) -> None:
+    def _fire(self, event: Event, ctx: FireContext = _NO_CONTEXT) -> None:
         previous = self.state
         action = TABLE.get((event, previous))
         if action is None:
             if event in LOCAL_EVENTS and not self._ended():
                 raise LocalProtocolError(f"{event.name} is not allowed in {previous.name}")
             return  # a blank cell for a peer event, or a local answer come too late
-        nxt = getattr(self, _ACTION_METHODS[action])(event, ctx)
+        nxt = _ACTIONS[action](self, event, ctx)
         self.state = nxt if nxt is not None else NEXT_STATE[action]
         self._used = True
         if self.config.trace_transitions:
@@ -598,35 +641,35 @@ class Connection:
             reason = 0
         self._send_pdu(p.Abort(source, reason))
 
-    def _peer_fault(self, ctx: dict[str, object]) -> tuple[int, int]:
-        reason = ctx.get("reason", p.AbortReason.UNEXPECTED_PDU)
-        return p.AbortSource.SERVICE_PROVIDER, int(reason)  # type: ignore[call-overload]
+    def _peer_fault(self, ctx: FireContext) -> tuple[int, int]:
+        reason = ctx.reason if ctx.reason is not None else p.AbortReason.UNEXPECTED_PDU
+        return p.AbortSource.SERVICE_PROVIDER, int(reason)
 
     # AE: association establishment (PS3.8 Table 9-6)
 
-    def _ae_1(self, event: Event, ctx: dict[str, object]) -> None:
-        self.request = ctx["pdu"]  # type: ignore[assignment]
+    def _ae_1(self, event: Event, ctx: FireContext) -> None:
+        self.request = ctx.expect(p.AssociateRQ)
 
-    def _ae_2(self, event: Event, ctx: dict[str, object]) -> None:
+    def _ae_2(self, event: Event, ctx: FireContext) -> None:
         assert self.request is not None
         self._send_pdu(self.request)
 
-    def _ae_3(self, event: Event, ctx: dict[str, object]) -> None:
-        ac: p.AssociateAC = ctx["pdu"]  # type: ignore[assignment]
+    def _ae_3(self, event: Event, ctx: FireContext) -> None:
+        ac = ctx.expect(p.AssociateAC)
         assert self.request is not None
         self._establish(self.request, ac, peer_max=ac.user_info.max_length)
         self._events.append(AssociateAccepted(ac))
 
-    def _ae_4(self, event: Event, ctx: dict[str, object]) -> None:
-        self._events.append(AssociateRejected(ctx["pdu"]))  # type: ignore[arg-type]
+    def _ae_4(self, event: Event, ctx: FireContext) -> None:
+        self._events.append(AssociateRejected(ctx.expect(p.AssociateRJ)))
         self._close()
 
-    def _ae_5(self, event: Event, ctx: dict[str, object]) -> None:
+    def _ae_5(self, event: Event, ctx: FireContext) -> None:
         self._start_artim()
 
-    def _ae_6(self, event: Event, ctx: dict[str, object]) -> State:
+    def _ae_6(self, event: Event, ctx: FireContext) -> State:
         self._stop_artim()
-        rq: p.AssociateRQ = ctx["pdu"]  # type: ignore[assignment]
+        rq = ctx.expect(p.AssociateRQ)
         self.request = rq
         # The only check of the service provider itself: bit 0 of the protocol version
         # (PS3.8 9.3.2). AE titles, contexts and the rest are the service user's call.
@@ -643,14 +686,14 @@ class Connection:
         self._events.append(AssociateIndication(rq))
         return State.STA3
 
-    def _ae_7(self, event: Event, ctx: dict[str, object]) -> None:
-        ac: p.AssociateAC = ctx["pdu"]  # type: ignore[assignment]
+    def _ae_7(self, event: Event, ctx: FireContext) -> None:
+        ac = ctx.expect(p.AssociateAC)
         assert self.request is not None
         self._send_pdu(ac)
         self._establish(self.request, ac, peer_max=self.request.user_info.max_length)
 
-    def _ae_8(self, event: Event, ctx: dict[str, object]) -> None:
-        self._send_pdu(ctx["pdu"])  # type: ignore[arg-type]
+    def _ae_8(self, event: Event, ctx: FireContext) -> None:
+        self._send_pdu(ctx.expect(p.AssociateRJ))
         self._start_artim()
 
     def _establish(self, rq: p.AssociateRQ, ac: p.AssociateAC, peer_max: int | None) -> None:
@@ -671,68 +714,72 @@ class Connection:
 
     # DT: data transfer (PS3.8 Table 9-7)
 
-    def _dt_1(self, event: Event, ctx: dict[str, object]) -> None:
+    def _dt_1(self, event: Event, ctx: FireContext) -> None:
         self._send_pdata(ctx)
 
-    def _dt_2(self, event: Event, ctx: dict[str, object]) -> None:
+    def _dt_2(self, event: Event, ctx: FireContext) -> None:
         self._begin_pdata(ctx)
 
     # AR: association release (PS3.8 Table 9-8)
 
-    def _ar_1(self, event: Event, ctx: dict[str, object]) -> None:
+    def _ar_1(self, event: Event, ctx: FireContext) -> None:
         self._send_pdu(p.ReleaseRQ())
 
-    def _ar_2(self, event: Event, ctx: dict[str, object]) -> None:
+    def _ar_2(self, event: Event, ctx: FireContext) -> None:
         self._events.append(ReleaseRequested())
 
-    def _ar_3(self, event: Event, ctx: dict[str, object]) -> None:
+    def _ar_3(self, event: Event, ctx: FireContext) -> None:
         self._events.append(Released())
         self._close()
 
-    def _ar_4(self, event: Event, ctx: dict[str, object]) -> None:
+    def _ar_4(self, event: Event, ctx: FireContext) -> None:
         self._send_pdu(p.ReleaseRP())
         self._start_artim()
 
-    def _ar_5(self, event: Event, ctx: dict[str, object]) -> None:
+    def _ar_5(self, event: Event, ctx: FireContext) -> None:
         self._stop_artim()
 
-    def _ar_6(self, event: Event, ctx: dict[str, object]) -> None:
+    def _ar_6(self, event: Event, ctx: FireContext) -> None:
         self._begin_pdata(ctx)
 
-    def _ar_7(self, event: Event, ctx: dict[str, object]) -> None:
+    def _ar_7(self, event: Event, ctx: FireContext) -> None:
         self._send_pdata(ctx)
 
-    def _ar_8(self, event: Event, ctx: dict[str, object]) -> State:
+    def _ar_8(self, event: Event, ctx: FireContext) -> State:
         self._events.append(ReleaseRequested(collision=True))
         return State.STA9 if self.role is Role.REQUESTOR else State.STA10
 
-    def _ar_9(self, event: Event, ctx: dict[str, object]) -> None:
+    def _ar_9(self, event: Event, ctx: FireContext) -> None:
         self._send_pdu(p.ReleaseRP())
 
-    def _ar_10(self, event: Event, ctx: dict[str, object]) -> None:
+    def _ar_10(self, event: Event, ctx: FireContext) -> None:
         self._events.append(Released())
 
     # AA: association abort (PS3.8 Table 9-9)
 
-    def _aa_1(self, event: Event, ctx: dict[str, object]) -> None:
+    def _aa_1(self, event: Event, ctx: FireContext) -> None:
         if event is Event.EVT15:
-            source, reason = int(ctx["source"]), int(ctx["reason"])  # type: ignore[call-overload]
+            source, reason = ctx.source, int(ctx.reason or 0)
             detail = "aborted by the local service user"
         else:
             # A PDU in Sta2 other than A-ASSOCIATE-RQ. The table says AA-1; the abort
             # is the provider's answer to a peer fault, so it says so in its source.
             source, reason = self._peer_fault(ctx)
-            detail = str(ctx.get("detail", f"unexpected PDU ({event.name}) before A-ASSOCIATE-RQ"))
+            detail = (
+                ctx.detail
+                if ctx.detail is not None
+                else f"unexpected PDU ({event.name}) before A-ASSOCIATE-RQ"
+            )
         self._send_abort(source, reason)
         self._events.append(Aborted(source, reason, by_peer=False, detail=detail))
         self._start_artim()
         self._discard_input = True
 
-    def _aa_2(self, event: Event, ctx: dict[str, object]) -> None:
+    def _aa_2(self, event: Event, ctx: FireContext) -> None:
         self._stop_artim()
         if self.state is State.STA2:
             detail = "peer aborted" if event is Event.EVT16 else "no A-ASSOCIATE-RQ in time"
-            abort: p.Abort | None = ctx.get("pdu")  # type: ignore[assignment]
+            abort = ctx.pdu if isinstance(ctx.pdu, p.Abort) else None
             self._events.append(
                 Aborted(
                     abort.source if abort else None,
@@ -743,46 +790,46 @@ class Connection:
             )
         self._close()
 
-    def _aa_3(self, event: Event, ctx: dict[str, object]) -> None:
-        abort: p.Abort = ctx["pdu"]  # type: ignore[assignment]
+    def _aa_3(self, event: Event, ctx: FireContext) -> None:
+        abort = ctx.expect(p.Abort)
         self._events.append(Aborted(abort.source, abort.reason, by_peer=True, detail="A-ABORT"))
         self._close()
 
-    def _aa_4(self, event: Event, ctx: dict[str, object]) -> None:
+    def _aa_4(self, event: Event, ctx: FireContext) -> None:
         self._stop_artim()
         self._events.append(
             Aborted(None, None, by_peer=True, detail="transport closed (A-P-ABORT)")
         )
 
-    def _aa_5(self, event: Event, ctx: dict[str, object]) -> None:
+    def _aa_5(self, event: Event, ctx: FireContext) -> None:
         self._stop_artim()
 
-    def _aa_6(self, event: Event, ctx: dict[str, object]) -> None:
+    def _aa_6(self, event: Event, ctx: FireContext) -> None:
         if event is Event.EVT10:
             self._ignore_pdata = True
             self._begin_pdata(ctx)
 
-    def _aa_7(self, event: Event, ctx: dict[str, object]) -> None:
+    def _aa_7(self, event: Event, ctx: FireContext) -> None:
         source, reason = self._peer_fault(ctx)
         self._send_abort(source, reason)
 
-    def _aa_8(self, event: Event, ctx: dict[str, object]) -> None:
+    def _aa_8(self, event: Event, ctx: FireContext) -> None:
         source, reason = self._peer_fault(ctx)
         self._send_abort(source, reason)
-        detail = str(ctx.get("detail") or f"unexpected {event.name} in {self.state.name}")
+        detail = ctx.detail or f"unexpected {event.name} in {self.state.name}"
         self._events.append(Aborted(source, reason, by_peer=False, detail=detail))
         self._start_artim()
         self._discard_input = True
 
     # ---------------------------------------------------------- P-DATA sending
 
-    def _send_pdata(self, ctx: dict[str, object]) -> None:
-        context_id: int = ctx["context_id"]  # type: ignore[assignment]
+    def _send_pdata(self, ctx: FireContext) -> None:
+        context_id = ctx.context_id
         if context_id not in self.contexts:
             raise LocalProtocolError(f"presentation context {context_id} is not accepted")
-        data = memoryview(ctx["data"]).cast("B")  # type: ignore[arg-type]
-        control: int = ctx["control"]  # type: ignore[assignment]
-        last: bool = ctx["last"]  # type: ignore[assignment]
+        data = memoryview(ctx.data).cast("B")
+        control = ctx.control
+        last = ctx.last
         limit = self.peer_max_pdu_length or UNLIMITED_SEND_CAP
         if self.config.max_send_pdu_length:
             limit = min(limit, self.config.max_send_pdu_length)
@@ -882,12 +929,12 @@ class Connection:
                     # whole PDU can be reported once it has streamed through.
                     self._trace_body = bytearray()
                     self._trace_length = length
-                if self.state is _STA6 and not config.trace_transitions:
-                    # Evt10 in Sta6 is DT-2 back to Sta6 (Table 9-10), the case of
-                    # every data PDU: done here without the table round trip.
+                if self.state in RECEIVE_FAST_PATH_STATES and not config.trace_transitions:
+                    # Evt10 in Sta6 is DT-2 back to Sta6 (Table 9-10, fsm.SHORTCUTS),
+                    # the case of every data PDU: done here without the table round trip.
                     self._pdata_left = length
                 else:
-                    self._fire(Event.EVT10, length=length)
+                    self._fire(Event.EVT10, FireContext(length=length))
                 continue
             event = _CONTROL_PDU_EVENTS.get(pdu_type)
             if event is None:
@@ -920,7 +967,7 @@ class Connection:
             body.release()
             if self.config.trace_pdus:
                 events.append(PDUReceived(pdu_type, length, decoded))
-            self._fire(event, pdu=decoded)
+            self._fire(event, FireContext(pdu=decoded))
 
     def _walk_pdata(self) -> int:
         """Hand the steady state to the data plane (see :mod:`workers.dataplane`)."""
@@ -964,7 +1011,7 @@ class Connection:
         self._pdv_last = bool(flags & _DP_LAST)
         self._msg_context = fr.msg_context
         if fr.pdus:
-            self.pdus_received[4] += fr.pdus
+            self.pdus_received[_P_DATA_TF] += fr.pdus
         if fr.written and direct is not None:
             direct.direct_written(fr.written, fr.write_ns)
         return code
@@ -973,11 +1020,11 @@ class Connection:
         """Evt19: an unrecognised or invalid PDU. Framing is lost: input is discarded."""
         self._give_back_memory()
         self._dataset_buf = None
-        self._fire(Event.EVT19, reason=reason, detail=detail)
+        self._fire(Event.EVT19, FireContext(reason=reason, detail=detail))
         self._discard_input = True
 
-    def _begin_pdata(self, ctx: dict[str, object]) -> None:
-        self._pdata_left = ctx["length"]  # type: ignore[assignment]
+    def _begin_pdata(self, ctx: FireContext) -> None:
+        self._pdata_left = ctx.length
 
     def _pdv_header(self) -> None:
         if self._pdata_left < 6:
@@ -1131,8 +1178,41 @@ class Connection:
         self._give_back_memory()
         self._dataset_buf = None
         self._pdata_left = self._pdv_left = 0
-        self._fire(Event.EVT19, reason=reason, detail=detail)
+        self._fire(Event.EVT19, FireContext(reason=reason, detail=detail))
         self._discard_input = True
 
 
-_ACTION_METHODS = {action: "_" + action.value.lower().replace("-", "_") for action in Action}
+#: The actions of PS3.8 Tables 9-6 to 9-9, each a method of Connection. An action
+#: returns its next state when that depends on context (AE-6, AR-8), else None and
+#: the next state is NEXT_STATE's. tests/engine/test_fsm.py checks every Action is here.
+ACTIONS: dict[Action, Callable[[Connection, Event, FireContext], State | None]] = {
+    Action.AE_1: Connection._ae_1,
+    Action.AE_2: Connection._ae_2,
+    Action.AE_3: Connection._ae_3,
+    Action.AE_4: Connection._ae_4,
+    Action.AE_5: Connection._ae_5,
+    Action.AE_6: Connection._ae_6,
+    Action.AE_7: Connection._ae_7,
+    Action.AE_8: Connection._ae_8,
+    Action.DT_1: Connection._dt_1,
+    Action.DT_2: Connection._dt_2,
+    Action.AR_1: Connection._ar_1,
+    Action.AR_2: Connection._ar_2,
+    Action.AR_3: Connection._ar_3,
+    Action.AR_4: Connection._ar_4,
+    Action.AR_5: Connection._ar_5,
+    Action.AR_6: Connection._ar_6,
+    Action.AR_7: Connection._ar_7,
+    Action.AR_8: Connection._ar_8,
+    Action.AR_9: Connection._ar_9,
+    Action.AR_10: Connection._ar_10,
+    Action.AA_1: Connection._aa_1,
+    Action.AA_2: Connection._aa_2,
+    Action.AA_3: Connection._aa_3,
+    Action.AA_4: Connection._aa_4,
+    Action.AA_5: Connection._aa_5,
+    Action.AA_6: Connection._aa_6,
+    Action.AA_7: Connection._aa_7,
+    Action.AA_8: Connection._aa_8,
+}
+_ACTIONS = ACTIONS
