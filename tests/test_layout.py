@@ -49,7 +49,6 @@ KNOWN_LONG_MODULES: set[str] = {
     "workers/association.py",
     "workers/engine/connection.py",
     "workers/engine/dimse.py",
-    "workers/engine/pdu.py",
     "workers/telemetry.py",
     "metrics/aggregator.py",
     "metrics/wire.py",
