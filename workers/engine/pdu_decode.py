@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 from .pdu_records import (
     _ABORT,
@@ -12,7 +13,6 @@ from .pdu_records import (
     _APPLICATION_CONTEXT,
     _ASSOCIATE_FIXED,
     _ASYNC_OPS_WINDOW,
-    _C,
     _CONTEXT_FIXED,
     _CONTEXT_ITEM_TYPES,
     _IMPLEMENTATION_CLASS_UID,
@@ -59,6 +59,8 @@ from .pdu_records import (
     UserIdentityRQ,
     UserInformation,
 )
+
+_C = TypeVar("_C", PresentationContextRQ, PresentationContextAC)
 
 
 def parse_header(data: bytes | bytearray | memoryview, offset: int = 0) -> tuple[int, int]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import IntEnum
 from struct import Struct
-from typing import TypeVar
 
 #: The DICOM application context name (PS3.7 Annex A.2.1).
 APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"
@@ -326,7 +325,7 @@ class Abort:
 PDU = AssociateRQ | AssociateAC | AssociateRJ | PDataTF | ReleaseRQ | ReleaseRP | Abort
 
 
-# --- codec -------------------------------------------------------------------------
+# --- layouts shared by the decoder and the encoder -------------------------------------------------------------------------
 #
 # Layouts are PS3.8 section 9.3 and PS3.7 Annex D.3.3, all big endian. "x" is a
 # reserved byte: "sent with a value of 00H and not tested on receipt" (PS3.8 9.3.1).
@@ -379,5 +378,3 @@ _MAX_VERSION_NAME_LENGTH = 16
 _KNOWN_ITEM_TYPES = frozenset(int(t) for t in ItemType)
 _USER_INFO_SUB_ITEM_TYPES = frozenset(range(_MAXIMUM_LENGTH, _USER_IDENTITY_AC + 1))
 _CONTEXT_ITEM_TYPES = (_PRESENTATION_CONTEXT_RQ, _PRESENTATION_CONTEXT_AC)
-
-_C = TypeVar("_C", PresentationContextRQ, PresentationContextAC)
