@@ -325,7 +325,7 @@ class Abort:
 PDU = AssociateRQ | AssociateAC | AssociateRJ | PDataTF | ReleaseRQ | ReleaseRP | Abort
 
 
-# --- layouts shared by the decoder and the encoder -------------------------------------------------------------------------
+# --- layouts shared by the decoder and the encoder ------------------------------
 #
 # Layouts are PS3.8 section 9.3 and PS3.7 Annex D.3.3, all big endian. "x" is a
 # reserved byte: "sent with a value of 00H and not tested on receipt" (PS3.8 9.3.1).
