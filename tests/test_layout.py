@@ -48,7 +48,6 @@ KNOWN_LONG_MODULES: set[str] = {
     "receiver/supervisor.py",
     "workers/association.py",
     "workers/engine/connection.py",
-    "workers/engine/dimse.py",
     "workers/telemetry.py",
     "metrics/aggregator.py",
     "metrics/wire.py",

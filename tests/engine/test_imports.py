@@ -25,7 +25,7 @@ NOT_YET_MOVED = frozenset({"events.py"})
 #: handlers written for that contract: a deferred import that runs only when a handler
 #: asks, never on the hot path. Its home is the handler contract, once that has its
 #: own message class.
-KNOWN_EXCEPTIONS = frozenset({("dimse.py", "pydicom.filereader.read_dataset")})
+KNOWN_EXCEPTIONS = frozenset({("dimse_codec.py", "pydicom.filereader.read_dataset")})
 
 
 def _imported(path_text: str, module: str) -> set[str]:
