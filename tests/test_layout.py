@@ -47,7 +47,6 @@ KNOWN_TYPE_CYCLES: list[frozenset[str]] = [
 KNOWN_LONG_MODULES: set[str] = {
     "receiver/supervisor.py",
     "workers/association.py",
-    "workers/engine/connection.py",
     "workers/telemetry.py",
     "metrics/aggregator.py",
     "metrics/wire.py",

@@ -60,7 +60,7 @@ def test_the_check_sees_imports() -> None:
     assert names == {"os.path", "time.monotonic", "a.b.fsm"}
     found = _engine_imports()
     assert "connection.py" in found and "events.py" not in found
-    assert "workers.dataplane" in found["connection.py"]
+    assert "workers.dataplane" in found["receiving.py"]
 
 
 def test_the_engine_does_no_io_and_reads_no_clock() -> None:

@@ -29,7 +29,12 @@ tests/engine/test_fsm.py checks every one against the table it stands for.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import IntEnum, StrEnum
+from typing import TypeVar
+
+from . import pdu as p
+from .config import LocalProtocolError
 
 
 class State(IntEnum):
@@ -259,3 +264,35 @@ SHORTCUTS: dict[tuple[Event, State], Action] = {
     **{(E.EVT10, s): A.DT_2 for s in RECEIVE_FAST_PATH_STATES},
     **{(E.EVT9, s): A.DT_1 for s in SEND_FAST_PATH_STATES},
 }
+
+
+_P = TypeVar("_P", p.AssociateRQ, p.AssociateAC, p.AssociateRJ, p.Abort)
+
+
+@dataclass(slots=True)
+class FireContext:
+    """What an event brings to its action (PS3.8 Table 9-10): the PDU received or to
+    send, the P-DATA to send, the abort's source and reason, the length of a P-DATA-TF
+    received, or the detail of a peer fault. Each event fills in only its own fields."""
+
+    pdu: p.PDU | None = None
+    context_id: int = 0
+    data: bytes | bytearray | memoryview = b""
+    control: int = 0
+    last: bool = False
+    length: int = 0
+    source: int = 0
+    reason: int | None = None
+    detail: str | None = None
+
+    def expect(self, kind: type[_P]) -> _P:
+        """The PDU, which the event says is a ``kind``. A local primitive given another
+        kind is misuse; received PDUs always match (the event is chosen by type)."""
+        pdu = self.pdu
+        if not isinstance(pdu, kind):
+            raise LocalProtocolError(f"expected {kind.__name__}, got {type(pdu).__name__}")
+        return pdu
+
+
+#: The context of the events that bring nothing (never modified: actions only read it).
+NO_CONTEXT = FireContext()
