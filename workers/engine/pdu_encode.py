@@ -230,12 +230,14 @@ def encode(pdu: PDU) -> bytes:
     standard this side must keep (AE title over 16 characters, even context ID, ...).
     """
     kind = type(pdu)
-    if kind is AssociateAC:
-        # The same answer object again (acse.NegotiationCache gives one per distinct
-        # request): its encoding too. Keyed by identity; the entry keeps it alive.
-        known = _AC_MEMO.get(id(pdu))
-        if known is not None and known[0] is pdu:
-            return known[1]
+    ac = pdu if type(pdu) is AssociateAC else None
+    if ac is not None:
+        # The same answer again (acse.NegotiationCache gives one object per distinct
+        # request): its encoding too. Keyed by value (the hash is computed once per
+        # object), so equal answers share one encoding.
+        known = _AC_MEMO.get(ac)
+        if known is not None:
+            return known
     encoder = _ENCODERS.get(kind)
     if encoder is None:
         raise TypeError(f"not a PDU: {pdu!r}")
@@ -246,13 +248,13 @@ def encode(pdu: PDU) -> bytes:
     except struct.error as exc:
         raise ValueError(f"{type(pdu).__name__}: a value does not fit its field ({exc})") from None
     raw = b"".join(parts)
-    if kind is AssociateAC:
+    if ac is not None:
         if len(_AC_MEMO) >= _AC_MEMO_ENTRIES:
             del _AC_MEMO[next(iter(_AC_MEMO))]  # the oldest
-        _AC_MEMO[id(pdu)] = (pdu, raw)  # type: ignore[assignment]
+        _AC_MEMO[ac] = raw
     return raw
 
 
-#: Encoded A-ASSOCIATE-ACs by id() of the object (see encode()).
-_AC_MEMO: dict[int, tuple[AssociateAC, bytes]] = {}
+#: Encoded A-ASSOCIATE-ACs by value (see encode()).
+_AC_MEMO: dict[AssociateAC, bytes] = {}
 _AC_MEMO_ENTRIES = 64
