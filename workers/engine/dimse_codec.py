@@ -190,20 +190,22 @@ _COMMAND_FIELDS: dict[int, CommandField] = {int(cf): cf for cf in CommandField}
 _ENCODE_ERRORS = (struct.error, UnicodeError, TypeError, AttributeError, OverflowError)
 
 
-def _encode_value(kind: int, value: object) -> bytes:
-    """The value field of one element (padded to even length), without its header."""
+def _encode_value(kind: int, value: Any) -> bytes:
+    """The value field of one element (padded to even length), without its header.
+    ``value`` is whatever the Command holds; a wrong type raises one of
+    ``_ENCODE_ERRORS``, which the caller turns into a DIMSEError."""
     if kind in (_US, _CDST):
         return _U16.pack(value)
     # Strings are ASCII; a peer's stray byte (decoded as U+FFFD) echoed in a response
     # becomes "?" rather than leaving the request unanswered.
     if kind == _UI:
-        raw = value.encode("ascii", "replace")  # type: ignore[attr-defined]
+        raw = value.encode("ascii", "replace")
         return raw + b"\x00" if len(raw) & 1 else raw
     if kind in (_AE, _LO):
-        raw = value.encode("ascii", "replace")  # type: ignore[attr-defined]
+        raw = value.encode("ascii", "replace")
         return raw + b" " if len(raw) & 1 else raw
     if kind == _AT:
-        return b"".join(_AT_PAIR.pack(tag >> 16, tag & 0xFFFF) for tag in value)  # type: ignore[attr-defined]
+        return b"".join(_AT_PAIR.pack(tag >> 16, tag & 0xFFFF) for tag in value)
     raise AssertionError(kind)  # pragma: no cover
 
 
@@ -314,7 +316,7 @@ def decode_command(data: bytes | memoryview) -> Command:
         data = bytes(data)
     end = len(data)
     offset = 0
-    values: dict[str, object] = {}
+    values: dict[str, Any] = {}  # keyword -> value of the kind its table entry says
     extra: dict[int, bytes] | None = None
     unpack = _HEADER.unpack_from
     lookup = _DECODE_TABLE.get
@@ -371,7 +373,7 @@ def decode_command(data: bytes | memoryview) -> Command:
     command_field = values.get("CommandField")
     if command_field is None:
         raise DIMSEError("no (0000,0100) CommandField")
-    known = _COMMAND_FIELDS.get(command_field)  # type: ignore[call-overload]
+    known = _COMMAND_FIELDS.get(command_field)
     if known is None:
         raise DIMSEError(f"unknown CommandField {command_field:#06x}")
     values["CommandField"] = known
@@ -381,4 +383,4 @@ def decode_command(data: bytes | memoryview) -> Command:
         raise DIMSEError("no (0000,0800) CommandDataSetType")
     if extra is not None:
         values["extra"] = extra
-    return Command(**values)  # type: ignore[arg-type]
+    return Command(**values)

@@ -5,6 +5,8 @@ constructors for common requests.
 
 from __future__ import annotations
 
+from typing import Any
+
 from .dimse_codec import (
     _COMMAND_FIELDS,
     _TAG_OF,
@@ -219,7 +221,7 @@ def response_for(rq: Command, status: int, **fields: object) -> Command:
     echoed = _ECHOED.get(rq.CommandField)
     if echoed is None:
         raise DIMSEError(f"{_label(rq.CommandField)} has no response")
-    values: dict[str, object] = {
+    values: dict[str, Any] = {
         "CommandField": _COMMAND_FIELDS[rq.CommandField | 0x8000],
         "MessageIDBeingRespondedTo": rq.MessageID if rq.MessageID is not None else 0,
         "Status": status,
@@ -229,7 +231,7 @@ def response_for(rq: Command, status: int, **fields: object) -> Command:
         if value is not None:
             values[target] = value
     values.update(fields)
-    return Command(**values)  # type: ignore[arg-type]
+    return Command(**values)
 
 
 def c_echo_rq(message_id: int, sop_class_uid: str = VERIFICATION_SOP_CLASS) -> Command:
