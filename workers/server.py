@@ -25,7 +25,7 @@ from .association import AssociationProtocol, Operation, Telemetry
 from .config import WorkerConfig
 from .engine import acse
 from .engine import pdu as p
-from .engine.connection import MemoryBudget
+from .engine.connection import MemoryBudget, ReadBufferPool
 from .handlers import HandlerCaller, HandlerRegistry
 from .identity import IdentityPolicy
 from .index.record import IndexRecord
@@ -60,6 +60,8 @@ class AssociationServer:
         self.config = config
         self.policy = config.acceptor_policy()
         self.memory_budget = MemoryBudget(config.max_dataset_memory)
+        # read buffers of ended connections, for new ones (see ReadBufferPool)
+        self.buffer_pool = ReadBufferPool()
         #: admission by someone else (the supervisor: workers/main.py), asked once the
         #: A-ASSOCIATE-RQ is read: a future of None (admitted) or the RJ to answer
         self.ask_admission: (
@@ -140,6 +142,7 @@ class AssociationServer:
         # budget is the server's, shared by all of them.
         engine = self.config.engine_config()
         engine.memory_budget = self.memory_budget
+        engine.buffer_pool = self.buffer_pool
         return engine
 
     # ------------------------------------------------------------ handlers
