@@ -51,7 +51,6 @@ KNOWN_LONG_MODULES: set[str] = {
     "workers/engine/dimse.py",
     "workers/engine/pdu.py",
     "workers/telemetry.py",
-    "metrics/aggregator.py",
     "workers/storage/scanner.py",
     "loadtest/compare.py",
     "workers/storage/store.py",
