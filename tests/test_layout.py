@@ -52,7 +52,6 @@ KNOWN_LONG_MODULES: set[str] = {
     "workers/engine/pdu.py",
     "workers/telemetry.py",
     "workers/storage/scanner.py",
-    "loadtest/compare.py",
     "workers/storage/store.py",
 }
 
