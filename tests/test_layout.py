@@ -50,7 +50,6 @@ KNOWN_LONG_MODULES: set[str] = {
     "workers/engine/connection.py",
     "workers/engine/dimse.py",
     "workers/engine/pdu.py",
-    "workers/telemetry.py",
     "workers/storage/scanner.py",
     "workers/storage/store.py",
 }
