@@ -37,6 +37,7 @@ import logging
 import os
 import socket
 import stat
+from typing import cast
 
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import CollectorRegistry
@@ -64,7 +65,8 @@ class _TelemetryProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # a stream server's transports are full Transports (asyncio's and uvloop's)
+        self.transport = cast(asyncio.Transport, transport)
         if len(self.state.sources) >= self.aggregator.max_senders:
             log.warning("too many telemetry connections; refusing one")
             transport.close()

@@ -31,6 +31,28 @@ handler is bound): the engine's ``Connection`` keeps ``pdus_received``/``pdus_se
 (by PDU type) and ``bytes_received``/``bytes_sent``; they are read on every tick for
 open connections and one last time at EVT_CONN_CLOSE, so every PDU and byte counts.
 
+The path from events to telemetry
+---------------------------------
+A worker's :class:`~workers.association.AssociationProtocol` reports to the
+``telemetry`` of its server (the ``Telemetry`` protocol of :mod:`workers.server`, which
+this class implements). What it reports comes three ways, each chosen for its cost:
+
+* notification events, all through :meth:`Telemetry.record` (``_emit`` calls it for
+  every event it emits, handlers bound or not): connections, association milestones,
+  FSM transitions;
+* the four facts that have no notification event, or whose event would cost an
+  object per message (EVT_DIMSE_* carry a decoded ``Command``): DIMSE messages
+  (:meth:`Telemetry.dimse`), C-STORE answers (:meth:`Telemetry.stored`), failed
+  handlers, refused presentation contexts: one typed call each, no ``attrs`` dict;
+* PDUs and bytes, never reported per PDU: the telemetry reads the engine's
+  connection counters on each tick and at EVT_CONN_CLOSE.
+
+Outside the association: storage system-call timings come from the store itself
+(:meth:`Telemetry.file_ops`, :mod:`workers.telemetry_timings`), in any thread; the
+index-backed services call :meth:`Telemetry.service`; the audit sender, the index
+writer and the S3 spool are read on each tick (``watch_audit``, ``index_writer``,
+``object_store``).
+
 What the worker calls
 ---------------------
 Create one per worker process, in its event loop::
