@@ -34,8 +34,9 @@ $(TSTAMP): $(BUILD_INPUTS) | $(PY)
 # our metrics exposition. policy-rc.d (only while installing, only if none exists)
 # keeps the packages from starting services: nothing of theirs may listen here.
 # A check may also be a path glob (PostgreSQL's binaries are not on PATH): the index
-# tests initdb a throw-away server from the postgresql package.
-SYSTEM_PACKAGES = storescu:dcmtk promtool:prometheus /usr/lib/postgresql/*/bin/initdb:postgresql
+# tests initdb a throw-away server from the postgresql package. tests/cluster runs a real
+# HAProxy (and Prometheus, from the prometheus package) in front of two receivers.
+SYSTEM_PACKAGES = storescu:dcmtk promtool:prometheus /usr/lib/postgresql/*/bin/initdb:postgresql haproxy:haproxy
 system-deps:
 	@missing=""; for pair in $(SYSTEM_PACKAGES); do \
 	  command -v $${pair%%:*} >/dev/null 2>&1 || ls $${pair%%:*} >/dev/null 2>&1 \

@@ -144,7 +144,12 @@ class Aggregator:
         finally:
             os.umask(old_umask)
         self._http = MetricsHTTPServer(
-            self.registry, self.host, self.port, self.http_timeout, sock=self.http_sock
+            self.registry,
+            self.host,
+            self.port,
+            self.http_timeout,
+            sock=self.http_sock,
+            readiness=self.state.readiness,
         )
         self._http.start(loop)
         self.http_port = self._http.port

@@ -327,6 +327,16 @@ def _acceptor_metrics(s: State) -> Iterator[Metric]:
         if event.startswith("backoff_"):
             backoffs.add_metric([event.removeprefix("backoff_")], n)
     yield backoffs
+    proxy = CounterMetricFamily(
+        "pacs_proxy_protocol_rejected",
+        "Connections closed by the acceptor for their PROXY protocol header, by reason "
+        "(missing, malformed, too_long, truncated, timeout, untrusted).",
+        labels=["reason"],
+    )
+    for event, n in s.acceptor.items():
+        if event.startswith("proxy_"):
+            proxy.add_metric([event.removeprefix("proxy_")], n)
+    yield proxy
 
 
 def _process_metrics(s: State) -> Iterator[Metric]:

@@ -4,9 +4,9 @@ prometheus-client's WSGI app does the exposition work (text format or OpenMetric
 ``Accept`` header, gzip when the scraper sends ``Accept-Encoding: gzip``, ``name[]``
 filters); it runs under the standard library's threading WSGI server as prometheus-client's
 ``start_wsgi_server`` does. Around it a small router adds what a receiver's operators
-expect: ``/healthz``, ``HEAD``, 404 for other paths, 405 naming ``GET, HEAD``, 431 for
-oversized request headers and a per-connection timeout so a request that never ends does
-not hold a thread forever.
+expect: ``/healthz``, ``/readyz`` (503 while the receiver drains), ``HEAD``, 404 for
+other paths, 405 naming ``GET, HEAD``, 431 for oversized request headers and a
+per-connection timeout so a request that never ends does not hold a thread forever.
 
 Requests are served on threads, but the aggregator's state is plain dicts mutated by the
 event loop. So that a scrape sees a consistent state without a lock, the collector that
@@ -61,8 +61,9 @@ class _OnLoop(Collector):
         return iter(result.result(self.timeout))
 
 
-def _router(metrics_app: _App) -> _App:
-    """``/metrics`` to prometheus-client's app (HEAD as a bodiless GET), ``/healthz``, errors."""
+def _router(metrics_app: _App, readiness: Callable[[], tuple[bool, str]] | None = None) -> _App:
+    """``/metrics`` to prometheus-client's app (HEAD as a bodiless GET), ``/healthz``,
+    ``/readyz`` (``readiness()``: 200 when ready, else 503 with the reason), errors."""
 
     def app(environ: dict[str, Any], start_response: _StartResponse) -> Iterable[bytes]:
         method = environ["REQUEST_METHOD"]
@@ -76,6 +77,11 @@ def _router(metrics_app: _App) -> _App:
         if path == "/healthz":
             status, body = "200 OK", b"ok\n"
             headers = [("Content-Type", "text/plain; charset=utf-8")]
+        elif path == "/readyz":
+            ready, why = readiness() if readiness is not None else (True, "ready")
+            status = "200 OK" if ready else "503 Service Unavailable"
+            body = f"{why}\n".encode()
+            headers = [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")]
         elif path == "/metrics":
             captured: list[Any] = []
 
@@ -87,7 +93,7 @@ def _router(metrics_app: _App) -> _App:
             status, headers = captured
         else:
             start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
-            return [b"not found: try /metrics or /healthz\n"]
+            return [b"not found: try /metrics, /healthz or /readyz\n"]
         headers = [*headers, ("Content-Length", str(len(body)))]
         start_response(status, headers)
         return [b"" if method == "HEAD" else body]
@@ -132,8 +138,11 @@ class MetricsHTTPServer:
         port: int = 9464,
         timeout: float = 10.0,
         sock: socket.socket | None = None,
+        readiness: Callable[[], tuple[bool, str]] | None = None,
     ) -> None:
         self.registry = registry
+        #: GET /readyz: (ready, why); None: always ready
+        self.readiness = readiness
         #: a listening socket bound by the supervisor (kept across restarts of the
         #: aggregator), served instead of binding host:port
         self.sock = sock
@@ -148,7 +157,7 @@ class MetricsHTTPServer:
         on_loop = CollectorRegistry(auto_describe=False)
         on_loop.register(_OnLoop(self.registry, loop, self.timeout))
         handler_class = type("_BoundHandler", (_Handler,), {"timeout": self.timeout})
-        app = _router(make_wsgi_app(on_loop))
+        app = _router(make_wsgi_app(on_loop), self.readiness)
         httpd: WSGIServer
         if self.sock is not None:
             server_class = type(

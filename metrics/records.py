@@ -63,6 +63,7 @@ __all__ = [
     "Outcome",
     "Pdus",
     "Process",
+    "Readiness",
     "Record",
     "Rejected",
     "Restart",
@@ -166,6 +167,8 @@ class Kind(IntEnum):
     ACCEPTOR = 21
     # The object store's spool (workers/storage/spool.py), numbered apart likewise.
     S3_SPOOL = 40
+    #: the supervisor's readiness (accepting / draining) for GET /readyz
+    READINESS = 41
 
 
 class Direction(IntEnum):
@@ -505,6 +508,17 @@ class S3Spool:
     _SPEC: ClassVar[tuple[Any, ...]] = (COUNT, COUNT)
 
 
+@dataclass(slots=True, frozen=True)
+class Readiness:
+    """Snapshot (from the supervisor, every tick): ``draining`` 0 while it accepts,
+    1 once SIGTERM came (GET /readyz answers 503 from then on)."""
+
+    draining: int
+
+    KIND: ClassVar[Kind] = Kind.READINESS
+    _SPEC: ClassVar[tuple[Any, ...]] = (COUNT,)
+
+
 Record = (
     Hello
     | Process
@@ -529,6 +543,7 @@ Record = (
     | IndexWrites
     | Acceptor
     | S3Spool
+    | Readiness
 )
 
 #: Record class by kind.
@@ -558,5 +573,6 @@ RECORD_TYPES: dict[int, type[Any]] = {
         IndexWrites,
         Acceptor,
         S3Spool,
+        Readiness,
     )
 }

@@ -256,6 +256,10 @@ class State:
         self.services: dict[tuple[str, str], int] = {}
         #: acceptor trouble by event (metrics.wire.Acceptor)
         self.acceptor: dict[str, int] = {}
+        #: GET /readyz: the supervisor said it accepts / that it drains (for good:
+        #: a draining supervisor never accepts again, even if its sender reconnects)
+        self.accepting = False
+        self.draining = False
         self.decode = w.DecodeStats()
         self.records_without_hello = 0
         self.oversized_frames = 0
@@ -282,6 +286,7 @@ class State:
             w.IndexWrites: self._index_writes,
             w.Acceptor: self._acceptor,
             w.S3Spool: self._s3_spool,
+            w.Readiness: self._readiness,
         }
 
     # -- sources --
@@ -456,3 +461,18 @@ class State:
 
     def _acceptor(self, source: Source, r: w.Acceptor) -> None:
         _add(self.acceptor, self.name(r.event), r.count)
+
+    def _readiness(self, source: Source, r: w.Readiness) -> None:
+        if r.draining:
+            self.draining = True
+        else:
+            self.accepting = True
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, why) for GET /readyz: ready once the supervisor said it accepts,
+        until it says it drains. Read from the HTTP threads: two plain booleans."""
+        if self.draining:
+            return False, "draining"
+        if not self.accepting:
+            return False, "starting"
+        return True, "ready"

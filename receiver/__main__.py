@@ -155,6 +155,14 @@ def make_parser() -> argparse.ArgumentParser:
         "(with a warning) instead of stopping with exit status 2",
     )
     g.add_argument(
+        "--drain-delay",
+        type=float,
+        metavar="SECONDS",
+        help="on SIGTERM, report not-ready on /readyz and keep accepting this long "
+        "before the listener closes, so that a load balancer stops sending first "
+        f"(default {d.drain_delay:g})",
+    )
+    g.add_argument(
         "--graceful-timeout",
         type=float,
         help=f"seconds open associations get on stop (default {d.graceful_timeout:g})",
@@ -232,6 +240,13 @@ def make_parser() -> argparse.ArgumentParser:
         metavar="ADDRESSES",
         help="comma-separated addresses or CIDR networks refused with A-ASSOCIATE-RJ; "
         "wins over --allow-ip. Per calling AE source addresses: [ae-sources] in --config",
+    )
+    g.add_argument(
+        "--proxy-protocol-from",
+        metavar="CIDR[,CIDR...]",
+        help="load balancers (addresses or networks) whose connections MUST start with a "
+        "PROXY protocol v1/v2 header; its client address is then the peer address. "
+        "A header from any other address is refused (default: none)",
     )
     g.add_argument(
         "--sop-classes",

@@ -45,6 +45,7 @@ from workers.engine.primitives import NEED_DATA, AssociateIndication
 
 from .config import ReceiverConfig
 from .pool import Pool, WorkerSlot
+from .proxy_gate import Peer, ProxyGate
 
 # One logger for the main process (see receiver.pool).
 log = logging.getLogger("receiver.supervisor")
@@ -78,6 +79,7 @@ class Rejector(asyncio.Protocol):
         why: str | None = None,
         telemetry: Any = None,
         on_close: Callable[[], None] | None = None,
+        peer: Peer | None = None,
     ) -> None:
         self.rj = rj
         self.on_close = on_close
@@ -92,6 +94,8 @@ class Rejector(asyncio.Protocol):
         self.why = why
         self.telemetry = telemetry
         self.peer = "?"
+        #: the client's address from a PROXY header (receiver/proxy_gate.py)
+        self.proxied = peer
         self.answered = False
         self.conn = Connection(Role.ACCEPTOR, EngineConfig(max_control_pdu_length=256 * 1024))
         self.transport: asyncio.Transport | None = None
@@ -99,7 +103,7 @@ class Rejector(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # a stream: connect_accepted_socket
-        peer = transport.get_extra_info("peername")
+        peer = self.proxied or transport.get_extra_info("peername")
         if peer:
             self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in str(peer[0]) else f"{peer[0]}:{peer[1]}"
         loop = asyncio.get_running_loop()
@@ -168,6 +172,7 @@ class Acceptor:
     def __init__(self, cfg: ReceiverConfig, pool: Pool, listener: socket.socket) -> None:
         self.cfg = cfg
         self.access = cfg.access_policy()
+        self.proxy_gate = self._proxy_gate(cfg)
         self.pool = pool
         self.loop = pool.loop
         self.listener: socket.socket | None = listener
@@ -205,6 +210,7 @@ class Acceptor:
         """A reloaded configuration: its limits and who may connect apply from now."""
         self.cfg = cfg
         self.access = cfg.access_policy()
+        self.proxy_gate = self._proxy_gate(cfg)
 
     def tick(self, now: float) -> None:
         """Periodic duties (the arbiter's tick): the unanswered refusals' log line."""
@@ -265,6 +271,11 @@ class Acceptor:
                 continue
             if self._accept_pauses:
                 self._accepting_again()
+            if self.proxy_gate is not None:
+                # Behind a balancer: the header's address is the peer's (proxy_gate.py).
+                admit = self._admit_proxied(self._socket(fd), addr, self.proxy_gate)
+                self._track(asyncio.ensure_future(admit))
+                continue
             if screen and not access.address_allowed(addr[0]):
                 # Before any limit: a refused peer takes no one's place.
                 self._refuse(
@@ -337,17 +348,26 @@ class Acceptor:
         listener may be closed by now: the family is the fd's own)."""
         return socket.socket(fileno=fd)
 
-    def _hand_off(self, slot: WorkerSlot, fds: list[int], ids: list[int], aes: list[str]) -> None:
-        """Send the accepted ``fds`` to ``slot``'s worker; ours are closed once sent."""
+    def _hand_off(
+        self,
+        slot: WorkerSlot,
+        fds: list[int],
+        ids: list[int],
+        aes: list[str],
+        peers: list[Peer] | None = None,
+    ) -> None:
+        """Send the accepted ``fds`` to ``slot``'s worker; ours are closed once sent.
+        ``peers``: the clients' addresses from PROXY headers (the workers' peers)."""
         for start in range(0, len(fds), control.MAX_FDS_PER_MESSAGE):
             part = fds[start : start + control.MAX_FDS_PER_MESSAGE]
             part_ids = ids[start : start + control.MAX_FDS_PER_MESSAGE]
             part_aes = aes[start : start + control.MAX_FDS_PER_MESSAGE]
+            part_peers = peers[start : start + control.MAX_FDS_PER_MESSAGE] if peers else None
             try:
                 ctrl = slot.ctrl
                 if ctrl is None:
                     raise ConnectionResetError("worker channel closed")
-                control.send_connections(ctrl, part, part_ids)
+                control.send_connections(ctrl, part, part_ids, part_peers)
             except OSError as exc:
                 if not isinstance(exc, BlockingIOError):
                     # EPIPE ...: the worker died and is not reaped yet. Another one
@@ -355,16 +375,18 @@ class Acceptor:
                     self.pool.channel_lost(slot)
                     other = self._pick()
                     if other is not None:
-                        self._hand_off(other, part, part_ids, part_aes)
+                        self._hand_off(other, part, part_ids, part_aes, part_peers)
                         continue
                 # The channel is full, or no worker is left: answer these ourselves.
                 log.warning(
                     "cannot hand %d connection(s) to worker %d: %s", len(part), slot.index, exc
                 )
-                for fd, ae in zip(part, part_aes, strict=False):
+                for i, (fd, ae) in enumerate(zip(part, part_aes, strict=False)):
                     self.pool.ae_closed(ae)  # counted by _admit_by_ae, never assigned
                     self._reject(
-                        self._socket(fd), transient_reason=p.RejectReason.TEMPORARY_CONGESTION
+                        self._socket(fd),
+                        transient_reason=p.RejectReason.TEMPORARY_CONGESTION,
+                        peer=part_peers[i] if part_peers else None,
                     )
                 continue
             assigned, sent_seq = slot.assigned, slot.sent_seq
@@ -421,7 +443,7 @@ class Acceptor:
         except OSError as exc:  # its ACSE timeout answers the peer
             log.warning("could not answer worker %d's admission question: %s", slot.index, exc)
 
-    async def _admit_by_ae(self, sock: socket.socket, host: str) -> None:
+    async def _admit_by_ae(self, sock: socket.socket, host: str, peer: Peer | None = None) -> None:
         """Peek the calling AE title of the A-ASSOCIATE-RQ; apply [ae-sources] and the
         per-AE limit, then (again: others were admitted during the peek) the total."""
         try:
@@ -441,21 +463,67 @@ class Acceptor:
         refusal = self._ae_refusal(ae, host)
         if refusal is not None:
             if refusal[0] == "ae":
-                self._refuse(sock, p.RejectReason.CALLING_AE_NOT_RECOGNIZED, refusal[1])
+                self._refuse(sock, p.RejectReason.CALLING_AE_NOT_RECOGNIZED, refusal[1], peer)
             else:
-                self._reject(sock)
+                self._reject(sock, peer=peer)
             return
         limit = self.cfg.max_associations
         if limit and self.pool.open_total() >= limit:
-            self._reject(sock)
+            self._reject(sock, peer=peer)
             return
         slot = self._pick()
         if slot is None:
-            self._reject(sock)
+            self._reject(sock, peer=peer)
             return
         if ae:
             self.pool.per_ae[ae] += 1
-        self._hand_off(slot, [sock.detach()], [next(self.ids)], [ae or ""])
+        peers = [peer] if peer is not None else None
+        self._hand_off(slot, [sock.detach()], [next(self.ids)], [ae or ""], peers)
+
+    # ------------------------------------------------- behind a load balancer
+
+    def _proxy_gate(self, cfg: ReceiverConfig) -> ProxyGate | None:
+        """--proxy-protocol-from: the gate every connection passes first, or None."""
+        if not cfg.proxy_protocol_from:
+            return None
+
+        def count(reason: str) -> None:
+            if self.telemetry is not None:
+                self.telemetry.acceptor_event(f"proxy_{reason}")
+
+        return ProxyGate(cfg.proxy_protocol_from, cfg.network_timeout, cfg.acse_timeout, count)
+
+    async def _admit_proxied(
+        self, sock: socket.socket, addr: tuple[Any, ...], gate: ProxyGate
+    ) -> None:
+        """Behind a balancer: the PROXY header first (its client address is the
+        peer's from here on: --allow-ip, the limits, [ae-sources], the worker),
+        then what _on_accept does for one connection."""
+        try:
+            peer = await gate.admit(sock, (str(addr[0]), int(addr[1])))
+        except OSError as exc:  # the connection failed under the gate
+            log.info("connection from %s:%s lost before its header was read: %s", *addr[:2], exc)
+            sock.close()
+            return
+        if peer is None:
+            return  # closed, logged, counted
+        host = peer[0]
+        if self.access.filters_addresses and not self.access.address_allowed(host):
+            why = "address refused by --deny-ip/--allow-ip"
+            self._refuse(sock, p.RejectReason.NO_REASON, why, peer)
+            return
+        limit = self.cfg.max_associations
+        if limit and self.pool.open_total() >= limit:
+            self._reject(sock, peer=peer)
+            return
+        if not self.cfg.tls_cert and (self.cfg.max_associations_per_ae or self.access.ae_sources):
+            await self._admit_by_ae(sock, host, peer)
+            return
+        slot = self._pick()
+        if slot is None:
+            self._reject(sock, peer=peer)
+            return
+        self._hand_off(slot, [sock.detach()], [next(self.ids)], [""], [peer])
 
     async def _peek_calling_ae(self, sock: socket.socket) -> str | None:
         """The Calling AE Title (bytes 26..42 of an A-ASSOCIATE-RQ), read with MSG_PEEK
@@ -526,19 +594,21 @@ class Acceptor:
         *,
         rj: p.AssociateRJ | None = None,
         why: str | None = None,
+        peer: Peer | None = None,
     ) -> None:
         """Answer ``sock``'s A-ASSOCIATE-RQ with ``rj`` (default: rejected-transient,
-        service-provider presentation, ``transient_reason``) instead of a worker."""
+        service-provider presentation, ``transient_reason``) instead of a worker.
+        ``peer``: the client's address from a PROXY header, for the log line."""
         self.rejected += 1
         if self.cfg.tls_cert:
             # The acceptor does not speak TLS (the handshake is the workers'): an
             # A-ASSOCIATE-RJ in clear text would be garbage to the client. Close.
             try:
-                host, port = sock.getpeername()[:2]
-                peer = f"{host}:{port}"
+                host, port = peer or sock.getpeername()[:2]
+                shown = f"{host}:{port}"
             except OSError:
-                peer = "?"
-            log.info("refusing a TLS connection from %s by closing it (%s)", peer, why or "limit")
+                shown = "?"
+            log.info("refusing a TLS connection from %s by closing it (%s)", shown, why or "limit")
             sock.close()
             return
         if rj is None:
@@ -570,7 +640,7 @@ class Acceptor:
 
         task = asyncio.ensure_future(
             self.loop.connect_accepted_socket(
-                lambda: Rejector(answer, timeout, why, telemetry, on_close=done), sock
+                lambda: Rejector(answer, timeout, why, telemetry, on_close=done, peer=peer), sock
             )
         )
         task.add_done_callback(started)
@@ -598,17 +668,17 @@ class Acceptor:
             self._unanswered_unlogged = 0
             self._unanswered_logged_at = now
 
-    def _refuse(self, sock: socket.socket, reason: int, why: str) -> None:
+    def _refuse(self, sock: socket.socket, reason: int, why: str, peer: Peer | None = None) -> None:
         """Who may connect: PS3.8 Table 9-21 rejected-permanent (1), source
         service-user (1), ``reason`` 1 no-reason-given or 3 calling-AE-not-recognized."""
         rj = p.AssociateRJ(p.RejectResult.PERMANENT, p.RejectSource.SERVICE_USER, reason)
         if self.audit is not None:
             try:
-                host = str(sock.getpeername()[0])
+                host = str(peer[0] if peer else sock.getpeername()[0])
             except OSError:
                 host = "unknown"
             self.audit.refused(host, why)
-        self._reject(sock, rj=rj, why=why)
+        self._reject(sock, rj=rj, why=why, peer=peer)
 
     def _track(self, task: asyncio.Future[Any]) -> None:
         # Keep a reference until done: the loop only holds weak references to tasks.

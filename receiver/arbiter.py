@@ -146,6 +146,10 @@ class Arbiter:
         self.reload_config = reload_config
         self.generation = 0
         self.stopping = False
+        #: SIGTERM came: readiness says 503 (the telemetry's Readiness record); the
+        #: stop follows when --drain-delay is over (_drain_until, monotonic)
+        self.draining = False
+        self._drain_until: float | None = None
         self.reload_requested = False
         #: signals received and not acted on yet, and the main loop's wake-up call
         self._signals: deque[int] = deque()
@@ -234,6 +238,9 @@ class Arbiter:
         if self.reload_requested and not self.stopping:
             self.reload_requested = False
             self._reload()
+        if self._drain_until is not None and now >= self._drain_until:
+            self._drain_until = None
+            self._stop(False)
         if self._kill_at is not None and now >= self._kill_at:
             self._kill_at = None
             self._kill_stragglers()
@@ -372,6 +379,25 @@ class Arbiter:
     # ---------------------------------------------------- stop and reload
 
     def _request_stop(self, interactive: bool = False) -> None:
+        if not self.draining:
+            # Readiness goes 503 at once; during --drain-delay the listener still
+            # accepts while a balancer's health check takes this node out.
+            self.draining = True
+            if self.telemetry is not None:
+                self.telemetry.readiness = 1
+                self.telemetry.flush()
+            delay = self.cfg.drain_delay
+            if delay > 0 and not interactive:
+                log.info("draining: not ready; accepting for %g s more, then stopping", delay)
+                self._drain_until = time.monotonic() + delay
+                return
+        elif self._drain_until is not None:
+            if not interactive:
+                return  # SIGTERM again while draining: the delay runs its course
+            self._drain_until = None  # an interrupt: stop now
+        self._stop(interactive)
+
+    def _stop(self, interactive: bool) -> None:
         if self.stopping:
             if not interactive:
                 return  # SIGTERM again: still graceful

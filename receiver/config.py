@@ -123,6 +123,11 @@ class ReceiverConfig:
     s3_spool_limit: int = 0
     #: local directory with S3: the spool, the embedded index, handler temp files
     s3_spool: str = "./dicom-spool"
+    # behind a load balancer (receiver/proxy_gate.py)
+    #: balancers' addresses/networks whose connections start with a PROXY header
+    proxy_protocol_from: list[str] = field(default_factory=list)
+    #: seconds between SIGTERM (readiness 503) and closing the listener
+    drain_delay: float = 0.0
 
     def check(self) -> None:
         """Raise :class:`ConfigError` for the first value that cannot be used."""
@@ -130,6 +135,12 @@ class ReceiverConfig:
         for ae in self.calling_aes:
             _check_ae("calling-aes", ae)
         self.access_policy()  # raises ConfigError on a bad address or network
+        try:
+            parse_networks(self.proxy_protocol_from)
+        except ValueError as exc:
+            raise ConfigError(f"--proxy-protocol-from: {exc}") from None
+        if not 0 <= self.drain_delay <= 3600:
+            raise ConfigError(f"--drain-delay: {self.drain_delay} is not 0..3600 seconds")
         try:
             ipaddress.ip_address(self.host)
         except ValueError:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from workers.index import open_index
 from workers.index.reconcile import reconcile
+from workers.index.reconcile_s3 import reconcile_object_store
 from workers.storage.sweep import sweep_incoming
 
 from .config import ReceiverConfig
@@ -95,14 +96,11 @@ def reconcile_index(cfg: ReceiverConfig, storage: str) -> None:
     if target is None:
         return
     index = open_index(target, storage, node=cfg.index_node_name())
-    if cfg.storage.startswith("s3://"):
-        # The store is the bucket, not this directory: no walk here would find
-        # its objects (every record would be marked missing). Spooled instances
-        # were indexed under their object URL when they were acknowledged.
-        index.close()
-        return
     try:
-        report = reconcile(index, storage, replace=cfg.duplicates == "overwrite")
+        if cfg.storage.startswith("s3://"):  # the bucket and the spool
+            report = reconcile_object_store(index, cfg.s3_settings(), storage)
+        else:
+            report = reconcile(index, storage, replace=cfg.duplicates == "overwrite")
     finally:
         index.close()
     log.log(

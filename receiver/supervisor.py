@@ -92,6 +92,8 @@ class Supervisor:
         arbiter.spawn_workers()
         acceptor.start()
         arbiter.install_signals()
+        if telemetry is not None:
+            telemetry.readiness = 0  # accepting: GET /readyz answers 200
         log.info(
             "pacs-receiver listening on %s:%d as %s with %d worker(s), storing in %s (fsync %s)%s",
             address[0],

@@ -110,6 +110,9 @@ class AssociationProtocol(Negotiation, StorePath, NetworkTimer, AssociationTrail
         self.assoc = Association(self, self.registry)
         #: the acceptor's name for this connection (handed over by the supervisor)
         self.connection_id: int | None = None
+        #: the client's address from a PROXY header (given with the hand-off): it,
+        #: not the socket's peer (the load balancer), is the requestor's address
+        self.peer_address: tuple[str, int] | None = None
         self._reading_paused = False
         self._closing = False
         self._lost = False
@@ -140,7 +143,7 @@ class AssociationProtocol(Negotiation, StorePath, NetworkTimer, AssociationTrail
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.adopt_transport(transport)
-        peer = transport.get_extra_info("peername") or ("", 0)
+        peer = self.peer_address or transport.get_extra_info("peername") or ("", 0)
         local = transport.get_extra_info("sockname") or ("", 0)
         self.assoc.requestor.address, self.assoc.requestor.port = str(peer[0]), int(peer[1])
         self.assoc.acceptor.address, self.assoc.acceptor.port = str(local[0]), int(local[1])

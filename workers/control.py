@@ -7,7 +7,10 @@ Supervisor -> worker:
 
 * ``b"C"`` with one or more descriptors attached: connections to serve; the
   message body after ``C`` is the msgpack list of the connections' ids, one per
-  descriptor, so that the worker can report each one back when it closes.
+  descriptor, so that the worker can report each one back when it closes. Behind a
+  load balancer (``--proxy-protocol-from``) the body is instead the msgpack map
+  ``{"ids": [...], "peers": [[host, port], ...]}``: each connection's client address
+  from its PROXY header, which the worker uses instead of the socket's peer.
 * msgpack ``{"op": "stop", "graceful": seconds}``: stop; finish open associations
   for at most ``graceful`` seconds, abort the rest, exit 0.
 
@@ -41,9 +44,15 @@ def socketpair() -> tuple[socket.socket, socket.socket]:
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
 
-def send_connections(sock: socket.socket, fds: list[int], ids: list[int]) -> None:
-    """Hand connections over; raises BlockingIOError when the channel is full."""
-    body = CONNECTIONS + msgpack.packb(ids)
+def send_connections(
+    sock: socket.socket,
+    fds: list[int],
+    ids: list[int],
+    peers: list[tuple[str, int]] | None = None,
+) -> None:
+    """Hand connections over; raises BlockingIOError when the channel is full.
+    ``peers``: the client address of each connection (PROXY protocol), if known."""
+    body = CONNECTIONS + msgpack.packb(ids if peers is None else {"ids": ids, "peers": peers})
     sock.sendmsg([body], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
 
 
@@ -54,7 +63,8 @@ def send(sock: socket.socket, message: dict[str, Any]) -> None:
 def receive(
     sock: socket.socket,
 ) -> tuple[bytes | None, dict[str, Any] | None, list[int], list[int]]:
-    """Read one message: (kind, map, fds, ids). kind None means the peer is gone."""
+    """Read one message: (kind, map, fds, ids). kind None means the peer is gone. For
+    connections the map is None, or ``{"peers": [...]}`` when their addresses came."""
     fds = array.array("i")
     data, ancdata, _flags, _addr = sock.recvmsg(
         _MAX_MESSAGE, socket.CMSG_LEN(MAX_FDS_PER_MESSAGE * fds.itemsize)
@@ -67,8 +77,11 @@ def receive(
             socket.close(fd)
         return None, None, [], []
     if data[:1] == CONNECTIONS:
-        ids = list(msgpack.unpackb(data[1:])) if len(data) > 1 else []
-        return CONNECTIONS, None, list(fds), ids
+        body = msgpack.unpackb(data[1:]) if len(data) > 1 else []
+        if isinstance(body, dict):
+            peers = [tuple(peer) if peer else None for peer in body.get("peers", ())]
+            return CONNECTIONS, {"peers": peers}, list(fds), list(body.get("ids", ()))
+        return CONNECTIONS, None, list(fds), list(body)
     for fd in fds:
         socket.close(fd)
     message = msgpack.unpackb(data)

@@ -124,8 +124,9 @@ class Worker:
         answer = self._admissions.get(connection_id)
         if answer is None:
             answer = self._admissions[connection_id] = loop.create_future()
-            peer = proto.transport.get_extra_info("peername") if proto.transport else None
-            host = str(peer[0]) if peer else ""
+            # The requestor's address: the socket's peer, or the client's address
+            # from a PROXY header (set before connection_made).
+            host = proto.assoc.requestor.address
             self._send({"op": "admit", "id": connection_id, "ae": rq.calling_ae, "host": host})
         result: asyncio.Future[p.AssociateRJ | None] = loop.create_future()
 
@@ -200,10 +201,12 @@ class Worker:
                 # on the way (MSG_CTRUNC at our fd limit) is then freed by the
                 # heartbeat (received, never open) instead of skewing the count.
                 self.received += max(len(fds), len(ids))
-                for fd, connection_id in zip(
-                    fds, ids + [None] * (len(fds) - len(ids)), strict=False
+                peers = list(message.get("peers", ())) if message else []
+                peers += [None] * (len(fds) - len(peers))
+                for fd, connection_id, peer in zip(
+                    fds, ids + [None] * (len(fds) - len(ids)), peers, strict=False
                 ):
-                    self._adopt(fd, connection_id)
+                    self._adopt(fd, connection_id, peer)
             elif message is not None and message.get("op") == "admit":
                 answer = self._admissions.pop(message.get("id"), None)  # type: ignore[arg-type]
                 if answer is not None and not answer.done():
@@ -211,7 +214,11 @@ class Worker:
             elif message is not None and message.get("op") == "stop":
                 self._stop(float(message.get("graceful", 30.0)))
 
-    def _adopt(self, fd: int, connection_id: int | None) -> None:
+    def _adopt(
+        self, fd: int, connection_id: int | None, peer: tuple[str, int] | None = None
+    ) -> None:
+        """Serve ``fd``; ``peer``: the client's address from a PROXY header, which is
+        then the requestor's address (logs, audit, index, [ae-sources] with TLS)."""
         sock = socket.socket(fileno=fd)
         if self.stopping is not None and self.stopping.done():
             sock.close()
@@ -227,6 +234,7 @@ class Worker:
             def labelled() -> AssociationProtocol:
                 proto = server._factory()
                 proto.connection_id = connection_id
+                proto.peer_address = peer
                 return proto
 
             sock.setblocking(False)
@@ -234,14 +242,14 @@ class Worker:
             plain.add_done_callback(functools.partial(self._plain_adopted, sock, connection_id))
             return
         # Only a failed TLS handshake names the peer, and by then the socket is closed.
-        peer = _peername(sock)
-        task = asyncio.ensure_future(server.adopt(sock, connection_id))
+        shown = f"{peer[0]}:{peer[1]}" if peer else _peername(sock)
+        task = asyncio.ensure_future(server.adopt(sock, connection_id, peer))
 
         def adopted(t: asyncio.Future[AssociationProtocol]) -> None:
             exc = None if t.cancelled() else t.exception()
             if t.cancelled() or exc is not None:
                 # A peer fault (wrong certificate, no TLS, too slow): one line.
-                log.warning("worker %d: TLS handshake with %s failed: %s", self.id, peer, exc)
+                log.warning("worker %d: TLS handshake with %s failed: %s", self.id, shown, exc)
                 sock.close()
                 if connection_id is not None:
                     self.server.closed_ids.append(connection_id)

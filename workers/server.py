@@ -182,7 +182,10 @@ class AssociationServer:
         return str(sockname[0]), int(sockname[1])
 
     async def adopt(
-        self, sock: socket.socket, connection_id: int | None = None
+        self,
+        sock: socket.socket,
+        connection_id: int | None = None,
+        peer: tuple[str, int] | None = None,
     ) -> AssociationProtocol:
         """Serve a connection accepted elsewhere (the acceptor's fd hand-off), known
         to the acceptor as ``connection_id``.
@@ -196,6 +199,7 @@ class AssociationServer:
         def factory() -> AssociationProtocol:
             proto = self._factory()
             proto.connection_id = connection_id
+            proto.peer_address = peer  # the client's, from a PROXY header
             made.append(proto)
             return proto
 

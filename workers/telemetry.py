@@ -237,6 +237,9 @@ class Telemetry(FrameSender, StorageTimings):
         #: the object store in spool mode (workers/storage/objectstore.py): its
         #: backlog is read on every tick; None: local storage
         self.object_store: Any = None
+        #: the supervisor's readiness, sent on every tick (metrics.wire.Readiness):
+        #: None (workers: nothing to say), 0 accepting, 1 draining
+        self.readiness: int | None = None
         StorageTimings.__init__(self)  # _writes, _fsyncs, _storage
 
         self._conns: dict[Any, _Conn] = {}
@@ -565,6 +568,8 @@ class Telemetry(FrameSender, StorageTimings):
         uploader = getattr(self.object_store, "uploader", None)
         if uploader is not None:
             out.append(w.S3Spool(uploader.backlog_instances, uploader.backlog_bytes))
+        if self.readiness is not None:
+            out.append(w.Readiness(self.readiness))
         for table in (
             self._dimse,
             self._assoc,

@@ -275,6 +275,20 @@ class Index:
 
     # -- pending reports (storage commitment) -------------------------------------------
 
+    def paths_under(self, prefix: str) -> set[str]:
+        """Paths of every record, of any node, that start with ``prefix`` (the S3
+        reconcile's view of a shared bucket: workers/index/reconcile_s3.py)."""
+        with self._read_lock:
+            cur = self._reader_conn().cursor()
+            # substr, not LIKE: no escaping of "%" and "_" in bucket or prefix names.
+            cur.execute(
+                self._sql("SELECT path FROM instances WHERE substr(path, 1, ?) = ?"),
+                (len(prefix), prefix),
+            )
+            rows = cur.fetchall()
+            self._end_read()
+        return {str(row[0]) for row in rows}
+
     def put_pending(self, key: str, payload: bytes, due: float, *, owner: str = "") -> None:
         """Keep a report owed to a peer until :meth:`delete_pending`: ``key`` is
         unique (e.g. the Transaction UID), ``payload`` opaque bytes (the caller's
