@@ -47,7 +47,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import Any, Protocol
 
 from .. import dataplane
 from . import dimse
@@ -139,6 +139,11 @@ class DirectSink(Protocol):
     def direct_written(self, n: int, ns: int) -> None:
         """``n`` more data-set bytes were written to :meth:`direct_fd`, in ``ns``
         nanoseconds of write(2) calls."""
+        ...
+
+    def direct_digest(self) -> Any:
+        """A hashlib object the data plane updates with every byte it writes to
+        :meth:`direct_fd` (the index digest), or None; fixed for the data set."""
         ...
 
 
@@ -295,6 +300,7 @@ class Connection:
         self._sink: DataSetSink | None = None
         #: the sink's file, when data-set fragments may be written to it directly
         self._direct: DirectSink | None = None
+        self._direct_digest: Any = None
         self._budget_taken = 0  # bytes of self.config.memory_budget held by this one
         # the data plane's functions (tests run one connection on each core)
         self._framing = _new_framing()
@@ -433,6 +439,7 @@ class Connection:
             raise LocalProtocolError("a data-set sink can only be set right after its command")
         self._sink = sink
         self._direct = direct if sink is not None else None
+        self._direct_digest = self._direct.direct_digest() if self._direct is not None else None
 
     # ----------------------------------------------------------------- outputs
 
@@ -955,6 +962,7 @@ class Connection:
             self._command_buf,
             config.max_command_length,
             fd,
+            self._direct_digest if fd >= 0 else None,
         )
         self._start = fr.start
         self._pdata_left = fr.pdata_left

@@ -704,18 +704,15 @@ class InstanceWriter:
         """The temp file's descriptor, for the data plane to append the next fragments
         to directly (:class:`workers.engine.connection.DirectSink`); -1 while the tag
         scanner still wants to see the bytes, after a failure, or under injected
-        system calls, or while the index digest is computed: then :meth:`write` must
-        be called."""
-        # The index digest is hashed in Python from each fragment: while it is on, the
-        # data plane must hand every fragment to write().
-        if (
-            self._scanner is None
-            and self._hash is None
-            and self._state == _OPEN
-            and self._store._direct_ok
-        ):
+        system calls: then :meth:`write` must be called."""
+        if self._scanner is None and self._state == _OPEN and self._store._direct_ok:
             return self._fd
         return -1
+
+    def direct_digest(self) -> hashlib._Hash | None:
+        """The index digest, which the data plane updates with the bytes it writes to
+        :meth:`direct_fd` (so the digest does not keep it off the fast path)."""
+        return self._hash
 
     def direct_written(self, n: int, ns: int) -> None:
         """``n`` data-set bytes were appended to :meth:`direct_fd` by the data plane,
