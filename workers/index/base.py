@@ -20,9 +20,9 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
+from .pending import PendingReport, PendingReports
 from .record import COLUMNS, LEVEL_KEYS, IndexRecord
 from .schema import MIGRATIONS, SCHEMA_VERSION
 
@@ -53,18 +53,7 @@ class IndexUnavailable(Exception):
     schema, missing driver). At start-up: one line on stderr, exit status 2."""
 
 
-@dataclass(slots=True, frozen=True)
-class PendingReport:
-    """A report owed to a peer (see :meth:`Index.put_pending`)."""
-
-    key: str
-    owner: str
-    payload: bytes
-    due: float
-    attempts: int
-
-
-class Index:
+class Index(PendingReports):
     """The instance index; made by :func:`workers.index.open_index`.
 
     Thread-safe: any thread may call any method. ``node`` names this receiver's
@@ -272,53 +261,6 @@ class Index:
             rows = cur.fetchall()
             self._end_read()
         return {path: (uid, state, float(received)) for path, uid, state, received in rows}
-
-    # -- pending reports (storage commitment) -------------------------------------------
-
-    def put_pending(self, key: str, payload: bytes, due: float, *, owner: str = "") -> None:
-        """Keep a report owed to a peer until :meth:`delete_pending`: ``key`` is
-        unique (e.g. the Transaction UID), ``payload`` opaque bytes (the caller's
-        encoding), ``due`` the epoch time of the next attempt, ``owner`` who sends it
-        (the node, so that receivers sharing an index each send their own). Replaces
-        a report with the same key (attempts back to 0)."""
-        statement = self._sql(
-            "INSERT INTO pending_reports (report_key, owner, payload, due, attempts)"
-            " VALUES (?, ?, ?, ?, 0) ON CONFLICT (report_key) DO UPDATE SET"
-            " owner = excluded.owner, payload = excluded.payload, due = excluded.due,"
-            " attempts = 0"
-        )
-        with self._write_lock, self._transaction(self._writer_conn()) as cur:
-            cur.execute(statement, (key, owner, bytes(payload), due))
-
-    def due_pending(self, now: float | None = None, *, owner: str = "") -> list[PendingReport]:
-        """``owner``'s reports due at ``now`` (all of them when None), earliest first."""
-        statement = "SELECT report_key, owner, payload, due, attempts FROM pending_reports"
-        statement += " WHERE owner = ?"
-        params: list[object] = [owner]
-        if now is not None:
-            statement += " AND due <= ?"
-            params.append(now)
-        statement += " ORDER BY due, report_key"
-        with self._read_lock:
-            cur = self._reader_conn().cursor()
-            cur.execute(self._sql(statement), params)
-            rows = cur.fetchall()
-            self._end_read()
-        return [PendingReport(k, o, bytes(p), float(d), int(a)) for k, o, p, d, a in rows]
-
-    def reschedule_pending(self, key: str, due: float) -> None:
-        """A delivery attempt failed: try again at ``due`` (attempts + 1)."""
-        statement = self._sql(
-            "UPDATE pending_reports SET due = ?, attempts = attempts + 1 WHERE report_key = ?"
-        )
-        with self._write_lock, self._transaction(self._writer_conn()) as cur:
-            cur.execute(statement, (due, key))
-
-    def delete_pending(self, key: str) -> None:
-        """The report was delivered (or given up): forget it."""
-        statement = self._sql("DELETE FROM pending_reports WHERE report_key = ?")
-        with self._write_lock, self._transaction(self._writer_conn()) as cur:
-            cur.execute(statement, (key,))
 
     # -- lifecycle ---------------------------------------------------------------------
 

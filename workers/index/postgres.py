@@ -25,6 +25,7 @@ class PostgresIndex(Index):
     """The instance index in a PostgreSQL database given by a libpq URL."""
 
     backend = "postgresql"
+    _now_sql = "extract(epoch from clock_timestamp())"
 
     def __init__(self, url: str, node: str = "") -> None:
         super().__init__(node)
