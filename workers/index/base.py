@@ -73,27 +73,46 @@ class Index(PendingReports):
 
     # -- to be provided by a backend -------------------------------------------------
 
+    #: the backend's connections (DB-API 2), set by its constructor
+    _writer: Any = None
+    _reader: Any = None
+
     def _writer_conn(self) -> Any:
-        raise NotImplementedError
+        return self._writer
 
     def _reader_conn(self) -> Any:
-        raise NotImplementedError
+        return self._reader
 
     def _sql(self, statement: str) -> str:
         """The backend's form of a statement written with ``?`` placeholders."""
         return statement
 
+    def _begin(self, cur: Any) -> None:
+        """Open the write transaction on ``cur`` (PostgreSQL: the first statement
+        does, the connection not being in autocommit mode)."""
+
     @contextlib.contextmanager
     def _transaction(self, conn: Any) -> Iterator[Any]:
         """A write transaction on ``conn`` (committed on success, else rolled back)."""
-        raise NotImplementedError
-        yield  # pragma: no cover
+        cur = conn.cursor()
+        self._begin(cur)
+        try:
+            yield cur
+        except BaseException:
+            conn.rollback()
+            raise
+        conn.commit()
 
     def _lock_schema(self, cur: Any) -> None:
         """Serialise migrations between processes (inside the transaction)."""
 
     def _close_connections(self) -> None:
-        raise NotImplementedError
+        for name in ("_reader", "_writer"):
+            conn = getattr(self, name, None)
+            if conn is not None:
+                # closing: a connection that fails to close is gone all the same
+                with contextlib.suppress(Exception):
+                    conn.close()
 
     def _blob_type(self) -> str:
         raise NotImplementedError

@@ -11,10 +11,8 @@ another's commit (milliseconds) instead of failing.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sqlite3
-from collections.abc import Iterator
 from typing import Any
 
 from .base import Index, IndexUnavailable
@@ -59,30 +57,10 @@ class SQLiteIndex(Index):
         conn.execute("PRAGMA synchronous=NORMAL")
         return conn
 
-    def _writer_conn(self) -> Any:
-        return self._writer
-
-    def _reader_conn(self) -> Any:
-        return self._reader
-
     def _blob_type(self) -> str:
         return "BLOB"
 
-    @contextlib.contextmanager
-    def _transaction(self, conn: Any) -> Iterator[Any]:
-        cur = conn.cursor()
+    def _begin(self, cur: Any) -> None:
         # IMMEDIATE: take the write lock now (waiting up to busy_timeout), rather than
         # at the first write, where a lock upgrade can fail at once with SQLITE_BUSY.
         cur.execute("BEGIN IMMEDIATE")
-        try:
-            yield cur
-        except BaseException:
-            conn.rollback()
-            raise
-        conn.commit()
-
-    def _close_connections(self) -> None:
-        for name in ("_reader", "_writer"):
-            conn = getattr(self, name, None)
-            if conn is not None:
-                conn.close()
