@@ -53,7 +53,6 @@ KNOWN_LONG_MODULES: set[str] = {
     "workers/telemetry.py",
     "metrics/aggregator.py",
     "metrics/wire.py",
-    "workers/storage/scanner.py",
     "loadtest/compare.py",
     "workers/storage/store.py",
 }
