@@ -54,7 +54,6 @@ KNOWN_LONG_MODULES: set[str] = {
     "metrics/aggregator.py",
     "metrics/wire.py",
     "loadtest/compare.py",
-    "workers/storage/store.py",
 }
 
 
