@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from .commitment import Commitment
     from .handlers import Binding, Step
     from .index import Index
+    from .index.query import Condition
     from .server import AssociationServer
 
 log = logging.getLogger("workers.indexed")
@@ -154,10 +155,12 @@ class IndexedServices:
 
     # ------------------------------------------------------------- for parts
 
-    def select(self, level: str, equal: dict[str, str]) -> list[Any]:
+    def select(
+        self, level: str, equal: dict[str, str], conditions: Sequence[Condition] = ()
+    ) -> list[Any]:
         """Index rows (present instances) for a query; any thread."""
         assert self.index is not None
-        return self.index.select(level, equal)
+        return self.index.select(level, equal, conditions)
 
     def count(self, service: str, label: str, n: int = 1) -> None:
         """Count for the metrics (any thread; the telemetry lives on the loop)."""

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from .pending import PendingReport, PendingReports
+from .query import Condition, where_clauses
 from .record import COLUMNS, LEVEL_KEYS, IndexRecord
 from .schema import MIGRATIONS, SCHEMA_VERSION
 
@@ -63,6 +64,8 @@ class Index(PendingReports):
 
     #: "sqlite" or "postgresql"
     backend = "abstract"
+    #: what makes a text comparison use code point order ("": the backend's default)
+    _collate_c = ""
 
     def __init__(self, node: str = "") -> None:
         self.node = node
@@ -214,13 +217,15 @@ class Index(PendingReports):
         self,
         level: str,
         equal: Mapping[str, object] | None = None,
+        conditions: Iterable[Condition] = (),
         *,
         include_missing: bool = False,
         limit: int | None = None,
     ) -> list[IndexRecord]:
-        """Instance records whose columns equal ``equal`` (an exact-match prefilter:
-        wildcard and range matching are the caller's), ordered by the level's unique
-        key (:data:`~.record.LEVEL_KEYS`) then SOP Instance UID.
+        """Instance records whose columns equal ``equal`` and that meet every one of
+        ``conditions`` (:mod:`.query`: a prefilter, the caller's matcher has the last
+        word), ordered by the level's unique key (:data:`~.record.LEVEL_KEYS`) then
+        SOP Instance UID.
 
         ``level`` is one of PATIENT, STUDY, SERIES, IMAGE; the rows are instances at
         every level (the caller groups them). Records marked missing are left out
@@ -237,6 +242,9 @@ class Index(PendingReports):
                 raise ValueError(f"unknown index column {column!r}")
             clauses.append(f"{column} = ?")
             params.append(value)
+        more, more_params = where_clauses(conditions, _COLUMN_SET, self._collate_c)
+        clauses += more
+        params += more_params
         if not include_missing:
             clauses.append("state = 'present'")
         statement = _SELECT

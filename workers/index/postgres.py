@@ -24,6 +24,8 @@ class PostgresIndex(Index):
 
     backend = "postgresql"
     _now_sql = "extract(epoch from clock_timestamp())"
+    # The database's collation may be a locale's, where punctuation hardly counts.
+    _collate_c = ' COLLATE "C"'
 
     def __init__(self, url: str, node: str = "") -> None:
         super().__init__(node)
