@@ -24,7 +24,7 @@ from typing import Any
 
 from .pending import PendingReport, PendingReports
 from .query import Condition, where_clauses
-from .record import COLUMNS, LEVEL_KEYS, IndexRecord
+from .record import COLUMNS, LEVEL_KEYS, IndexRecord, Row
 from .schema import MIGRATIONS, SCHEMA_VERSION
 
 __all__ = ["Index", "IndexUnavailable", "PendingReport"]
@@ -158,15 +158,16 @@ class Index(PendingReports):
 
     # -- instances ---------------------------------------------------------------------
 
-    def add_many(self, records: Iterable[IndexRecord], *, replace: bool = True) -> int:
+    def add_many(self, records: Iterable[IndexRecord | Row], *, replace: bool = True) -> int:
         """Record instances in one transaction; returns how many were given.
 
         An instance already indexed (same SOP Instance UID, from any receiver
         sharing the index) is replaced when ``replace`` (the ``overwrite`` duplicate
         policy), else kept as it is (``keep`` / ``reject``). Raises on database
-        errors (the writer retries the batch).
+        errors (the writer retries the batch). A record may be given as its
+        :data:`~.record.Row`.
         """
-        rows = [r.as_row() for r in records]
+        rows = [r if type(r) is tuple else r.as_row() for r in records]  # type: ignore[union-attr]
         if not rows:
             return 0
         step = _ROWS_PER_INSERT
