@@ -23,6 +23,7 @@ __all__ = ["DEFAULT_INDEX_PATH", "SQLiteIndex"]
 #: layout never renders into one, and reconcile does not walk them).
 DEFAULT_INDEX_PATH = ".index/index.db"
 _BUSY_TIMEOUT_MS = 30_000
+_MMAP_SIZE = 1 << 30
 
 
 class SQLiteIndex(Index):
@@ -55,6 +56,10 @@ class SQLiteIndex(Index):
         )  # fmt: skip
         conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
         conn.execute("PRAGMA synchronous=NORMAL")
+        # Pages read through a memory map, not read(2) into a private cache: when the
+        # workers take turns writing, each one's cache is invalidated by the others'
+        # commits, and re-reading the B-tree pages it touches is then a memory access.
+        conn.execute(f"PRAGMA mmap_size={_MMAP_SIZE}")
         return conn
 
     def _blob_type(self) -> str:
