@@ -5,7 +5,7 @@ Senders: --senders concurrent DCMTK ``storescu`` processes (TCP_NODELAY=1 in the
 environment; without it, Nagle's algorithm on, with --nagle), each sending its own
 --count-small (8 KB) or --count-large (512 KB) files on ONE association to 127.0.0.1.
 Data: synthetic CT instances of 8 KB and 512 KB (pydicom, unique UIDs, explicit VR
-little endian), made once in a temporary directory.
+little endian, 100 instances per series), made once in a temporary directory.
 
 Receivers, one after another, each started fresh for every measurement on a free
 port and stopped (SIGTERM, then SIGKILL) afterwards:
@@ -79,6 +79,7 @@ READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 BASELINE = "pacs-receiver"
 SIZES_KB = {"8": 8, "512": 512}
+SERIES_SIZE = 100
 
 
 # ------------------------------------------------------------------ processes
@@ -358,7 +359,9 @@ def make_instances(directory: Path, count: int, size_kb: int, tag: str) -> int:
         ds.SOPClassUID = UID("1.2.840.10008.5.1.4.1.1.2")
         ds.SOPInstanceUID = generate_uid()
         ds.StudyInstanceUID = study
-        ds.SeriesInstanceUID = generate_uid()
+        if i % SERIES_SIZE == 0:  # realistic studies: a new series every 100 instances
+            series = generate_uid()
+        ds.SeriesInstanceUID = series
         ds.PatientName = "Bench^Receivers"
         ds.PatientID = f"BENCH{tag}"
         ds.Modality = "CT"
