@@ -59,7 +59,7 @@ def ingest(args: argparse.Namespace) -> None:
     results: dict[str, dict[str, list[float]]] = {
         mode: {"rate": [], "tree": [], "worker": []} for mode in MODES
     }
-    with tempfile.TemporaryDirectory(prefix="bench-index-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-index-", dir=args.tmpdir) as tmp:
         base = Path(tmp)
         for i in range(args.repeat):
             for mode in MODES if i % 2 == 0 else MODES[::-1]:
@@ -228,6 +228,11 @@ def main() -> int:
     a.add_argument("--count", type=int, default=4000)
     a.add_argument("--repeat", type=int, default=3)
     a.add_argument("--workers", type=int, default=2)
+    a.add_argument(
+        "--tmpdir",
+        help="where the stores (and their SQLite index) go, e.g. /dev/shm: on a shared"
+        " machine, ext4 inode allocation after other jobs' deletions can dwarf the index",
+    )
     b = sub.add_parser("scale")
     b.add_argument("--records", type=int, default=100_000)
     b.add_argument("--batch", type=int, default=1000)

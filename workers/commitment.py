@@ -26,16 +26,21 @@ new association to the requestor's AE title, whose address comes from ``[remote-
 back-off (``commitment_retry`` doubling to ``commitment_retry_max``) until delivered
 or ``commitment_give_up`` seconds have passed.
 
-Who sends a pending report: the worker that took the request, as long as it lives.
-While it works on a report, the report's ``due`` time in the index is kept in the
-future (a lease). One worker per receiver (the sweeper) also looks, at start-up and
-then periodically, for reports of this node whose ``due`` lies well in the past: their
-worker died (or the receiver was restarted), and the sweeper takes them over.
+Who sends a pending report: whoever holds its lease in the index
+(:mod:`workers.index.pending`), first the worker that took the request. It renews
+the lease before every attempt, for longer than an attempt can take, and through
+the back-off sleeps; a renewal that fails means another claimant has the report, and
+this one stops without sending. One worker per receiver (the sweeper) also claims,
+at start-up and then periodically, this node's due reports whose lease has run out:
+their worker died (or the receiver was restarted). The claim is atomic, so two
+workers, or two receivers sharing a node name on one PostgreSQL index, never send
+the same report at the same time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -76,10 +81,9 @@ REASON_CLASS_INSTANCE_CONFLICT = 0x0119
 
 #: one delivery attempt (connect, associate, report, release) takes at most this long
 _ATTEMPT_TIMEOUT = 90.0
-#: a report being worked on stays leased this long past its next attempt
+#: a report being worked on stays leased this long past its next attempt (longer
+#: than an attempt can take: the holder renews it before each one)
 _LEASE = 120.0
-#: how far past ``due`` a report must be before the sweeper takes it over
-_ORPHANED_AFTER = 5.0
 _SWEEP_INTERVAL = 10.0
 #: how long after it was acknowledged an instance may still be on its way into the
 #: index (the index writers batch; see workers/index/writer.py)
@@ -251,6 +255,9 @@ class Commitment:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
+        # Unique to this Commitment (node, process, instance): the lease holder's name.
+        self.claimant = f"{services.index.node if services.index else ''}:{os.getpid()}:"
+        self.claimant += uuid.uuid4().hex[:12]
 
     @property
     def settings(self) -> Any:
@@ -282,14 +289,11 @@ class Commitment:
         self._tasks.clear()
         if keys and self.services.index is not None:
             # Give the leases back: whoever starts next takes the reports up at once.
-            index, now = self.services.index, time.time() - _LEASE
+            index, claimant = self.services.index, self.claimant
             try:
                 await asyncio.get_running_loop().run_in_executor(
                     self.services.pool,
-                    _reschedule_all,
-                    index,
-                    keys,
-                    now,
+                    lambda: index.release_pending(keys, claimant, due=time.time()),
                 )
             except Exception as exc:
                 log.warning("pending storage commitment reports: leases kept: %r", exc)
@@ -348,12 +352,7 @@ class Commitment:
         try:
             # Recorded before Success is answered: a requestor told Success is owed
             # the report, whatever happens to this worker next.
-            yield loop.run_in_executor(
-                services.pool,
-                lambda: self.index.put_pending(
-                    job.key, job.payload(), time.time() + _LEASE, owner=self._owner()
-                ),
-            )
+            yield loop.run_in_executor(services.pool, self._put, job)
         except Exception as exc:
             log.error("%s: cannot record storage commitment request: %r", proto.assoc.name, exc)
             services.count("commitment_request", "failed")
@@ -401,16 +400,21 @@ class Commitment:
                     committed += again
                     failed = [f for f in failed if f[2] != REASON_NO_SUCH_OBJECT] + still
                 job.committed, job.failed = committed, failed
-                await loop.run_in_executor(
-                    services.pool,
-                    lambda: self.index.put_pending(
-                        job.key, job.payload(), time.time() + _LEASE, owner=self._owner()
-                    ),
-                )
+                await loop.run_in_executor(services.pool, self._put, job)
                 assert job.failed is not None and job.committed is not None
                 services.count("commitment_instance", "committed", len(job.committed))
                 services.count("commitment_instance", "failed", len(job.failed))
             while True:
+                # Renewed before each attempt: if it cannot be, the report is another
+                # claimant's now (ours ran out), and sending it too would duplicate it.
+                if not await loop.run_in_executor(
+                    services.pool, self.index.claim_pending, job.key, self.claimant, _LEASE
+                ):
+                    log.warning(
+                        "storage commitment %s: report taken over by another sender",
+                        job.transaction_uid,
+                    )
+                    return
                 try:
                     how = await asyncio.wait_for(self._send(job, proto), _ATTEMPT_TIMEOUT)
                 except Exception as exc:
@@ -437,12 +441,7 @@ class Commitment:
                         delay,
                     )
                     services.count("commitment_report", "retry")
-                    await loop.run_in_executor(
-                        services.pool,
-                        self.index.reschedule_pending,
-                        job.key,
-                        time.time() + delay + _LEASE,
-                    )
+                    await loop.run_in_executor(services.pool, self._retry_later, job, delay)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, self.settings.commitment_retry_max)
                     continue
@@ -462,6 +461,22 @@ class Commitment:
         except Exception:
             # The report stays pending: the sweeper takes it up again.
             log.exception("storage commitment %s: internal error", job.transaction_uid)
+
+    def _put(self, job: Job) -> None:
+        """Record the job (due now), its lease held by us (runs in the pool)."""
+        self.index.put_pending(
+            job.key,
+            job.payload(),
+            time.time(),
+            owner=self._owner(),
+            claimant=self.claimant,
+            lease=_LEASE,
+        )
+
+    def _retry_later(self, job: Job, delay: float) -> None:
+        """An attempt failed: due again in ``delay`` s, leased through the wait."""
+        self.index.reschedule_pending(job.key, time.time() + delay)
+        self.index.claim_pending(job.key, self.claimant, delay + _LEASE)
 
     async def _send(self, job: Job, proto: AssociationPort | None) -> str:
         """Send the report once; returns how ("same_association" / "new_association").
@@ -534,11 +549,16 @@ class Commitment:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                before, owner = time.time() - _ORPHANED_AFTER, self._owner()
-                reports = await loop.run_in_executor(
-                    self.services.pool,
-                    lambda: self.index.due_pending(before, owner=owner),  # noqa: B023
+                # Claimed (leased to us) in one step: another worker's sweep, or another
+                # receiver's, cannot take the same report.
+                claim = functools.partial(
+                    self.index.claim_due,
+                    time.time(),
+                    owner=self._owner(),
+                    claimant=self.claimant,
+                    lease=_LEASE,
                 )
+                reports = await loop.run_in_executor(self.services.pool, claim)
                 for report in reports:
                     if report.key in self._tasks:
                         continue
@@ -555,24 +575,12 @@ class Commitment:
                         job.transaction_uid,
                         job.calling_ae,
                     )
-                    # Leased first, so that the next sweep does not take it again.
-                    await loop.run_in_executor(
-                        self.services.pool,
-                        self.index.reschedule_pending,
-                        job.key,
-                        time.time() + _LEASE,
-                    )
                     self._run(job, None)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("pending storage commitment reports: sweep failed: %r", exc)
             await asyncio.sleep(_SWEEP_INTERVAL)
-
-
-def _reschedule_all(index: Index, keys: list[str], due: float) -> None:
-    for key in keys:
-        index.reschedule_pending(key, due)
 
 
 def _reverse_context(proto: AssociationPort) -> ContextInfo | None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from .commitment import Commitment
     from .handlers import Binding, Step
     from .index import Index
+    from .index.query import Condition
     from .session import AssociationPort, Operation, ServerPort
 
 log = logging.getLogger("workers.indexed")
@@ -115,10 +117,12 @@ class IndexedServices:
 
     # ------------------------------------------------------------- for parts
 
-    def select(self, level: str, equal: dict[str, str]) -> list[Any]:
+    def select(
+        self, level: str, equal: dict[str, str], conditions: Sequence[Condition] = ()
+    ) -> list[Any]:
         """Index rows (present instances) for a query; any thread."""
         assert self.index is not None
-        return self.index.select(level, equal)
+        return self.index.select(level, equal, conditions)
 
     def count(self, service: str, label: str, n: int = 1) -> None:
         """Count for the metrics (any thread; the telemetry lives on the loop)."""

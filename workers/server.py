@@ -28,7 +28,6 @@ from .engine import pdu as p
 from .engine.connection import MemoryBudget, ReadBufferPool
 from .handlers import HandlerCaller, HandlerRegistry
 from .identity import IdentityPolicy
-from .index.record import IndexRecord
 from .storage.group import Delivery, GroupCommitter
 from .storage.store import InstanceWriter, Store, StoreResult
 from .tls import server_context
@@ -328,26 +327,29 @@ class AssociationServer:
         if result.duplicate and self.store.config.duplicates != "overwrite":
             return  # the existing copy was kept: so is its record
         scan = result.scan
+        # The row itself (IndexRecord's fields in order), not a record: this runs
+        # per instance on the event loop.
         self.index_writer.submit(
-            IndexRecord(
-                sop_instance_uid=writer.sop_instance_uid,
-                sop_class_uid=writer.sop_class_uid,
-                study_uid=scan.study_instance_uid or "",
-                series_uid=scan.series_instance_uid or "",
-                patient_id=scan.patient_id or "",
-                patient_name=scan.patient_name or "",
-                study_date=scan.study_date or "",
-                modality=scan.modality or "",
-                accession_number=scan.accession_number or "",
-                calling_ae=writer.calling_ae or "",
-                source_address=proto.assoc.name,
-                transfer_syntax=writer.transfer_syntax,
-                size=result.bytes_written,
-                digest=result.digest or "",
-                path=self.store.index_path(path),
-                received_at=time.time(),
-                study_time=scan.study_time or "",
-                node=self.index_node,
+            (
+                writer.sop_instance_uid,
+                writer.sop_class_uid,
+                scan.study_instance_uid or "",
+                scan.series_instance_uid or "",
+                scan.patient_id or "",
+                scan.patient_name or "",
+                scan.study_date or "",
+                scan.modality or "",
+                scan.accession_number or "",
+                writer.calling_ae or "",
+                proto.assoc.name,
+                writer.transfer_syntax,
+                result.bytes_written,
+                result.digest or "",
+                self.store.index_path(path),
+                time.time(),
+                "present",
+                scan.study_time or "",
+                self.index_node,
             )
         )
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from . import events as evt
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from .engine.connection import EngineConfig, MemoryBudget, PresentationContext
     from .handlers import Binding, HandlerCaller, Step
     from .index import Index
+    from .index.query import Condition
     from .storage.group import GroupCommitter
     from .storage.store import InstanceWriter, Store, StoreResult
 
@@ -189,7 +190,9 @@ class IndexedPort(Protocol):
 
     def count(self, service: str, label: str, n: int = 1) -> None: ...
 
-    def select(self, level: str, equal: dict[str, str]) -> list[Any]: ...
+    def select(
+        self, level: str, equal: dict[str, str], conditions: Sequence[Condition] = ()
+    ) -> list[Any]: ...
 
     def builtin_binding(self, event: evt.InterventionEvent) -> Binding | None: ...
 

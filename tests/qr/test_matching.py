@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from workers.qr.matching import compile_identifier, compile_value
+from workers.qr.matching import compile_identifier, compile_value, condition_for
 
 
 @pytest.mark.parametrize(
@@ -71,3 +71,25 @@ def test_identifier_splits_exact_prefilter_from_matchers() -> None:
         "StudyInstanceUID",
         "SeriesInstanceUID",
     }
+
+
+@pytest.mark.parametrize(
+    ("vr", "query", "expected"),
+    [
+        ("LO", "", None),
+        ("LO", "*", None),
+        ("LO", " PID-1 ", ("eq", ("PID-1",))),
+        ("SH", "ACC*", ("like", ("ACC%",))),
+        ("SH", "A_C%?\\*", ("like", ("A\\_C\\%_\\\\%",))),  # SQL's own wildcards escaped
+        ("UI", "1.2.3", ("eq", ("1.2.3",))),
+        ("UI", "1.2.3\\1.2.4\\1.2.3", ("in", ("1.2.3", "1.2.4"))),
+        ("DA", "20240101", ("eq", ("20240101",))),
+        ("DA", "20240101-", ("range", ("20240101", ""))),
+        ("DA", "-20231231", ("range", ("", "20231231"))),
+        ("PN", "Doe^J*", None),  # case beyond ASCII: the matcher alone
+        ("TM", "1000-1100", None),  # normalised comparison: the matcher alone
+    ],
+)
+def test_condition_for(vr: str, query: str, expected: tuple[str, tuple[str, ...]] | None) -> None:
+    cond = condition_for("col", vr, query)
+    assert (None if cond is None else (cond.kind, cond.values)) == expected

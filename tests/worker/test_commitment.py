@@ -7,6 +7,7 @@ requests, and a user's EVT_N_ACTION handler taking precedence."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +238,39 @@ def test_pending_report_survives_a_restart(
     assert again.index is not None
     index2 = again.index
     wait_for(lambda: not index2.due_pending(owner=""), 5.0)
+
+
+def test_two_workers_take_over_an_orphaned_report_once(
+    index_url: str | None, worker_factory: WorkerFactory, tmp_path: Path
+) -> None:
+    """A report left pending by a stopped worker is found by the sweepers of two
+    workers on the same index: one claims it (the lease), the requestor gets it once."""
+    port = free_port()
+    root = tmp_path / "shared-store"
+    remote = {SCU_AE: {"host": "127.0.0.1", "port": port}}
+    first = worker_factory(root=root)
+    services = install(first, index_url, remote_aes=remote, commitment_retry=0.2)
+    files = _stored_study(first, services, n=2)
+    status, transaction = _request(first, [(CT_IMAGE, uid) for uid in files])
+    assert status == 0x0000
+    assert services.index is not None
+    index = services.index
+    wait_for(lambda: any(r.attempts >= 1 for r in index.due_pending(owner="")), 15.0)
+    first.stop()  # gives its lease back: the report is free to claim
+    reports = Reports()
+    server = _listener(reports, port)
+    try:
+        workers = [worker_factory(root=root), worker_factory(root=root)]
+        takers = [install(w, index_url, remote_aes=remote, commitment_retry=0.2) for w in workers]
+        (event_type, info, _), *_ = reports.wait()
+        assert takers[0].index is not None
+        taker_index = takers[0].index
+        wait_for(lambda: not taker_index.due_pending(owner=""), 5.0)
+        time.sleep(1.0)  # a second sender, if there were one, would have sent by now
+    finally:
+        server.shutdown()
+    assert event_type == 1 and info.TransactionUID == transaction
+    assert len(reports.received) == 1
 
 
 @pytest.mark.parametrize(

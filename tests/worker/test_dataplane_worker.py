@@ -12,8 +12,9 @@ import pydicom
 import pytest
 
 from workers import dataplane
+from workers.index.digest import dataset_digest
 from workers.storage import FileOps, StorageConfig
-from workers.storage.store import InstanceWriter, Store
+from workers.storage.store import InstanceWriter, Store, StoreResult
 from workers.telemetry import Telemetry
 
 from .conftest import (
@@ -58,6 +59,36 @@ def test_large_instances_in_small_pdus_go_straight_to_the_file(
         uid = pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID
         assert_same_instance(f, stored[uid], same_bytes=True)
     assert sum(direct) > 0, f"no data-set bytes went through the data plane ({dataplane.CORE})"
+
+
+@pytest.mark.interop
+@needs_dcmtk
+def test_the_index_digest_rides_the_data_plane(
+    worker_factory: WorkerFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the index digest on, the data plane still writes the data sets itself,
+    and the digest of each instance is the SHA-256 of its data set as stored."""
+    direct: list[int] = []
+    original = InstanceWriter.direct_written
+
+    def spy(self: InstanceWriter, n: int, ns: int) -> None:
+        direct.append(n)
+        original(self, n, ns)
+
+    monkeypatch.setattr(InstanceWriter, "direct_written", spy)
+    w = worker_factory(
+        max_pdu_length=4096, storage=StorageConfig(root=tmp_path / "store", digest=True)
+    )
+    results: list[StoreResult] = []
+    w.server.on_stored = lambda proto, op, result: results.append(result)
+    files = make_files(tmp_path / "src", 3, EXPLICIT_LE, rows=128, columns=128)
+    result = storescu(w, files, "-xe")
+    assert result.returncode == 0, result.stderr
+    assert sum(direct) > 0, f"no data-set bytes went through the data plane ({dataplane.CORE})"
+    assert len(results) == len(files)
+    for stored in results:
+        assert stored.ok and stored.path is not None and stored.digest is not None
+        assert (stored.bytes_written, stored.digest) == dataset_digest(stored.path)
 
 
 def _writer_past_its_scan(store: Store) -> InstanceWriter:

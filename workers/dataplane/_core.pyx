@@ -6,9 +6,13 @@ them to it.
 Data-set fragments go to the instance file with write(2) on the receive buffer itself
 and command fragments are memcpy'd onto the command buffer: no Python object is built
 per PDU or per fragment, and the GIL is kept (a write to the page cache is short, and
-the engine is single-threaded per association anyway).
+the engine is single-threaded per association anyway). The index digest is fed from
+the same receive buffer through a :class:`_Window` reused by the connection, so
+hashing builds no object per fragment either.
 """
 
+from cpython.buffer cimport PyBUF_FORMAT, PyBUF_ND, PyBUF_SIMPLE, PyBUF_STRIDES, PyBUF_WRITABLE
+from cpython.buffer cimport PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from libc.errno cimport EINTR, errno
 from libc.string cimport memcpy
@@ -49,6 +53,46 @@ cdef enum:
     _P_DATA_TF = 4
 
 
+cdef char *_FORMAT_B = "B"
+
+
+cdef class _Window:
+    """A read-only buffer over ``base[start:start + length]`` (a bytearray), aimed anew
+    before each use: what the data plane hands the digest's ``update`` instead of a
+    fresh memoryview per fragment. While exported it holds an export of ``base``, so
+    ``base`` cannot be resized under a hash that runs without the GIL."""
+
+    cdef object base
+    cdef Py_ssize_t start
+    cdef Py_ssize_t length
+    cdef Py_buffer held
+    cdef bint holding
+
+    def __getbuffer__(self, Py_buffer *view, int flags):
+        if flags & PyBUF_WRITABLE:
+            raise BufferError("read-only window")
+        if self.holding:
+            raise BufferError("window already exported")
+        PyObject_GetBuffer(self.base, &self.held, PyBUF_SIMPLE)
+        self.holding = True
+        view.buf = <char *>self.held.buf + self.start
+        view.obj = self
+        view.len = self.length
+        view.readonly = 1
+        view.itemsize = 1
+        view.format = _FORMAT_B if flags & PyBUF_FORMAT else NULL
+        view.ndim = 1
+        view.shape = &view.len if flags & PyBUF_ND else NULL
+        view.strides = &view.itemsize if (flags & PyBUF_STRIDES) == PyBUF_STRIDES else NULL
+        view.suboffsets = NULL
+        view.internal = NULL
+
+    def __releasebuffer__(self, Py_buffer *view):
+        if self.holding:
+            self.holding = False
+            PyBuffer_Release(&self.held)
+
+
 cdef class Framing:
     """The framing state of one connection, in and out of :func:`walk_pdata`
     (see ``_pure.Framing``)."""
@@ -61,8 +105,10 @@ cdef class Framing:
     cdef public Py_ssize_t pdus
     cdef public Py_ssize_t written
     cdef public long long write_ns
+    cdef _Window window
 
     def __init__(self):
+        self.window = _Window()
         self.start = 0
         self.pdata_left = 0
         self.pdv_left = 0
@@ -86,6 +132,7 @@ def walk_pdata(
     bytearray command_buf,
     Py_ssize_t max_command_length,
     int fd,
+    object digest=None,
 ):
     """Walk ``buf[fr.start:end]`` (see ``_pure.walk_pdata``); returns the code."""
     if contexts.shape[0] < 256:
@@ -105,6 +152,7 @@ def walk_pdata(
     cdef Py_ssize_t avail, n, done, old, item_length, length
     cdef ssize_t k
     cdef int context_id, control, is_command, failed
+    cdef _Window window
     while True:
         avail = end - start
         if pdv_left:
@@ -134,6 +182,16 @@ def walk_pdata(
                         break
                     done += k
                 write_ns += _now_ns() - t0
+                if digest is not None and done:
+                    # the bytes that reached the file, from where they were written
+                    window = fr.window
+                    window.base = buf
+                    window.start = start
+                    window.length = done
+                    try:
+                        digest.update(window)
+                    finally:
+                        window.base = None
                 written += done
                 if failed:
                     start += done

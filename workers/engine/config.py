@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import Any, Protocol
 
 #: A peer that announces no maximum still gets PDUs no larger than this from us.
 UNLIMITED_SEND_CAP = 4 * 1024 * 1024
@@ -36,6 +36,11 @@ class DirectSink(Protocol):
     def direct_written(self, n: int, ns: int) -> None:
         """``n`` more data-set bytes were written to :meth:`direct_fd`, in ``ns``
         nanoseconds of write(2) calls."""
+        ...
+
+    def direct_digest(self) -> Any:
+        """A hashlib object the data plane updates with every byte it writes to
+        :meth:`direct_fd` (the index digest), or None; fixed for the data set."""
         ...
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import struct
 from collections import deque
+from typing import Any
 
 from .. import dataplane
 from . import dimse
@@ -111,6 +112,7 @@ class Receiver:
         self._sink: DataSetSink | None = None
         #: the sink's file, when data-set fragments may be written to it directly
         self._direct: DirectSink | None = None
+        self._direct_digest: Any = None
         self._budget_taken = 0  # bytes of self.config.memory_budget held by this one
         # the data plane's functions (tests run one connection on each core)
         self._framing = _new_framing()
@@ -228,6 +230,7 @@ class Receiver:
             raise LocalProtocolError("a data-set sink can only be set right after its command")
         self._sink = sink
         self._direct = direct if sink is not None else None
+        self._direct_digest = self._direct.direct_digest() if self._direct is not None else None
 
     def _parse(self) -> None:
         """Parse buffered bytes until an indication is queued or more bytes are needed."""
@@ -372,6 +375,7 @@ class Receiver:
             self._command_buf,
             config.max_command_length,
             fd,
+            self._direct_digest if fd >= 0 else None,
         )
         self._start = fr.start
         self._pdata_left = fr.pdata_left

@@ -20,10 +20,11 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from .record import COLUMNS, LEVEL_KEYS, IndexRecord
+from .pending import PendingReport, PendingReports
+from .query import Condition, where_clauses
+from .record import COLUMNS, LEVEL_KEYS, IndexRecord, Row
 from .schema import MIGRATIONS, SCHEMA_VERSION
 
 __all__ = ["Index", "IndexUnavailable", "PendingReport"]
@@ -53,18 +54,7 @@ class IndexUnavailable(Exception):
     schema, missing driver). At start-up: one line on stderr, exit status 2."""
 
 
-@dataclass(slots=True, frozen=True)
-class PendingReport:
-    """A report owed to a peer (see :meth:`Index.put_pending`)."""
-
-    key: str
-    owner: str
-    payload: bytes
-    due: float
-    attempts: int
-
-
-class Index:
+class Index(PendingReports):
     """The instance index; made by :func:`workers.index.open_index`.
 
     Thread-safe: any thread may call any method. ``node`` names this receiver's
@@ -74,6 +64,8 @@ class Index:
 
     #: "sqlite" or "postgresql"
     backend = "abstract"
+    #: what makes a text comparison use code point order ("": the backend's default)
+    _collate_c = ""
 
     def __init__(self, node: str = "") -> None:
         self.node = node
@@ -84,27 +76,46 @@ class Index:
 
     # -- to be provided by a backend -------------------------------------------------
 
+    #: the backend's connections (DB-API 2), set by its constructor
+    _writer: Any = None
+    _reader: Any = None
+
     def _writer_conn(self) -> Any:
-        raise NotImplementedError
+        return self._writer
 
     def _reader_conn(self) -> Any:
-        raise NotImplementedError
+        return self._reader
 
     def _sql(self, statement: str) -> str:
         """The backend's form of a statement written with ``?`` placeholders."""
         return statement
 
+    def _begin(self, cur: Any) -> None:
+        """Open the write transaction on ``cur`` (PostgreSQL: the first statement
+        does, the connection not being in autocommit mode)."""
+
     @contextlib.contextmanager
     def _transaction(self, conn: Any) -> Iterator[Any]:
         """A write transaction on ``conn`` (committed on success, else rolled back)."""
-        raise NotImplementedError
-        yield  # pragma: no cover
+        cur = conn.cursor()
+        self._begin(cur)
+        try:
+            yield cur
+        except BaseException:
+            conn.rollback()
+            raise
+        conn.commit()
 
     def _lock_schema(self, cur: Any) -> None:
         """Serialise migrations between processes (inside the transaction)."""
 
     def _close_connections(self) -> None:
-        raise NotImplementedError
+        for name in ("_reader", "_writer"):
+            conn = getattr(self, name, None)
+            if conn is not None:
+                # closing: a connection that fails to close is gone all the same
+                with contextlib.suppress(Exception):
+                    conn.close()
 
     def _blob_type(self) -> str:
         raise NotImplementedError
@@ -147,15 +158,16 @@ class Index:
 
     # -- instances ---------------------------------------------------------------------
 
-    def add_many(self, records: Iterable[IndexRecord], *, replace: bool = True) -> int:
+    def add_many(self, records: Iterable[IndexRecord | Row], *, replace: bool = True) -> int:
         """Record instances in one transaction; returns how many were given.
 
         An instance already indexed (same SOP Instance UID, from any receiver
         sharing the index) is replaced when ``replace`` (the ``overwrite`` duplicate
         policy), else kept as it is (``keep`` / ``reject``). Raises on database
-        errors (the writer retries the batch).
+        errors (the writer retries the batch). A record may be given as its
+        :data:`~.record.Row`.
         """
-        rows = [r.as_row() for r in records]
+        rows = [r if type(r) is tuple else r.as_row() for r in records]  # type: ignore[union-attr]
         if not rows:
             return 0
         step = _ROWS_PER_INSERT
@@ -206,13 +218,15 @@ class Index:
         self,
         level: str,
         equal: Mapping[str, object] | None = None,
+        conditions: Iterable[Condition] = (),
         *,
         include_missing: bool = False,
         limit: int | None = None,
     ) -> list[IndexRecord]:
-        """Instance records whose columns equal ``equal`` (an exact-match prefilter:
-        wildcard and range matching are the caller's), ordered by the level's unique
-        key (:data:`~.record.LEVEL_KEYS`) then SOP Instance UID.
+        """Instance records whose columns equal ``equal`` and that meet every one of
+        ``conditions`` (:mod:`.query`: a prefilter, the caller's matcher has the last
+        word), ordered by the level's unique key (:data:`~.record.LEVEL_KEYS`) then
+        SOP Instance UID.
 
         ``level`` is one of PATIENT, STUDY, SERIES, IMAGE; the rows are instances at
         every level (the caller groups them). Records marked missing are left out
@@ -229,6 +243,9 @@ class Index:
                 raise ValueError(f"unknown index column {column!r}")
             clauses.append(f"{column} = ?")
             params.append(value)
+        more, more_params = where_clauses(conditions, _COLUMN_SET, self._collate_c)
+        clauses += more
+        params += more_params
         if not include_missing:
             clauses.append("state = 'present'")
         statement = _SELECT
@@ -273,8 +290,6 @@ class Index:
             self._end_read()
         return {path: (uid, state, float(received)) for path, uid, state, received in rows}
 
-    # -- pending reports (storage commitment) -------------------------------------------
-
     def paths_under(self, prefix: str) -> set[str]:
         """Paths of every record, of any node, that start with ``prefix`` (the S3
         reconcile's view of a shared bucket: workers/index/reconcile_s3.py)."""
@@ -288,51 +303,6 @@ class Index:
             rows = cur.fetchall()
             self._end_read()
         return {str(row[0]) for row in rows}
-
-    def put_pending(self, key: str, payload: bytes, due: float, *, owner: str = "") -> None:
-        """Keep a report owed to a peer until :meth:`delete_pending`: ``key`` is
-        unique (e.g. the Transaction UID), ``payload`` opaque bytes (the caller's
-        encoding), ``due`` the epoch time of the next attempt, ``owner`` who sends it
-        (the node, so that receivers sharing an index each send their own). Replaces
-        a report with the same key (attempts back to 0)."""
-        statement = self._sql(
-            "INSERT INTO pending_reports (report_key, owner, payload, due, attempts)"
-            " VALUES (?, ?, ?, ?, 0) ON CONFLICT (report_key) DO UPDATE SET"
-            " owner = excluded.owner, payload = excluded.payload, due = excluded.due,"
-            " attempts = 0"
-        )
-        with self._write_lock, self._transaction(self._writer_conn()) as cur:
-            cur.execute(statement, (key, owner, bytes(payload), due))
-
-    def due_pending(self, now: float | None = None, *, owner: str = "") -> list[PendingReport]:
-        """``owner``'s reports due at ``now`` (all of them when None), earliest first."""
-        statement = "SELECT report_key, owner, payload, due, attempts FROM pending_reports"
-        statement += " WHERE owner = ?"
-        params: list[object] = [owner]
-        if now is not None:
-            statement += " AND due <= ?"
-            params.append(now)
-        statement += " ORDER BY due, report_key"
-        with self._read_lock:
-            cur = self._reader_conn().cursor()
-            cur.execute(self._sql(statement), params)
-            rows = cur.fetchall()
-            self._end_read()
-        return [PendingReport(k, o, bytes(p), float(d), int(a)) for k, o, p, d, a in rows]
-
-    def reschedule_pending(self, key: str, due: float) -> None:
-        """A delivery attempt failed: try again at ``due`` (attempts + 1)."""
-        statement = self._sql(
-            "UPDATE pending_reports SET due = ?, attempts = attempts + 1 WHERE report_key = ?"
-        )
-        with self._write_lock, self._transaction(self._writer_conn()) as cur:
-            cur.execute(statement, (due, key))
-
-    def delete_pending(self, key: str) -> None:
-        """The report was delivered (or given up): forget it."""
-        statement = self._sql("DELETE FROM pending_reports WHERE report_key = ?")
-        with self._write_lock, self._transaction(self._writer_conn()) as cur:
-            cur.execute(statement, (key,))
 
     # -- lifecycle ---------------------------------------------------------------------
 

@@ -9,8 +9,6 @@ together do not both create the tables. Needs the ``postgresql`` extra (psycopg 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 from .base import Index, IndexUnavailable
@@ -25,6 +23,9 @@ class PostgresIndex(Index):
     """The instance index in a PostgreSQL database given by a libpq URL."""
 
     backend = "postgresql"
+    _now_sql = "extract(epoch from clock_timestamp())"
+    # The database's collation may be a locale's, where punctuation hardly counts.
+    _collate_c = ' COLLATE "C"'
 
     def __init__(self, url: str, node: str = "") -> None:
         super().__init__(node)
@@ -48,35 +49,11 @@ class PostgresIndex(Index):
     def _sql(self, statement: str) -> str:
         return statement.replace("?", "%s")
 
-    def _writer_conn(self) -> Any:
-        return self._writer
-
-    def _reader_conn(self) -> Any:
-        return self._reader
-
     def _blob_type(self) -> str:
         return "BYTEA"
 
     def _lock_schema(self, cur: Any) -> None:
         cur.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-
-    @contextlib.contextmanager
-    def _transaction(self, conn: Any) -> Iterator[Any]:
-        # Not autocommit: the first statement opens the transaction.
-        cur = conn.cursor()
-        try:
-            yield cur
-        except BaseException:
-            conn.rollback()
-            raise
-        conn.commit()
-
-    def _close_connections(self) -> None:
-        for name in ("_reader", "_writer"):
-            conn = getattr(self, name, None)
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    conn.close()
 
 
 def _redact(url: str) -> str:

@@ -6,9 +6,12 @@ from dataclasses import dataclass, fields
 from operator import attrgetter
 from typing import Literal
 
-__all__ = ["COLUMNS", "LEVEL_KEYS", "IndexRecord", "Level", "State"]
+__all__ = ["COLUMNS", "LEVEL_KEYS", "IndexRecord", "Level", "Row", "State"]
 
 State = Literal["present", "missing"]
+#: A record as its values in :data:`COLUMNS` order (``IndexRecord(*row)`` is the
+#: record): what the receiver queues per instance, cheaper to build than a record.
+Row = tuple[object, ...]
 Level = Literal["PATIENT", "STUDY", "SERIES", "IMAGE"]
 
 

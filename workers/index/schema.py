@@ -56,6 +56,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX pending_reports_due ON pending_reports (owner, due)",
     ),
+    # 3: a lease on each pending report (who sends it, until when: see
+    # workers/index/pending.py), so that two claimants never send the same one.
+    (
+        "ALTER TABLE pending_reports ADD COLUMN lease_owner TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE pending_reports ADD COLUMN lease_until DOUBLE PRECISION NOT NULL DEFAULT 0",
+    ),
 )
 
 #: The version this code writes.

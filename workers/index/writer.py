@@ -20,7 +20,7 @@ import threading
 import time
 
 from .base import Index
-from .record import IndexRecord
+from .record import IndexRecord, Row
 
 __all__ = ["IndexWriter"]
 
@@ -56,7 +56,7 @@ class IndexWriter:
         self.errors = 0
         self.dropped = 0
         self.batches = 0
-        self._queue: collections.deque[IndexRecord] = collections.deque()
+        self._queue: collections.deque[IndexRecord | Row] = collections.deque()
         self._in_flight = 0
         self._wake = threading.Event()
         self._closing = False
@@ -69,8 +69,9 @@ class IndexWriter:
         """Records accepted and not yet written."""
         return len(self._queue) + self._in_flight
 
-    def submit(self, record: IndexRecord) -> bool:
-        """Queue a record; never blocks. False if it was dropped (queue full/closed)."""
+    def submit(self, record: IndexRecord | Row) -> bool:
+        """Queue a record (or its :data:`~.record.Row`); never blocks. False if it
+        was dropped (queue full/closed)."""
         queue = self._queue
         if self._closing or len(queue) >= self.max_queue:
             self.dropped += 1
@@ -113,7 +114,7 @@ class IndexWriter:
             if len(queue) < self.batch_size and not self._closing:
                 self._stop.wait(self.linger)
             while queue:
-                batch: list[IndexRecord] = []
+                batch: list[IndexRecord | Row] = []
                 take = min(len(queue), self.batch_size)
                 self._in_flight = take
                 for _ in range(take):
@@ -123,7 +124,7 @@ class IndexWriter:
             if self._closing and not queue:
                 return
 
-    def _write(self, batch: list[IndexRecord]) -> None:
+    def _write(self, batch: list[IndexRecord | Row]) -> None:
         delay = 0.05
         # While closing, one more attempt at most: shutdown must not hang on a dead
         # database (reconcile catches up at the next start).

@@ -16,8 +16,13 @@ The kinds of matching, by VR (PS3.4 C.2.2.2.1-C.2.2.2.5):
   except UI, DA, TM and DT (and not in a list of UIDs);
 * range: DA and TM values ``a-b``, ``-b`` or ``a-`` (inclusive bounds).
 
-:func:`compile_identifier` turns the request's keys into matchers and splits off the
-plain single values the index can prefilter on with an exact ``WHERE column = value``.
+:func:`compile_identifier` turns the request's keys into matchers and, where SQL can
+say as much, into conditions the index evaluates first (:mod:`workers.index.query`):
+single values, lists of UIDs, wildcards (``LIKE``) and DA ranges, so that the database
+returns the rows that may match, not every row of the level. The matchers remain the
+final filter. Left to them alone: person names (matched ignoring case beyond ASCII,
+which SQL's ``LIKE`` and ``lower`` do not do alike on SQLite and PostgreSQL) and TM
+values (compared after normalising, ``10`` being ``100000``).
 """
 
 from __future__ import annotations
@@ -26,7 +31,17 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["KEYS", "LEVELS", "Key", "Matchers", "compile_identifier", "compile_value"]
+from ..index.query import Condition, like_pattern
+
+__all__ = [
+    "KEYS",
+    "LEVELS",
+    "Key",
+    "Matchers",
+    "compile_identifier",
+    "compile_value",
+    "condition_for",
+]
 
 #: Query/retrieve levels, top to bottom (PS3.4 C.6.1.1 and C.6.2.1).
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
@@ -71,6 +86,8 @@ class Matchers:
     match: dict[str, Matcher] = field(default_factory=dict)
     #: index column -> value, the exact single values the index can prefilter on
     equal: dict[str, str] = field(default_factory=dict)
+    #: conditions the index can evaluate in SQL (``equal``'s among them)
+    conditions: list[Condition] = field(default_factory=list)
 
 
 def _strip(value: str) -> str:
@@ -139,6 +156,28 @@ def compile_value(vr: str, raw: str) -> tuple[Matcher | None, str | None]:
     return (lambda v: _strip(v) == value), value
 
 
+def condition_for(column: str, vr: str, raw: str) -> Condition | None:
+    """The SQL prefilter on ``column`` for one key's value, or None when there is
+    none (universal matching, or left to the matcher; see the module doc). Every row
+    the matcher of :func:`compile_value` takes meets the condition."""
+    value = _strip(raw)
+    if value == "" or value == "*" or vr in ("PN", "TM"):
+        return None
+    if vr == "UI":
+        uids = tuple(dict.fromkeys(_strip(u) for u in value.split("\\") if _strip(u)))
+        if len(uids) == 1:
+            return Condition(column, "eq", uids)
+        return Condition(column, "in", uids)
+    if vr == "DA":
+        if "-" in value:
+            low, _, high = value.partition("-")
+            return Condition(column, "range", (_strip(low), _strip(high)))
+        return Condition(column, "eq", (value,))
+    if "*" in value or "?" in value:
+        return Condition(column, "like", (like_pattern(value),))
+    return Condition(column, "eq", (value,))
+
+
 def compile_identifier(values: dict[str, str]) -> Matchers:
     """Matchers for the identifier's keys that the index can answer (keyword ->
     string value, multi-valued elements joined with ``\\``)."""
@@ -153,4 +192,7 @@ def compile_identifier(values: dict[str, str]) -> Matchers:
         out.match[keyword] = matcher
         if exact is not None and key.column:
             out.equal[key.column] = exact
+        condition = condition_for(key.column, key.vr, raw) if key.column else None
+        if condition is not None:
+            out.conditions.append(condition)
     return out

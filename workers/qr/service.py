@@ -138,7 +138,8 @@ class QueryRetrieve:
             values[elem.keyword] = _text(elem.value)
         matchers = compile_identifier(values)
         modalities = matchers.match.pop("ModalitiesInStudy", None)
-        records = self.services.select(level, matchers.equal)
+        # The SQL narrows (matchers.conditions); the matchers below decide.
+        records = self.services.select(level, {}, matchers.conditions)
         column_matchers = [
             (KEYS[kw].column, m) for kw, m in matchers.match.items() if KEYS[kw].column
         ]

@@ -1,11 +1,14 @@
 """Storage of received instances: streaming, atomic, no pydicom (DESIGN principles 3, 4).
 
 - :mod:`.store`: :class:`Store` / :class:`InstanceWriter` (temp file, fsync policy,
-  atomic publish, duplicate policy, status mapping).
+  atomic publish, duplicate policy).
 - :mod:`.config`: :class:`StorageConfig` (layout template, policies), :class:`FileOps`.
 - :mod:`.sweep`: :func:`sweep_incoming`, cleanup after killed workers.
 - :mod:`.filemeta`: the Part 10 header, encoded by hand.
-- :mod:`.scanner`: finds the study/series UIDs in a data set's first fragments.
+- :mod:`.scanner`: finds the study/series UIDs in a data set's first fragments
+  (:mod:`.elements`: its encoding facts; :mod:`.skeletons`: learnt layouts).
+- :mod:`.instance`: what every backend's writer shares (UID checks, results and the
+  status mapping, the scanner and digest of each fragment).
 - :mod:`.uids`: UID validation and path-component safety.
 """
 

@@ -34,7 +34,6 @@ writes (501) is asked with HEAD instead, from then on (not race-free; rare).
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import re
@@ -45,10 +44,9 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from .config import StorageConfig
-from .filemeta import encode_file_meta_prechecked, is_valid_ae_title
-from .scanner import ScanResult, TagScanner
-from .store import Store, StoreResult, StoreStatus, _is_valid_uid_cached
-from .uids import UnsafeUID, is_valid_uid
+from .instance import InstanceHead, checked_uids
+from .scanner import ScanResult
+from .store import Store, StoreResult, StoreStatus
 
 if TYPE_CHECKING:
     from .spool import SpoolUploader
@@ -178,24 +176,15 @@ def _status(exc: BaseException) -> int:
     return 0
 
 
-class ObjectStore:
-    """Stores instances straight into the object store (``direct``); see the module doc.
+class _BesideLocal:
+    """The set-up both S3 stores share: a local :class:`~.store.Store` on
+    ``config.root`` for what stays local (see the module doc), and the index
+    recording each instance's ``s3://`` URL as its path."""
 
-    ``config.root`` is a local directory (temp files of handler data sets, the
-    embedded index). Thread-safe like :class:`~.store.Store`.
-    """
-
-    #: commits wait on the network: never inline on the event loop
-    remote = True
-
-    def __init__(self, config: StorageConfig, settings: S3Settings, client: Any = None) -> None:
+    def __init__(self, config: StorageConfig, settings: S3Settings) -> None:
         self.config = config
         self.settings = settings
         self.local = Store(config)
-        self.client = client if client is not None else make_client(settings)
-        self.pool = ThreadPoolExecutor(settings.upload_threads, thread_name_prefix="s3")
-        #: False once the store answered a conditional write with 501
-        self.conditional = True
 
     @property
     def root(self) -> str:
@@ -213,6 +202,24 @@ class ObjectStore:
         """What the index records as the instance's path: its ``s3://`` URL."""
         return path
 
+
+class ObjectStore(_BesideLocal):
+    """Stores instances straight into the object store (``direct``); see the module doc.
+
+    ``config.root`` is a local directory (temp files of handler data sets, the
+    embedded index). Thread-safe like :class:`~.store.Store`.
+    """
+
+    #: commits wait on the network: never inline on the event loop
+    remote = True
+
+    def __init__(self, config: StorageConfig, settings: S3Settings, client: Any = None) -> None:
+        super().__init__(config, settings)
+        self.client = client if client is not None else make_client(settings)
+        self.pool = ThreadPoolExecutor(settings.upload_threads, thread_name_prefix="s3")
+        #: False once the store answered a conditional write with 501
+        self.conditional = True
+
     def key_url(self, key: str) -> str:
         return f"s3://{self.settings.bucket}/{key}"
 
@@ -224,16 +231,9 @@ class ObjectStore:
         calling_ae: str | None = None,
     ) -> ObjectWriter:
         """Start one instance (raises :class:`~.uids.UnsafeUID` like Store.begin)."""
-        sop_class_uid = sop_class_uid.rstrip("\0 ")
-        sop_instance_uid = sop_instance_uid.rstrip("\0 ")
-        transfer_syntax = transfer_syntax.rstrip("\0 ")
-        if not _is_valid_uid_cached(sop_class_uid):
-            raise UnsafeUID(f"invalid SOP Class UID: {sop_class_uid!r}")
-        if not is_valid_uid(sop_instance_uid):
-            raise UnsafeUID(f"invalid SOP Instance UID: {sop_instance_uid!r}")
-        if not _is_valid_uid_cached(transfer_syntax):
-            raise UnsafeUID(f"invalid Transfer Syntax UID: {transfer_syntax!r}")
-        return ObjectWriter(self, sop_class_uid, sop_instance_uid, transfer_syntax, calling_ae)
+        return ObjectWriter(
+            self, *checked_uids(sop_class_uid, sop_instance_uid, transfer_syntax), calling_ae
+        )
 
     def key_for(self, writer: Any, scan: ScanResult) -> str:
         return self.settings.prefix + self.local._relative_path(writer, scan)
@@ -258,7 +258,7 @@ class _Duplicate(Exception):
 _OPEN, _FAILED, _DONE = range(3)
 
 
-class ObjectWriter:
+class ObjectWriter(InstanceHead):
     """One instance streaming to the object store; made by :meth:`ObjectStore.begin`.
 
     ``write`` runs on the loop and never blocks on the network; ``commit`` blocks (a
@@ -269,23 +269,15 @@ class ObjectWriter:
     __slots__ = (
         "_buf",
         "_error",
-        "_hash",
         "_in_flight",
         "_key",
         "_lock",
         "_loop",
-        "_nbytes",
         "_parts",
-        "_scan",
-        "_scanner",
         "_state",
         "_store",
         "_upload_id",
-        "calling_ae",
         "on_drain",
-        "sop_class_uid",
-        "sop_instance_uid",
-        "transfer_syntax",
     )
 
     def __init__(
@@ -296,36 +288,18 @@ class ObjectWriter:
         transfer_syntax: str,
         calling_ae: str | None,
     ) -> None:
+        super().__init__(store.config, sop_class_uid, sop_instance_uid, transfer_syntax, calling_ae)
         self._store = store
-        self.sop_class_uid = sop_class_uid
-        self.sop_instance_uid = sop_instance_uid
-        self.transfer_syntax = transfer_syntax
-        self.calling_ae = calling_ae
         self.on_drain: Callable[[], None] | None = None
         self._loop: Any = None
-        self._nbytes = 0
         self._state = _OPEN
         self._error: str | None = None
-        self._scanner: TagScanner | None = TagScanner(
-            transfer_syntax, budget=store.config.scan_budget
-        )
-        self._scan: ScanResult | None = None
-        self._hash = hashlib.sha256() if store.config.digest else None
         self._upload_id: str | None = None
         self._key: str | None = None
         self._parts: list[Future[dict[str, Any]]] = []
         self._in_flight = 0
         self._lock = threading.Lock()
-        source_ae = calling_ae if calling_ae and is_valid_ae_title(calling_ae) else None
-        self._buf = bytearray(
-            encode_file_meta_prechecked(
-                sop_class_uid, sop_instance_uid, transfer_syntax, source_ae=source_ae
-            )
-        )
-
-    @property
-    def bytes_written(self) -> int:
-        return self._nbytes
+        self._buf = bytearray(self._file_meta())
 
     @property
     def failed(self) -> bool:
@@ -350,19 +324,7 @@ class ObjectWriter:
         view = fragment if type(fragment) is memoryview else memoryview(fragment)
         if view.ndim != 1 or view.itemsize != 1:
             view = view.cast("B")
-        self._nbytes += len(view)
-        scanner = self._scanner
-        if scanner is not None:
-            try:
-                done = scanner.feed(view)
-            except Exception:
-                log.exception("tag scanner failed; filing under 'unknown'")
-                done = True
-            if done:
-                self._scan = scanner.result()
-                self._scanner = None
-        if self._hash is not None:
-            self._hash.update(view)
+        self._take(view)
         self._buf += view
         if len(self._buf) >= self._store.settings.part_size:
             self._ship_part()
@@ -557,27 +519,14 @@ class ObjectWriter:
             # The parts stay billed until a lifecycle rule removes them: say so.
             log.warning("could not abort multipart upload of %s: %s", self._key, _describe(exc))
 
-    def _scan_result(self) -> ScanResult:
-        if self._scan is None:
-            self._scan = self._scanner.close() if self._scanner is not None else ScanResult()
-            self._scanner = None
-        return self._scan
-
     def _failure(self, stage: str, reason: str, scan: ScanResult) -> StoreResult:
         log.warning(
             "storing %s in the object store failed at %s: %s", self.sop_instance_uid, stage, reason
         )
-        return StoreResult(
-            status=StoreStatus.OUT_OF_RESOURCES,
-            path=None,
-            bytes_written=self._nbytes,
-            comment=f"Object store failure at {stage}"[:64],
-            error=errno.EIO,
-            scan=scan,
-        )
+        return self._out_of_resources(f"Object store failure at {stage}", errno.EIO, scan)
 
 
-class SpoolStore:
+class SpoolStore(_BesideLocal):
     """``spool`` mode: the local store under the spool directory, then the uploader."""
 
     remote = False
@@ -590,27 +539,10 @@ class SpoolStore:
         *,
         limit: int = 0,
     ) -> None:
-        self.config = config
-        self.settings = settings
-        self.local = Store(config)
+        super().__init__(config, settings)
         self.uploader = uploader
         #: this worker's share of the spool limit (bytes; 0: none)
         self.limit = limit
-
-    @property
-    def root(self) -> str:
-        return self.local.root
-
-    @property
-    def incoming_dir(self) -> str:
-        return self.local.incoming_dir
-
-    @property
-    def _root_slash(self) -> str:
-        return self.local._root_slash
-
-    def index_path(self, path: str) -> str:
-        return path
 
     def close(self) -> None:
         """Stop uploading (what is left stays in the spool for the next start)."""

@@ -72,12 +72,39 @@ bytes, so ``budget`` bounds it too.
 
 from __future__ import annotations
 
-import re
 import struct
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Literal
+
+from .elements import (
+    _ACCESSION_NUMBER,
+    _CODECS,
+    _EXPLICIT_BE,
+    _EXPLICIT_LE,
+    _IMPLICIT_LE,
+    _ITEM,
+    _ITEM_DELIMITER,
+    _ITEM_GROUP,
+    _LONG_NESTS,
+    _LONG_UN,
+    _MODALITY,
+    _PATIENT_ID,
+    _PATIENT_NAME,
+    _SEQUENCE_DELIMITER,
+    _SERIES_INSTANCE_UID,
+    _SHORT,
+    _SOP_INSTANCE_UID,
+    _STUDY_DATE,
+    _STUDY_INSTANCE_UID,
+    _STUDY_TIME,
+    _UNDEFINED,
+    _WANTED,
+    MAX_VALUE_LENGTH,
+    _Buffer,
+    _text,
+)
+from .skeletons import SKELETONS as _SKELETONS
 
 __all__ = [
     "DEFAULT_SCAN_BUDGET",
@@ -102,100 +129,8 @@ DEFLATED_TRANSFER_SYNTAXES = frozenset(
 
 #: Default number of data-set bytes the scanner walks before giving up.
 DEFAULT_SCAN_BUDGET = 64 * 1024
-#: Longest value the scanner will copy; UIDs and LO/CS values are at most 64 bytes, so
-#: anything longer is not a value worth filing under and is skipped.
-MAX_VALUE_LENGTH = 1024
 
 StopReason = Literal["scanning", "complete", "budget", "malformed", "end"]
-
-_UNDEFINED = 0xFFFFFFFF
-_ITEM_GROUP = 0xFFFE  # items and delimiters (PS3.5 7.5): (FFFE,E000/E00D/E0DD)
-_ITEM = 0xE000
-_ITEM_DELIMITER = 0xE00D
-_SEQUENCE_DELIMITER = 0xE0DD
-
-_SOP_INSTANCE_UID = 0x00080018
-_STUDY_DATE = 0x00080020
-_STUDY_TIME = 0x00080030
-_ACCESSION_NUMBER = 0x00080050
-_MODALITY = 0x00080060
-_PATIENT_NAME = 0x00100010
-_PATIENT_ID = 0x00100020
-_STUDY_INSTANCE_UID = 0x0020000D
-_SERIES_INSTANCE_UID = 0x0020000E
-# The layout's tags, and (for the instance index) the patient/study attributes that
-# precede (0020,000E) anyway: the same walk, one more set hit per element taken.
-_WANTED = frozenset(
-    {
-        _SOP_INSTANCE_UID,
-        _STUDY_DATE,
-        _STUDY_TIME,
-        _ACCESSION_NUMBER,
-        _MODALITY,
-        _PATIENT_NAME,
-        _PATIENT_ID,
-        _STUDY_INSTANCE_UID,
-        _SERIES_INSTANCE_UID,
-    }
-)
-# The top-level loops test these groups with literal compares (cheaper than a lookup).
-assert {tag >> 16 for tag in _WANTED} == {0x0008, 0x0010, 0x0020}
-
-# Explicit VR classes. Short VRs have a 16-bit length; long ones 2 reserved bytes and a
-# 32-bit length (PS3.5 Table 7.1-1 and 7.1-2). Of the long ones, only SQ, UN (PS3.5
-# 6.2.2) and OB/OW (encapsulated Pixel Data, PS3.5 A.4) may have undefined length; an
-# undefined-length UN nests Implicit VR Little Endian.
-_SHORT = 0
-_LONG = 1
-_LONG_NESTS = 2
-_LONG_UN = 3
-_LONG_VRS = (b"OD", b"OF", b"OL", b"OV", b"SV", b"UC", b"UR", b"UT", b"UV")
-_NESTING_VRS = (b"OB", b"OW", b"SQ")
-_SHORT_VRS = (
-    b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO",
-    b"LT", b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US",
-)  # fmt: skip
-
-
-def _vr_classes(byteorder: Literal["little", "big"]) -> dict[int, int]:
-    """VR class keyed by the VR's two bytes read as an unsigned 16-bit integer."""
-    classes = dict.fromkeys(_SHORT_VRS, _SHORT)
-    classes.update(dict.fromkeys(_LONG_VRS, _LONG))
-    classes.update(dict.fromkeys(_NESTING_VRS, _LONG_NESTS))
-    classes[b"UN"] = _LONG_UN
-    return {int.from_bytes(vr, byteorder): cls for vr, cls in classes.items()}
-
-
-class _Codec(NamedTuple):
-    """How one encoding's element headers are read (precompiled)."""
-
-    implicit: bool
-    #: Implicit: (group, element, 32-bit length). Explicit: (group, element, VR as an
-    #: unsigned 16-bit integer, 16-bit length).
-    header: Callable[..., tuple[Any, ...]]
-    u32: Callable[..., tuple[Any, ...]]
-    vr_class: dict[int, int]
-
-
-# Encodings, by index into _CODECS (stack entries record one per level).
-_IMPLICIT_LE = 0
-_EXPLICIT_LE = 1
-_EXPLICIT_BE = 2
-_CODECS = (
-    _Codec(True, struct.Struct("<HHI").unpack_from, struct.Struct("<I").unpack_from, {}),
-    _Codec(
-        False,
-        struct.Struct("<HHHH").unpack_from,
-        struct.Struct("<I").unpack_from,
-        _vr_classes("little"),
-    ),
-    _Codec(
-        False,
-        struct.Struct(">HHHH").unpack_from,
-        struct.Struct(">I").unpack_from,
-        _vr_classes("big"),
-    ),
-)
 
 # Deflate input is handed to zlib in slices this big so that zlib's unconsumed_tail
 # (a copy) stays small even when the caller passes a multi-megabyte fragment.
@@ -209,8 +144,6 @@ _INFLATE_FIRST_STEP = 2 * 1024
 _DATASET = 0  # top level: elements in ascending order
 _ITEM_OPEN = 1  # inside an undefined-length item: elements until an item delimiter
 _SEQ_OPEN = 2  # inside an undefined-length sequence: items until a sequence delimiter
-
-_Buffer = bytes | bytearray | memoryview
 
 
 class _Malformed(Exception):
@@ -240,127 +173,6 @@ class ScanResult:
     stop_reason: StopReason = "scanning"
     #: data-set bytes walked (inflated bytes for deflated syntaxes)
     bytes_scanned: int = 0
-
-
-class _Skeletons:
-    """Recently seen data-set layouts, each as one anchored regular expression.
-
-    Instances from one sender are usually laid out alike: the same elements before
-    (0020,000E), with the same VRs and value lengths; only the values differ. After
-    a walk that ended on (0020,000E) within the first fragment, the layout it walked
-    (every element header byte for byte, every value as "that many bytes", the
-    wanted values as groups) is compiled into a pattern. A later first fragment
-    that matches one is exactly what the walk would have walked, header by header
-    (the walk only ever looks at header bytes, and the pattern spells them out), so
-    the groups are the values the walk would have taken, in the same order; one
-    ``match`` in C replaces the per-element loop. No match: the walk runs as before.
-
-    Learning costs a second walk and a compile (~100 µs), so it is rationed by
-    credit: matches earn it, misses earn a little; a sender whose layouts never
-    repeat costs at most one compile per 512 instances. Top-level elements of
-    defined length only; a layout with an undefined-length element is not learnt.
-    At most :attr:`SIZE` patterns per encoding, most recently matched first.
-    """
-
-    SIZE = 8
-    _LEARN_COST = 16.0
-    _CREDIT_MAX = 64.0
-
-    def __init__(self) -> None:
-        self._by_encoding: dict[int, list[tuple[Any, tuple[int, ...]]]] = {}
-        self._credit = self._LEARN_COST
-
-    def match(self, scanner: TagScanner, encoding: int, view: memoryview) -> bool:
-        patterns = self._by_encoding.get(encoding)
-        if not patterns:
-            return False
-        for k, (pattern, tags) in enumerate(patterns):
-            m = pattern.match(view)
-            if m is None or m.end() > scanner._budget:
-                continue
-            if k:  # most recently matched first
-                patterns.insert(0, patterns.pop(k))
-            if self._credit < self._CREDIT_MAX:
-                self._credit += 1.0
-            found = scanner._found
-            for tag, raw in zip(tags, m.groups(), strict=True):
-                text = _text(tag, raw)
-                if text:
-                    found[tag] = text
-            scanner._pos = m.end()
-            scanner._finish("complete")
-            return True
-        return False
-
-    def missed(self, encoding: int, view: memoryview, end: int, budget: int) -> None:
-        """A walk of ``view`` ended on (0020,000E) at ``end``: maybe learn its layout."""
-        self._credit += 1.0 / 32
-        if self._credit < self._LEARN_COST or end > len(view) or end > budget:
-            return
-        self._credit -= self._LEARN_COST
-        learnt = _learn(view, encoding, end)
-        if learnt is not None:
-            patterns = self._by_encoding.setdefault(encoding, [])
-            patterns.insert(0, learnt)
-            del patterns[self.SIZE :]
-
-
-def _learn(buf: memoryview, encoding: int, end: int) -> tuple[Any, tuple[int, ...]] | None:
-    """The layout of the top-level elements in ``buf[:end]`` as (pattern, wanted tags),
-    mirroring what _walk_top_explicit/_walk_top_implicit take; None if not simple."""
-    implicit, header, u32, vr_class = _CODECS[encoding]
-    parts: list[bytes] = []
-    tags: list[int] = []
-    i = 0
-    while i < end:
-        if implicit:
-            group, elem, length = header(buf, i)
-            size = 8
-        else:
-            group, elem, vr, length = header(buf, i)
-            cls = vr_class.get(vr)
-            if cls is None:
-                return None
-            size = 8
-            if cls:
-                (length,) = u32(buf, i + 8)
-                size = 12
-        if length == _UNDEFINED or group == _ITEM_GROUP:
-            return None
-        tag = group << 16 | elem
-        parts.append(re.escape(bytes(buf[i : i + size])))
-        i += size
-        if tag in _WANTED and length <= MAX_VALUE_LENGTH:
-            parts.append(b"(.{%d})" % length)
-            tags.append(tag)
-        else:
-            parts.append(b".{%d}" % length)
-        i += length
-        if tag == _SERIES_INSTANCE_UID:
-            break
-    if i != end or not tags or tags[-1] != _SERIES_INSTANCE_UID:
-        return None
-    return re.compile(b"".join(parts), re.DOTALL), tuple(tags)
-
-
-_SKELETONS = _Skeletons()
-
-
-def _text(tag: int, raw: _Buffer) -> str:
-    """A wanted value as text.
-
-    UI pads with NUL, the text VRs with space; leading/trailing spaces are not
-    significant in LO/SH/CS/DA/TM/UI. ASCII with replacement: these values name files
-    (after sanitising), get compared with command-set UIDs, or are ASCII by their VR.
-    A person name may not be: UTF-8 when it decodes as such (ISO_IR 192, and plain
-    ASCII), else Latin-1 (ISO_IR 100, the usual other one), which never fails.
-    """
-    if tag == _PATIENT_NAME:
-        try:
-            return str(raw, "utf-8").strip(" \0")
-        except UnicodeDecodeError:
-            return str(raw, "latin-1").strip(" \0")
-    return str(raw, "ascii", "replace").strip(" \0")
 
 
 class TagScanner:
@@ -430,7 +242,7 @@ class TagScanner:
             if self._inflater is None:
                 if self._pos == 0 and len(self._stack) == 1 and not self._header:
                     # The first fragment: a data set laid out like a recent one is
-                    # matched in one call (see _Skeletons); else walked and learnt.
+                    # matched in one call (see .skeletons); else walked and learnt.
                     encoding = self._stack[0][1]
                     if _SKELETONS.match(self, encoding, view):
                         return True

@@ -37,30 +37,7 @@ Duplicate policies (same final path already exists):
     without hard links (EPERM/ENOTSUP/EMLINK) it falls back to exists-then-rename,
     which is not race-free; documented, rare.
 
-Status mapping (the ``status`` of :class:`StoreResult`, see :class:`StoreStatus`):
-
-``0x0000`` Success
-    Stored (and durable under the fsync policy). Also for a ``keep`` duplicate: the
-    SOP Instance is stored, which is what the SCU asked for; PS3.4 B.2.3 has no
-    duplicate warning, and a warning status would make some SCUs log or retry for
-    nothing. ``duplicate`` and ``comment`` say what happened, for logs and events.
-``0x0111`` Duplicate SOP Instance (``reject`` policy)
-    The PS3.7 Annex C failure status that names exactly this cause. PS3.7 lists it
-    among N-CREATE's statuses, not C-STORE's (9.1.1.1.9), but PS3.4 B.2.3 has no
-    storage code for it and the alternatives mislead: A7xx invites a retry that can
-    never succeed, Cxxx means "cannot understand". SCUs treat any code outside the
-    success, warning and pending ranges as a failure. One constant to change if a
-    site's SCU insists on a C-STORE-listed code.
-``0xA700`` Refused: Out of Resources (PS3.4 B.2.3)
-    Any local I/O failure: ENOSPC, EDQUOT, EROFS, EACCES, EIO, EMFILE... at open,
-    write, fsync, close, mkdir, publish (link/rename) or directory fsync. It is the
-    storage class's own "try again later", and a retry may well succeed once the
-    operator has fixed the disk. ``comment`` names the stage and errno (e.g.
-    ``"Storage failure at write: ENOSPC"``) and fits ErrorComment's 64 characters;
-    paths go to the log, never to the peer.
-``0x0117`` Invalid Object Instance (suggested for the worker when ``begin`` raises
-    :class:`~.uids.UnsafeUID`): listed for C-STORE in PS3.7 9.1.1.1.9, and PS3.7
-    Annex C's status for a UID that violates the construction rules.
+The C-STORE statuses a commit answers with are in :mod:`.instance` (:class:`StoreStatus`).
 
 A failed commit leaves no temp file and no new final file, and the :class:`Store` keeps
 working for the next instance. Two narrow exceptions, both complete files, never
@@ -80,13 +57,11 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from enum import IntEnum
 
 from .config import TEMP_SUFFIX, UNKNOWN, FileOps, StorageConfig
-from .filemeta import encode_file_meta_prechecked, is_valid_ae_title
-from .scanner import ScanResult, TagScanner
-from .uids import UnsafeUID, is_valid_uid, safe_path_component, sanitize_component
+from .instance import InstanceHead, StoreResult, StoreStatus, _is_valid_uid_cached, checked_uids
+from .scanner import ScanResult
+from .uids import UnsafeUID, safe_path_component, sanitize_component
 
 __all__ = [
     "InstanceWriter",
@@ -110,42 +85,6 @@ def _reset_temp_prefix() -> None:
 
 
 os.register_at_fork(after_in_child=_reset_temp_prefix)
-
-
-class StoreStatus(IntEnum):
-    """C-STORE response statuses this layer produces (see the module docstring)."""
-
-    SUCCESS = 0x0000
-    DUPLICATE_REJECTED = 0x0111
-    INVALID_OBJECT_INSTANCE = 0x0117
-    OUT_OF_RESOURCES = 0xA700
-
-
-@dataclass(slots=True, frozen=True)
-class StoreResult:
-    """Outcome of :meth:`InstanceWriter.commit`."""
-
-    #: C-STORE status to answer with (:class:`StoreStatus`)
-    status: int
-    #: final path of the stored (or, for a duplicate, the existing) instance
-    path: str | None
-    #: data-set bytes received (stored: the file is this plus the Part 10 header)
-    bytes_written: int
-    #: short human-readable note: failure reason, duplicate, UID mismatch
-    comment: str | None = None
-    #: True when an instance already existed under the final path
-    duplicate: bool = False
-    #: errno of the failure, if any
-    error: int | None = None
-    #: what the tag scanner found (study/series/patient/modality)
-    scan: ScanResult = field(default_factory=ScanResult)
-    #: hex SHA-256 of the data set as written (StorageConfig.digest), else None
-    digest: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        """True when the SCU is told the instance is stored."""
-        return self.status == StoreStatus.SUCCESS
 
 
 class _StageError(Exception):
@@ -236,18 +175,9 @@ class Store:
         errors do not raise: the writer is returned failed and its ``commit`` answers
         0xA700, so the worker has one code path for storage faults.
         """
-        # Tolerate a sender's (or decoder's) trailing UI padding; everything else must
-        # be a PS3.5 9.1 UID, which also makes it a safe path component.
-        sop_class_uid = sop_class_uid.rstrip("\0 ")
-        sop_instance_uid = sop_instance_uid.rstrip("\0 ")
-        transfer_syntax = transfer_syntax.rstrip("\0 ")
-        if not _is_valid_uid_cached(sop_class_uid):
-            raise UnsafeUID(f"invalid SOP Class UID: {sop_class_uid!r}")
-        if not is_valid_uid(sop_instance_uid):  # unique per instance: not worth caching
-            raise UnsafeUID(f"invalid SOP Instance UID: {sop_instance_uid!r}")
-        if not _is_valid_uid_cached(transfer_syntax):
-            raise UnsafeUID(f"invalid Transfer Syntax UID: {transfer_syntax!r}")
-        return InstanceWriter(self, sop_class_uid, sop_instance_uid, transfer_syntax, calling_ae)
+        return InstanceWriter(
+            self, *checked_uids(sop_class_uid, sop_instance_uid, transfer_syntax), calling_ae
+        )
 
     # -- used by InstanceWriter -------------------------------------------------------
 
@@ -559,25 +489,6 @@ class Store:
         return published
 
 
-# UIDs that repeat from instance to instance (SOP classes, transfer syntaxes, study and
-# series UIDs) are checked once: validity is a property of the string. Only valid
-# ones are remembered, and the set is emptied when full (bounded memory; a dict's
-# get/set/clear are atomic under the GIL, so commit threads may share it).
-_VALID_UIDS: dict[str, bool] = {}
-_VALID_UIDS_MAX = 4096
-
-
-def _is_valid_uid_cached(uid: str) -> bool:
-    if uid in _VALID_UIDS:
-        return True
-    if not is_valid_uid(uid):
-        return False
-    if len(_VALID_UIDS) >= _VALID_UIDS_MAX:
-        _VALID_UIDS.clear()
-    _VALID_UIDS[uid] = True
-    return True
-
-
 def _uid_or_unknown(uid: str | None) -> str:
     return uid if uid is not None and _is_valid_uid_cached(uid) else UNKNOWN
 
@@ -585,7 +496,7 @@ def _uid_or_unknown(uid: str | None) -> str:
 _OPEN, _FAILED, _COMMITTED, _DISCARDED = range(4)
 
 
-class InstanceWriter:
+class InstanceWriter(InstanceHead):
     """Streams one instance into a temp file; made by :meth:`Store.begin`.
 
     ``write`` is cheap and non-blocking in the sense of never waiting for the disk to
@@ -593,21 +504,7 @@ class InstanceWriter:
     ``write`` from its loop and then ``commit`` from one pool thread, never both.
     """
 
-    __slots__ = (
-        "_error",
-        "_fd",
-        "_hash",
-        "_nbytes",
-        "_scan",
-        "_scanner",
-        "_state",
-        "_store",
-        "_temp_path",
-        "calling_ae",
-        "sop_class_uid",
-        "sop_instance_uid",
-        "transfer_syntax",
-    )
+    __slots__ = ("_error", "_fd", "_state", "_store", "_temp_path")
 
     def __init__(
         self,
@@ -617,30 +514,14 @@ class InstanceWriter:
         transfer_syntax: str,
         calling_ae: str | None,
     ) -> None:
+        super().__init__(store.config, sop_class_uid, sop_instance_uid, transfer_syntax, calling_ae)
         self._store = store
-        self.sop_class_uid = sop_class_uid
-        self.sop_instance_uid = sop_instance_uid
-        self.transfer_syntax = transfer_syntax
-        self.calling_ae = calling_ae
-        self._nbytes = 0
         self._fd = -1
         self._temp_path: str | None = None
         self._error: _StageError | None = None
         self._state = _OPEN
-        self._scanner: TagScanner | None = TagScanner(
-            transfer_syntax, budget=store.config.scan_budget
-        )
-        self._scan: ScanResult | None = None
-        # Index digest: hashed from the fragments as they are written, no second read.
-        self._hash = hashlib.sha256() if store.config.digest else None
         store._writer_opened()
-        # An AE title that cannot be written as AE is left out of the file meta
-        # (0002,0016 is optional); the engine validated it during negotiation anyway.
-        source_ae = calling_ae if calling_ae and is_valid_ae_title(calling_ae) else None
-        # Store.begin checked the instance UID (the other UIDs are checked once each).
-        header = encode_file_meta_prechecked(
-            sop_class_uid, sop_instance_uid, transfer_syntax, source_ae=source_ae
-        )
+        header = self._file_meta()
         try:
             self._fd, self._temp_path = store._open_temp()
         except OSError as exc:
@@ -655,11 +536,6 @@ class InstanceWriter:
     def temp_path(self) -> str | None:
         """The temp file (None once removed or published)."""
         return self._temp_path
-
-    @property
-    def bytes_written(self) -> int:
-        """Data-set bytes received so far."""
-        return self._nbytes
 
     @property
     def failed(self) -> bool:
@@ -681,41 +557,25 @@ class InstanceWriter:
         view = fragment if type(fragment) is memoryview else memoryview(fragment)
         if view.ndim != 1 or view.itemsize != 1:
             view = view.cast("B")
-        self._nbytes += len(view)
-        scanner = self._scanner
-        if scanner is not None:
-            try:
-                done = scanner.feed(view)
-            except Exception:  # the scanner promises not to raise; storage must not fail
-                log.exception("tag scanner failed; filing under 'unknown'")
-                done = True
-            if done:
-                self._scan = scanner.result()
-                self._scanner = None
+        self._take(view)
         try:
             self._write_all(view)
         except OSError as exc:
             self._fail("write", exc)
-            return
-        if self._hash is not None:  # index digest (hashlib releases the GIL past 2 KiB)
-            self._hash.update(view)
 
     def direct_fd(self) -> int:
         """The temp file's descriptor, for the data plane to append the next fragments
         to directly (:class:`workers.engine.connection.DirectSink`); -1 while the tag
         scanner still wants to see the bytes, after a failure, or under injected
-        system calls, or while the index digest is computed: then :meth:`write` must
-        be called."""
-        # The index digest is hashed in Python from each fragment: while it is on, the
-        # data plane must hand every fragment to write().
-        if (
-            self._scanner is None
-            and self._hash is None
-            and self._state == _OPEN
-            and self._store._direct_ok
-        ):
+        system calls: then :meth:`write` must be called."""
+        if self._scanner is None and self._state == _OPEN and self._store._direct_ok:
             return self._fd
         return -1
+
+    def direct_digest(self) -> hashlib._Hash | None:
+        """The index digest, which the data plane updates with the bytes it writes to
+        :meth:`direct_fd` (so the digest does not keep it off the fast path)."""
+        return self._hash
 
     def direct_written(self, n: int, ns: int) -> None:
         """``n`` data-set bytes were appended to :meth:`direct_fd` by the data plane,
@@ -808,12 +668,6 @@ class InstanceWriter:
             _unlink_quietly(ops, path)
         self._scan_result()  # keep what was found (for the failure result), drop the scanner
 
-    def _scan_result(self) -> ScanResult:
-        if self._scan is None:
-            self._scan = self._scanner.close() if self._scanner is not None else ScanResult()
-            self._scanner = None
-        return self._scan
-
     def _failure(self, err: _StageError, scan: ScanResult) -> StoreResult:
         code = err.exc.errno
         name = errno.errorcode.get(code, "OSError") if code is not None else "OSError"
@@ -824,14 +678,7 @@ class InstanceWriter:
             err.exc,
             getattr(err.exc, "filename", None),
         )
-        return StoreResult(
-            status=StoreStatus.OUT_OF_RESOURCES,
-            path=None,
-            bytes_written=self._nbytes,
-            comment=f"Storage failure at {err.stage}: {name}",
-            error=code,
-            scan=scan,
-        )
+        return self._out_of_resources(f"Storage failure at {err.stage}: {name}", code, scan)
 
 
 def _unlink_quietly(ops: FileOps, path: str) -> None:
