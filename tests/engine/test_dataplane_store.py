@@ -334,6 +334,13 @@ def test_uid_valid_known_answers(core: ModuleType) -> None:
     for uid in ("", "1.", ".1", "1..2", "01", "1.02", "9" * 65, "1.2\n", "1.a", "\u0661"):
         assert core.uid_valid(uid) is False, uid
 
+    class Text(str):
+        pass
+
+    assert core.uid_valid(Text("1.2")) is True  # a str subclass is a str
+    with pytest.raises(TypeError):
+        core.uid_valid(b"1.2")
+
 
 # ------------------------------------------------------------- file meta
 

@@ -17,6 +17,7 @@ from libc.string cimport memcpy, memset
 
 
 cdef extern from "Python.h":
+    bint PyUnicode_Check(object o)
     bint PyUnicode_IS_ASCII(object o)
     Py_ssize_t PyUnicode_GET_LENGTH(object o)
     void *PyUnicode_DATA(object o)
@@ -342,8 +343,11 @@ cdef inline long _in_range(object v, long low, long high) except -2:
     return <long>x
 
 
-cdef inline const unsigned char *_ascii_data(str s) noexcept:
-    """The characters of ``s`` when it is ASCII (one byte each), else NULL."""
+cdef inline const unsigned char *_ascii_data(object s) except? NULL:
+    """The characters of the str ``s`` when it is ASCII (one byte each), else NULL;
+    TypeError when it is not a str (a subclass is one)."""
+    if not PyUnicode_Check(s):
+        raise TypeError(f"expected str, got {type(s).__name__}")
     if not PyUnicode_IS_ASCII(s):
         return NULL
     return <const unsigned char *>PyUnicode_DATA(s)
@@ -382,8 +386,7 @@ cdef inline unsigned char *_put_padded(
 
 
 def encode_store_rsp(
-    context_id, message_id, str sop_class_uid not None, str sop_instance_uid not None,
-    status, Py_ssize_t max_fragment,
+    context_id, message_id, sop_class_uid, sop_instance_uid, status, Py_ssize_t max_fragment
 ):
     """The whole P-DATA-TF PDU of a C-STORE-RSP, or None (see ``_pure``)."""
     cdef long ctx = _in_range(context_id, 1, 255)
@@ -462,7 +465,7 @@ cdef bint _uid_ok(const unsigned char *p, Py_ssize_t n) noexcept:
     return digits != 0
 
 
-def uid_valid(str s not None):
+def uid_valid(s):
     """True when ``s`` is a UID per PS3.5 9.1 (see ``_pure.uid_valid``)."""
     cdef const unsigned char *p = _ascii_data(s)
     if p == NULL:
@@ -496,11 +499,11 @@ cdef unsigned char *_put_meta(
 
 
 def file_meta(
-    str sop_class_uid not None,
-    str sop_instance_uid not None,
-    str transfer_syntax_uid not None,
+    sop_class_uid,
+    sop_instance_uid,
+    transfer_syntax_uid,
     source_ae,
-    str implementation_class_uid not None,
+    implementation_class_uid,
     implementation_version_name,
 ):
     """The Part 10 header, or None (see ``_pure.file_meta``)."""
@@ -520,17 +523,13 @@ def file_meta(
     if not (_uid_ok(cls, lc) and _uid_ok(ts, lt) and _uid_ok(impl, lm)) or li + (li & 1) > 0xFFFF:
         return None
     if implementation_version_name:
-        if type(implementation_version_name) is not str:
-            return None
         ver = _ascii_data(implementation_version_name)
         lv = PyUnicode_GET_LENGTH(implementation_version_name)
         if ver == NULL or not _text_ok(ver, lv):
             return None
     if source_ae:
-        if type(source_ae) is not str:
-            return None
-        la = PyUnicode_GET_LENGTH(source_ae)
         ae = _ascii_data(source_ae)
+        la = PyUnicode_GET_LENGTH(source_ae)
         if ae == NULL:
             return None  # a non-space character that no AE title may hold
         while la and ae[la - 1] == 32:
