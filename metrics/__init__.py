@@ -1,9 +1,13 @@
 """The metrics side of pacs-receiver.
 
-- :mod:`metrics.wire`: the telemetry frame schema, the one contract with the workers
-  (msgpack only; workers import it);
+- :mod:`metrics.records`: the telemetry records (kinds, fields, histogram bounds);
+- :mod:`metrics.wire`: their codec -- frames, msgpack, validation, label bounds -- and
+  the one contract with the workers (msgpack only; re-exports every record name);
+- :mod:`metrics.sender`: the sending end, one connection to the aggregator with
+  batches, back-off and re-sending (extended by :class:`workers.telemetry.Telemetry`);
 - :mod:`metrics.procstat`: a process's CPU time and resident memory, without psutil;
 - :mod:`metrics.aggregator`: the aggregator process (``python -m metrics``): frames in,
-  Prometheus exposition out. Only this module imports prometheus-client, so importing
-  the package stays cheap for the workers.
+  Prometheus exposition out; it counts into :mod:`metrics.state` and exposes through
+  :mod:`metrics.exposition`. Only the aggregator side (aggregator, exposition, http)
+  imports prometheus-client, so importing the package stays cheap for the workers.
 """

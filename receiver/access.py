@@ -4,7 +4,7 @@
 it is handed to a worker: deny wins over allow, and with an allow list anything not
 in it is refused. ``[ae-sources]`` ties calling AE titles to the addresses they may
 connect from; AEs not in the table are not restricted by it. A refused peer is
-answered with an A-ASSOCIATE-RJ by the acceptor (see receiver.supervisor).
+answered with an A-ASSOCIATE-RJ by the acceptor (see receiver.acceptor).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import os
 import re
 import tomllib
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, cast
 
 from workers.engine import acse
 
@@ -188,13 +188,14 @@ class ReceiverConfig:
         self._check_audit()
         self.s3_settings()  # ConfigError on a bad s3:// URL or S3 setting
         try:
-            from workers.storage.config import StorageConfig
+            from workers.storage.config import DuplicatePolicy, FsyncPolicy, StorageConfig
 
             StorageConfig(
                 root=self.local_storage(),
                 layout=self.layout,
-                fsync=self.fsync,  # type: ignore[arg-type]  # checked above
-                duplicates=self.duplicates,  # type: ignore[arg-type]
+                # both checked against their Literal values above
+                fsync=cast(FsyncPolicy, self.fsync),
+                duplicates=cast(DuplicatePolicy, self.duplicates),
             )
         except ValueError as exc:
             raise ConfigError(f"--layout: {exc}") from None

@@ -2,11 +2,18 @@
 
 Theory of operation
 -------------------
-:class:`AssociationProtocol` is a thin ``asyncio.BufferedProtocol`` over a
-:class:`~workers.engine.connection.Connection` (the uvicorn pattern): the event loop
-receives straight into the engine's buffer, :meth:`_run` pulls indications out of the
-engine and dispatches them, and whatever the engine queued is written at once, one
-buffer per PDU.
+:class:`AssociationProtocol` is the acceptor's :class:`~workers.bridge.EngineBridge`
+over a :class:`~workers.engine.connection.Connection` (the uvicorn pattern): the
+event loop receives straight into the engine's buffer, :meth:`_run` pulls
+indications out of the engine and dispatches them, and whatever the engine queued is
+written at once, one buffer per PDU.
+
+This module holds the association's state, its indications and its operations; the
+rest of the protocol is in parts, one responsibility each: the A-ASSOCIATE
+negotiation (:mod:`workers.negotiation`), the C-STORE path (:mod:`workers.storing`),
+the network timer (:mod:`workers.timeouts`), the log lines and audit trail
+(:mod:`workers.trail`). Services see it only through
+:class:`~workers.session.AssociationPort`.
 
 Indications never wait for handlers: a DIMSE request starts an operation
 (:class:`Operation`) that runs synchronously when it can (the built-in C-ECHO and
@@ -34,22 +41,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
-import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from . import services
-from .activity import Activity, abort_names, context_result_name, log_fields, reject_names
-from .engine import acse, dimse
-from .engine import events as evt
+from . import events as evt
+from .activity import Activity, abort_names
+from .bridge import EngineBridge
+from .engine import dimse
 from .engine import pdu as p
-from .engine.connection import Connection, PresentationContext, Role
+from .engine.connection import Connection, Role
 from .engine.fsm import State
 from .engine.primitives import (
-    NEED_DATA,
     Aborted,
     AssociateIndication,
     AssociateRejected,
@@ -61,271 +64,55 @@ from .engine.primitives import (
     ReleaseRequested,
     StateChanged,
 )
-from .handlers import HandlerRegistry, Step, drive, notify, resolve
-from .storage.store import InstanceWriter, StoreResult
-from .storage.uids import UnsafeUID
+from .handlers import Step, drive, notify
+from .negotiation import Negotiation
+from .session import (
+    AcceptorServer,
+    Association,
+    ContextInfo,
+    Operation,
+    ServiceUser,
+    Spool,
+    Telemetry,
+)
+from .session import discard as _discard
+from .storing import STATUS_OUT_OF_RESOURCES, StorePath
+from .timeouts import NetworkTimer
+from .trail import AssociationTrail
 
 if TYPE_CHECKING:
-    from .server import AssociationServer
+    from .handlers import Binding
+
+__all__ = [
+    "AcceptorServer",
+    "Association",
+    "AssociationProtocol",
+    "ContextInfo",
+    "Operation",
+    "ServiceUser",
+    "Spool",
+    "Telemetry",
+]
 
 log = logging.getLogger("workers.association")
 
-_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
-_STATUS_PROCESSING_FAILURE = 0x0110
-_STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
-_STATUS_INVALID_OBJECT_INSTANCE = 0x0117
-_STATUS_CANNOT_UNDERSTAND = 0xC000
-_STATUS_OUT_OF_RESOURCES = 0xA700
 
-
-class _BorrowedSocket(socket.socket):
-    """A socket object over the transport's fd that never closes it.
-
-    uvloop's ``get_extra_info("socket")`` hands out a pseudo-socket whose every
-    ``setsockopt`` builds a throwaway ``socket.socket`` (a ``getsockname`` syscall and
-    an object per call); re-arming TCP_QUICKACK after each read through it cost more
-    than the ``setsockopt`` itself. This one is made once per connection and detached
-    (never closed: the fd is the transport's) when the connection ends or the object
-    is collected.
-    """
-
-    def __del__(self) -> None:
-        self.detach()
-
-
-def _quickack_socket(sock: Any) -> Any:
-    """What to re-arm TCP_QUICKACK on: ``sock`` itself when it is a real socket,
-    else (uvloop's pseudo-socket, asyncio's TransportSocket) a
-    :class:`_BorrowedSocket` over its fd."""
-    if sock is None or isinstance(sock, socket.socket):
-        return sock
-    try:
-        return _BorrowedSocket(sock.family, sock.type, sock.proto, sock.fileno())
-    except (OSError, AttributeError, ValueError):
-        return sock
-
-
-class ServiceUser:
-    """One end of the association, as handlers see it (``assoc.requestor``,
-    ``assoc.acceptor``), with pynetdicom's attribute names."""
-
-    __slots__ = (
-        "address",
-        "ae_title",
-        "implementation_class_uid",
-        "implementation_version_name",
-        "maximum_length",
-        "port",
-        "user_identity",
-    )
-
-    def __init__(self) -> None:
-        self.ae_title = ""
-        self.address = ""
-        self.port = 0
-        self.implementation_class_uid: str | None = None
-        self.implementation_version_name: str | None = None
-        self.maximum_length: int | None = None
-        self.user_identity: p.UserIdentityRQ | None = None
-
-
-class ContextInfo:
-    """An accepted presentation context, as handlers see it (``event.context``)."""
-
-    __slots__ = ("abstract_syntax", "as_scp", "as_scu", "context_id", "transfer_syntax")
-
-    def __init__(self, ctx: PresentationContext, as_scu: bool = False, as_scp: bool = True) -> None:
-        self.context_id = ctx.id
-        self.abstract_syntax = ctx.abstract_syntax
-        self.transfer_syntax = ctx.transfer_syntax
-        self.as_scu = as_scu
-        self.as_scp = as_scp
-
-    def __repr__(self) -> str:
-        return f"<Context {self.context_id} {self.abstract_syntax} {self.transfer_syntax}>"
-
-
-class Association:
-    """What handlers get as ``event.assoc``: who is talking, what was agreed, and the
-    per-association ``bind``/``unbind``/``abort``/``release``."""
-
-    def __init__(self, protocol: AssociationProtocol, registry: HandlerRegistry) -> None:
-        self._protocol = protocol
-        #: the server's registry until a handler is bound to this association alone;
-        #: then one of its own that falls back to the server's (see bind())
-        self.registry = registry
-        self.requestor = ServiceUser()
-        self.acceptor = ServiceUser()
-        self.is_established = False
-        self.is_released = False
-        self.is_aborted = False
-        self.is_rejected = False
-        self.accepted_contexts: list[ContextInfo] = []
-        self.rejected_contexts: list[p.PresentationContextRQ] = []
-        #: asynchronous operations window granted (invoked, performed)
-        self.async_ops = (1, 1)
-        self.name = ""
-
-    @property
-    def server(self) -> AssociationServer:
-        return self._protocol.server
-
-    @property
-    def mode(self) -> str:
-        return "acceptor"
-
-    def bind(self, event: evt.EventType, handler: Callable[..., Any], args: Any = None) -> None:
-        proto = self._protocol
-        if self.registry is proto.server.registry:
-            # The first handler of this association's own: most never get one, so the
-            # registry of their own is only made now.
-            self.registry = proto.registry = HandlerRegistry(parent=proto.server.registry)
-        self.registry.bind(event, handler, args)
-        proto.refresh_tracing()
-
-    def unbind(self, event: evt.EventType, handler: Callable[..., Any]) -> None:
-        proto = self._protocol
-        if self.registry is proto.server.registry:
-            return  # nothing was bound to this association alone
-        self.registry.unbind(event, handler)
-        proto.refresh_tracing()
-
-    def get_handlers(self, event: evt.EventType) -> Any:
-        return self.registry.get_handlers(event)
-
-    def abort(self) -> None:
-        """Abort the association (A-ABORT, service-user source).
-
-        Safe to call from a handler running in the handler thread pool: the abort is
-        then handed to the event loop, which owns the transport.
-        """
-        proto = self._protocol
-        try:
-            on_loop = asyncio.get_running_loop() is proto.loop
-        except RuntimeError:
-            on_loop = False
-        if on_loop:
-            proto.abort_association(p.AbortSource.SERVICE_USER, 0, "aborted by a handler")
-        else:
-            proto.loop.call_soon_threadsafe(
-                proto.abort_association, p.AbortSource.SERVICE_USER, 0, "aborted by a handler"
-            )
-
-    def release(self) -> None:
-        """Not offered to an acceptor: PS3.8 lets only the requestor release."""
-        raise RuntimeError("the association acceptor cannot request a release; use abort()")
-
-    def context(self, context_id: int) -> ContextInfo | None:
-        for ctx in self.accepted_contexts:
-            if ctx.context_id == context_id:
-                return ctx
-        return None
-
-    def __repr__(self) -> str:
-        return f"<Association {self.name}>"
-
-
-class Operation:
-    """One DIMSE request being served."""
-
-    __slots__ = (
-        "command",
-        "company",
-        "context_id",
-        "data",
-        "held",
-        "message_id",
-        "spool",
-        "started",
-        "status",
-        "writer",
-    )
-
-    def __init__(self, context_id: int, command: dimse.Command, started: float = 0.0) -> None:
-        self.context_id = context_id
-        #: time.perf_counter() when the command set arrived (C-STORE duration metrics)
-        self.started = started
-        self.command = command
-        self.message_id = command.MessageID or 0
-        self.data: bytes | None = None
-        #: bytes of the worker's memory budget ``data`` holds until the operation ends
-        self.held = 0
-        self.writer: InstanceWriter | None = None
-        #: other associations storing when this instance was ready (group commit)
-        self.company = 0
-        self.spool: Spool | None = None
-        #: a status decided before the data set arrived (refused, bad UID ...)
-        self.status: int | None = None
-
-
-class Spool:
-    """A C-STORE data set kept in a temp file for a user handler (never in memory)."""
-
-    __slots__ = ("error", "fd", "path", "size")
-
-    def __init__(self, directory: str) -> None:
-        # "<pid>-..." like the store's temp files: the sweep of a dead worker's files
-        # (workers/storage/sweep.py) must recognise a live worker's spool as owned.
-        self.fd, self.path = tempfile.mkstemp(
-            dir=directory, prefix=f"{os.getpid()}-", suffix=".spool"
-        )
-        self.size = 0
-        #: the write error (ENOSPC ...) that made the spool give up, if any
-        self.error: OSError | None = None
-
-    def write(self, view: memoryview) -> None:
-        # Called from inside the engine's parser: an exception here would abort the
-        # association. A full disk is the request's failure (0xA700), not the
-        # association's: remember it, free the space at once, drop the rest.
-        if self.error is not None:
-            return
-        try:
-            while view:
-                n = os.write(self.fd, view)
-                view = view[n:]
-                self.size += n
-        except OSError as exc:
-            self.error = exc
-            self.close()
-
-    def read(self) -> bytes:
-        with open(self.path, "rb") as f:
-            return f.read()
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-
-
-def _discard(view: memoryview) -> None:
-    """Sink for a data set that is refused before it arrives."""
-
-
-class AssociationProtocol(asyncio.BufferedProtocol):
+class AssociationProtocol(Negotiation, StorePath, NetworkTimer, AssociationTrail, EngineBridge):
     """One transport connection served as a DICOM association acceptor."""
 
-    def __init__(self, server: AssociationServer) -> None:
+    quickack = True
+
+    def __init__(self, server: AcceptorServer[AssociationProtocol]) -> None:
+        super().__init__(Connection(Role.ACCEPTOR, server.engine_config), server.loop)
         self.server = server
-        self.loop = server.loop
         self.config = server.config
-        self.conn = Connection(Role.ACCEPTOR, server.engine_config)
         self.registry = server.registry  # Association.bind() gives it one of its own
         self.assoc = Association(self, self.registry)
-        self.transport: asyncio.Transport | None = None
         #: the acceptor's name for this connection (handed over by the supervisor)
         self.connection_id: int | None = None
-        self._sock: Any = None
-        self._quickack_sock: Any = None
         self._reading_paused = False
         self._closing = False
         self._lost = False
-        self._artim: asyncio.TimerHandle | None = None
-        self._artim_at: float | None = None
         self._idle: asyncio.TimerHandle | None = None
         self._last_rx = 0.0
         self._receiving: Operation | None = None  # the request whose data set is arriving
@@ -352,21 +139,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
     # ------------------------------------------------------------- transport
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        self._sock = sock
-        if sock is not None:
-            # Through the socket made for TCP_QUICKACK: uvloop's pseudo-socket would
-            # build (and getsockname) a throwaway socket object for this setsockopt.
-            # uvloop's TCP transports set TCP_NODELAY already; asyncio's do not always
-            # (not on a socket whose proto is 0, as accepted ones can be).
-            qsock = _quickack_socket(sock)
-            try:
-                qsock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
-            if _QUICKACK is not None:
-                self._quickack_sock = qsock
+        self.adopt_transport(transport)
         peer = transport.get_extra_info("peername") or ("", 0)
         local = transport.get_extra_info("sockname") or ("", 0)
         self.assoc.requestor.address, self.assoc.requestor.port = str(peer[0]), int(peer[1])
@@ -382,29 +155,10 @@ class AssociationProtocol(asyncio.BufferedProtocol):
             evt.EVT_CONN_OPEN,
             {"address": (self.assoc.requestor.address, self.assoc.requestor.port)},
         )
-        self._sync_artim()
+        self.sync_timer()
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.conn.get_buffer(sizehint)
-
-    def buffer_updated(self, nbytes: int) -> None:
-        now = self.loop.time()
-        self.conn.buffer_updated(nbytes, now)
+    def bytes_fed(self, nbytes: int, now: float) -> None:
         self._last_rx = now
-        qsock = self._quickack_sock
-        if qsock is not None:
-            # Our response makes Linux treat the connection as interactive
-            # ("pingpong"): the ACK of the sender's next small segment (DCMTK's 12-byte
-            # PDU header) then waits for our next write or the delayed-ACK timer, and
-            # a Nagle-bound sender holds the rest of its message until it comes.
-            # Re-arming here sends that ACK as soon as we have read the segment.
-            # Once per read, not only on the first read after a write (which would
-            # be enough, since only our writes bring pingpong mode back): that
-            # saving is not done yet.
-            try:
-                qsock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-            except OSError:
-                pass
         if self._trace_data:
             self._emit(evt.EVT_DATA_RECV, {"data": self.conn.last_received(nbytes)})
         self._run()
@@ -416,19 +170,14 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         if self._lost:
             return
         self._lost = True
-        self._release_quickack_socket()
-        self.conn.connection_lost(self.loop.time())
+        self.release_socket()
+        self.engine_lost()
         self._run()
         self._cleanup()
         self._log_activity()
         self._emit(evt.EVT_CONN_CLOSE, {})
         self.server.connection_closed(self)
         self.conn.recycle()
-
-    def _release_quickack_socket(self) -> None:
-        qsock, self._quickack_sock = self._quickack_sock, None
-        if isinstance(qsock, _BorrowedSocket):
-            qsock.detach()
 
     def pause_writing(self) -> None:
         """The peer reads slower than we answer: operations that produce many
@@ -469,30 +218,30 @@ class AssociationProtocol(asyncio.BufferedProtocol):
 
     def _run(self) -> None:
         """Pull and dispatch indications until the engine needs more bytes."""
-        conn = self.conn
-        try:
-            while True:
-                ev = conn.next_event()
-                if ev is NEED_DATA:
-                    break
-                _DISPATCH[type(ev)](self, ev)
-        except Exception:
-            log.exception("%s: internal error; aborting the association", self.assoc.name)
-            self.abort_association(p.AbortSource.SERVICE_PROVIDER, 0, "internal error", flush=False)
+        self.pump()
+
+    def handle_indication(self, event: Any) -> None:
+        _DISPATCH[type(event)](self, event)
+
+    def indication_failed(self) -> None:
+        log.exception("%s: internal error; aborting the association", self.assoc.name)
+        self.abort_association(p.AbortSource.SERVICE_PROVIDER, 0, "internal error", flush=False)
+
+    def after_pump(self) -> None:
         self._flush()
         self._backpressure()
-        self._sync_artim()
+        self.sync_timer()
+
+    def writable(self) -> bool:
+        return not self._lost
+
+    def sending(self, out: Sequence[Any]) -> None:
+        if self.registry.has_notification(evt.EVT_DATA_SENT):
+            self._emit(evt.EVT_DATA_SENT, {"data": b"".join(bytes(x) for x in out)})
 
     def _flush(self) -> None:
-        out = self.conn.data_to_send()
+        self.write_queued()
         transport = self.transport
-        if out and transport is not None and not self._lost:
-            if self.registry.has_notification(evt.EVT_DATA_SENT):
-                self._emit(evt.EVT_DATA_SENT, {"data": b"".join(bytes(x) for x in out)})
-            if len(out) == 1:
-                transport.write(out[0])
-            else:
-                transport.writelines(out)
         if self.conn.wants_close and not self._closing and transport is not None:
             self._closing = True
             transport.close()
@@ -522,105 +271,6 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         """An object store part finished uploading: maybe resume reading."""
         if not self._lost:
             self._backpressure()
-
-    def _sync_artim(self) -> None:
-        deadline = self.conn.get_timer()
-        if deadline == self._artim_at:
-            return
-        if self._artim is not None:
-            self._artim.cancel()
-            self._artim = None
-        self._artim_at = deadline
-        if deadline is not None and not self._lost:
-            self._artim = self.loop.call_at(deadline, self._on_artim)
-
-    def _on_artim(self) -> None:
-        self._artim = None
-        self._artim_at = None
-        self.conn.handle_timer(self.loop.time())
-        self._run()
-
-    def _start_idle_timer(self) -> None:
-        timeout = self.config.network_timeout
-        if timeout:
-            # Established now: time spent deciding (user identity handlers ...) was
-            # ours, not the peer's silence.
-            self._last_rx = self.loop.time()
-            self._idle = self.loop.call_at(self._last_rx + timeout, self._on_idle)
-
-    def _on_idle(self) -> None:
-        """The network timer: no byte at all for ``network_timeout`` aborts, and so
-        does a peer that, in the middle of a PDU or a message, sends fewer than
-        ``min_receive_rate`` bytes a second over a ``network_timeout`` window (one
-        byte a second would otherwise hold the association open for ever)."""
-        self._idle = None
-        timeout = self.config.network_timeout
-        if not timeout or self._lost or not self.conn.is_established:
-            return
-        now = self.loop.time()
-        # We are the slow side when a handler or an fsync is running, or when we paused
-        # reading. A request whose data set is still arriving is not ours to wait for:
-        # a peer that stalls halfway through an instance must time out too.
-        busy = self._reading_paused or any(
-            op is not self._receiving for op in self._outstanding.values()
-        )
-        if busy:
-            self._rate_mark = None
-            self._idle_grace_rx = None
-            self._idle = self.loop.call_at(max(self._last_rx + timeout, now + 1.0), self._on_idle)
-            return
-        if now >= self._last_rx + timeout:
-            if self._idle_grace_rx != self._last_rx:
-                # One short grace before blaming the peer: after our own loop stalled,
-                # the timer can run before the reads that were waiting meanwhile.
-                self._idle_grace_rx = self._last_rx
-                self._idle = self.loop.call_at(now + 0.25, self._on_idle)
-                return
-            log.warning(
-                "%s: no data from the peer for %.0f s; aborting",
-                self.assoc.name,
-                now - self._last_rx,
-            )
-            self.abort_association(
-                p.AbortSource.SERVICE_PROVIDER,
-                0,
-                f"network timeout ({timeout:g} s)",
-                hard_close=True,
-            )
-            return
-        self._idle_grace_rx = None
-        next_check = self._last_rx + timeout
-        rate = self.config.min_receive_rate
-        conn = self.conn
-        if rate and conn.mid_message:
-            received = conn.bytes_received
-            mark = self._rate_mark
-            if mark is None or mark[2] != conn.messages_received:
-                # Judged only over a window inside one message: one that saw a message
-                # complete may hold an idle gap between two.
-                self._rate_mark = mark = (now, received, conn.messages_received)
-            elif now - mark[0] >= timeout:
-                got = (received - mark[1]) / (now - mark[0])
-                if got < rate:
-                    log.warning(
-                        "%s: the peer sends %.1f bytes/s in the middle of a message "
-                        "(minimum %d); aborting",
-                        self.assoc.name,
-                        got,
-                        rate,
-                    )
-                    self.abort_association(
-                        p.AbortSource.SERVICE_PROVIDER,
-                        0,
-                        f"receive rate {got:.1f} bytes/s below {rate}",
-                        hard_close=True,
-                    )
-                    return
-                self._rate_mark = mark = (now, received, mark[2])
-            next_check = min(next_check, mark[0] + timeout)
-        else:
-            self._rate_mark = None
-        self._idle = self.loop.call_at(max(next_check, now + 0.5), self._on_idle)
 
     def abort_association(
         self,
@@ -663,233 +313,6 @@ class AssociationProtocol(asyncio.BufferedProtocol):
             telemetry.record(event, self, attrs)
 
     # ----------------------------------------------------------- indications
-
-    def _on_associate(self, ev: AssociateIndication) -> None:
-        rq = ev.request
-        assoc = self.assoc
-        assoc.requestor.ae_title = rq.calling_ae
-        ui = rq.user_info
-        assoc.requestor.implementation_class_uid = ui.implementation_class_uid
-        assoc.requestor.implementation_version_name = ui.implementation_version_name
-        assoc.requestor.maximum_length = ui.max_length
-        assoc.requestor.user_identity = ui.user_identity_rq
-        self._emit(evt.EVT_REQUESTED, {})
-        self._emit(evt.EVT_ACSE_RECV, {"primitive": rq})
-        refusal = self.server.admission(self, rq)
-        if refusal is not None:
-            self._answer_association(refusal)
-            return
-        if (
-            ui.user_identity_rq is None
-            and self.server.ask_admission is None
-            and ui.async_ops is None
-            and not ui.sop_class_extended
-            and not ui.sop_class_common_extended
-        ):
-            # No item a handler answers, nobody else to ask: what _negotiate would do,
-            # without a step.
-            try:
-                answer = self.server.negotiations.negotiate(
-                    rq, self.server.policy, acse.NO_EXTENDED
-                )
-            except Exception as exc:
-                self._negotiated(None, exc)
-            else:
-                self._answer_association(answer)
-            return
-        self._start(self._negotiate(rq), self._negotiated)
-        timeout = self.config.acse_timeout
-        if self.conn.state is State.STA3 and timeout:
-            # Extended negotiation handlers are still deciding: bound the whole answer
-            # by acse_timeout (a late answer is ignored by _answer_association).
-            self._acse_timer = self.loop.call_later(timeout, self._acse_expired)
-
-    def _acse_expired(self) -> None:
-        self._acse_timer = None
-        if self.conn.state is not State.STA3 or self._lost:
-            return
-        log.warning(
-            "%s: no answer to the association request within %g s: rejecting",
-            self.assoc.name,
-            self.config.acse_timeout,
-        )
-        self._answer_association(
-            p.AssociateRJ(
-                p.RejectResult.TRANSIENT, p.RejectSource.SERVICE_USER, p.RejectReason.NO_REASON
-            )
-        )
-        self._run()
-
-    def _negotiate(self, rq: p.AssociateRQ) -> Step[p.AssociateAC | p.AssociateRJ]:
-        ask = self.server.ask_admission
-        if ask is not None:
-            refusal = yield from resolve(ask(self, rq))
-            if refusal is not None:
-                log.warning("%s: refused by the supervisor", self.assoc.name)
-                return refusal
-        ui = rq.user_info
-        caller = self.server.caller
-        verified: bool | None = None
-        response: bytes | None = None
-        if ui.user_identity_rq is not None:
-            binding = self.registry.intervention_handler(evt.EVT_USER_ID)
-            if binding is not None:
-                identity = ui.user_identity_rq
-                event = evt.Event(
-                    self.assoc,
-                    evt.EVT_USER_ID,
-                    {
-                        "user_id_type": identity.type,
-                        "primary_field": identity.primary,
-                        "secondary_field": identity.secondary,
-                    },
-                )
-                try:
-                    result = yield from resolve(caller.call(binding, event, self._inline(binding)))
-                    verified, response = bool(result[0]), result[1]
-                except Exception:
-                    log.exception("%s: EVT_USER_ID handler failed: rejecting", self.assoc.name)
-                    verified, response = False, None
-                if not verified and self.server.audit is not None:
-                    self._audit_user_refused(identity)
-        async_ops = None
-        if ui.async_ops is not None:
-            async_ops = yield from self._negotiate_async_ops(ui.async_ops)
-        sop_extended: tuple[p.SOPClassExtended, ...] = ()
-        if ui.sop_class_extended:
-            binding = self.registry.intervention_handler(evt.EVT_SOP_EXTENDED)
-            if binding is not None:
-                app_info = {item.sop_class_uid: item.info for item in ui.sop_class_extended}
-                event = evt.Event(self.assoc, evt.EVT_SOP_EXTENDED, {"app_info": app_info})
-                try:
-                    answer = yield from resolve(caller.call(binding, event, self._inline(binding)))
-                    sop_extended = tuple(
-                        p.SOPClassExtended(uid, bytes(info))
-                        for uid, info in (answer or {}).items()
-                        if uid in app_info and info is not None
-                    )
-                except Exception:
-                    log.exception("%s: EVT_SOP_EXTENDED handler failed", self.assoc.name)
-        if ui.sop_class_common_extended:
-            binding = self.registry.intervention_handler(evt.EVT_SOP_COMMON)
-            if binding is not None:
-                items = {item.sop_class_uid: item for item in ui.sop_class_common_extended}
-                event = evt.Event(self.assoc, evt.EVT_SOP_COMMON, {"items": items})
-                try:
-                    yield from resolve(caller.call(binding, event, self._inline(binding)))
-                except Exception:
-                    log.exception("%s: EVT_SOP_COMMON handler failed", self.assoc.name)
-        extended = acse.Extended(
-            user_identity_verified=verified,
-            user_identity_response=response,
-            async_ops=async_ops,
-            sop_class_extended=sop_extended,
-        )
-        return self.server.negotiations.negotiate(rq, self.server.policy, extended)
-
-    def _audit_user_refused(self, identity: p.UserIdentityRQ) -> None:
-        # Only a user name is worth naming: Kerberos, SAML and JWT primary fields
-        # are credentials, and the passcode never goes into an audit message.
-        if identity.type in (1, 2):
-            user = bytes(identity.primary).decode("utf-8", "replace")
-        else:
-            user = f"(user identity type {identity.type})"
-        calling = str(self.assoc.requestor.ae_title)
-        self.server.audit.user_refused(
-            self.assoc.requestor.address, user, calling, "user identity not accepted"
-        )
-
-    def _negotiate_async_ops(self, proposed: p.AsyncOpsWindow) -> Step[p.AsyncOpsWindow | None]:
-        """The asynchronous operations window to answer with (PS3.7 D.3.3.3).
-
-        With a bound EVT_ASYNC_OPS handler its (invoked, performed) is used, bounded by
-        configuration; without one, and with ``max_async_ops`` 1, no item is answered
-        (the contract's default), which means (1, 1).
-        """
-        limit = max(1, self.config.max_async_ops)
-        binding = self.registry.intervention_handler(evt.EVT_ASYNC_OPS)
-        if binding is None:
-            if limit == 1:
-                return None
-            wanted = (proposed.invoked, proposed.performed)
-        else:
-            event = evt.Event(
-                self.assoc,
-                evt.EVT_ASYNC_OPS,
-                {"invoked": proposed.invoked, "performed": proposed.performed},
-            )
-            try:
-                answer = yield from resolve(
-                    self.server.caller.call(binding, event, self._inline(binding))
-                )
-                wanted = (int(answer[0]), int(answer[1]))
-            except Exception:
-                log.exception("%s: EVT_ASYNC_OPS handler failed", self.assoc.name)
-                return None
-
-        def bound(value: int, asked: int) -> int:
-            value = limit if value == 0 else min(value, limit)  # 0 is "unlimited"
-            return value if asked == 0 else min(value, asked)
-
-        # PS3.7 D.3.3.3: the AC carries the negotiated values, each no larger than the
-        # proposed one (as dcm4che reads it too): invoked is how many requests the
-        # requestor may have outstanding with us, performed how many we may invoke.
-        return p.AsyncOpsWindow(
-            bound(wanted[0], proposed.invoked), bound(wanted[1], proposed.performed)
-        )
-
-    def _negotiated(
-        self, result: p.AssociateAC | p.AssociateRJ | None, error: BaseException | None
-    ) -> None:
-        if error is not None or result is None:
-            log.error("%s: negotiation failed: %r", self.assoc.name, error)
-            result = p.AssociateRJ(
-                p.RejectResult.TRANSIENT, p.RejectSource.SERVICE_USER, p.RejectReason.NO_REASON
-            )
-        self._answer_association(result)
-
-    def _answer_association(self, answer: p.AssociateAC | p.AssociateRJ) -> None:
-        if self._acse_timer is not None:
-            self._acse_timer.cancel()
-            self._acse_timer = None
-        if self.conn.state is not State.STA3:
-            return  # the peer aborted or left while we were deciding
-        assoc = self.assoc
-        if isinstance(answer, p.AssociateRJ):
-            self.conn.reject(answer, self.loop.time())
-            assoc.is_rejected = True
-            self._rejected(answer)
-            self._emit(evt.EVT_ACSE_SENT, {"primitive": answer})
-            self._emit(evt.EVT_REJECTED, {"response": answer})
-            return
-        self.conn.accept(answer, self.loop.time())
-        assoc.is_established = True
-        ui = answer.user_info
-        if ui.async_ops is not None:
-            assoc.async_ops = (ui.async_ops.invoked or 65535, ui.async_ops.performed or 65535)
-        # The window we enforce is what the requestor may have outstanding with us: the
-        # negotiated Maximum Number Operations Invoked.
-        self._window = assoc.async_ops[0]
-        roles = {r.sop_class_uid: r for r in ui.roles}
-        assoc.accepted_contexts = []
-        for ctx in self.conn.contexts.values():
-            role = roles.get(ctx.abstract_syntax)
-            # Default roles: requestor SCU, acceptor SCP; a granted selection adds ours
-            # as SCU when the requestor takes the SCP role (C-GET sub-operations).
-            as_scu = bool(role and role.scp_role)
-            as_scp = bool(role.scu_role) if role else True
-            assoc.accepted_contexts.append(ContextInfo(ctx, as_scu=as_scu, as_scp=as_scp))
-        accepted_ids = set(self.conn.contexts)
-        if self.conn.request is not None:
-            assoc.rejected_contexts = [
-                c for c in self.conn.request.contexts if c.id not in accepted_ids
-            ]
-        self._contexts_answered(answer)
-        self._emit(evt.EVT_ACSE_SENT, {"primitive": answer})
-        self._emit(evt.EVT_ACCEPTED, {})
-        self._emit(evt.EVT_ESTABLISHED, {})
-        self._start_idle_timer()
-        self.server.association_established(self)
 
     def _on_command(self, ev: CommandReceived) -> None:
         cmd = ev.command
@@ -981,7 +404,7 @@ class AssociationProtocol(asyncio.BufferedProtocol):
             self.server.memory_budget.hold(op.held)
         if op.spool is not None and op.spool.error is not None and op.status is None:
             log.error("%s: cannot spool C-STORE data set: %s", self.assoc.name, op.spool.error)
-            op.status = _STATUS_OUT_OF_RESOURCES
+            op.status = STATUS_OUT_OF_RESOURCES
         self._dispatch_operation(op)
 
     def _on_release(self, ev: ReleaseRequested) -> None:
@@ -1106,15 +529,17 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         # Running operations are not cancelled: a user handler that got a complete
         # data set finishes its work (its response then goes nowhere), bounded by
         # handler_timeout; AssociationServer.close() cancels what is left.
-        for handle in (self._artim, self._idle, self._acse_timer):
+        self.cancel_timer()
+        for handle in (self._idle, self._acse_timer):
             if handle is not None:
                 handle.cancel()
-        self._artim = self._idle = self._acse_timer = None
+        self._idle = self._acse_timer = None
         self._drop_operations()
 
     # ------------------------------------------------------- operations
 
-    def _inline(self, binding: tuple[Callable[..., Any], tuple[Any, ...]]) -> bool:
+    def inline(self, binding: Binding) -> bool:
+        """Whether ``binding`` runs on the loop (bound inline) rather than in the pool."""
         return binding[0] in self.server.registry.inline
 
     def _start(
@@ -1136,59 +561,6 @@ class AssociationProtocol(asyncio.BufferedProtocol):
 
         if not drive(step, finish, self.server.track):
             synchronous[0] = False
-
-    def _dispatch_operation(self, op: Operation) -> None:
-        writer = op.writer
-        server = self.server
-        company = 0
-        if writer is not None and server.committer is not None:
-            company = server.store_company(self, self._last_rx)
-            op.company = company
-        if (
-            writer is not None
-            and not server.store.remote
-            and (
-                server.store.config.fsync == "never"
-                or (self._window == 1 and server.commit_seconds < self.config.inline_commit_below)
-            )
-        ):
-            # The built-in C-STORE with a synchronous commit: what services.serve ->
-            # builtin_store would do through drive(), without a generator, closures
-            # and a list per instance (same order: commit, answer, then done).
-            # With fsync too, one operation at a time, while the worker's commits have
-            # been quick: handing a commit to the I/O pool costs more than the loop
-            # loses while a short fsync blocks it (the loop thread and the pool thread
-            # pass the GIL back and forth several times per instance). Measured, 8 KiB,
-            # 2 workers, same run: 1 association 251-267 -> 447-577 instances/s; 4
-            # associations 856 -> 1656/s, at half the CPU. A worker starts out
-            # committing in the pool (AssociationServer.commit_seconds); where fsync is
-            # slow the average stays above the bound, so the loop (heartbeats, timers,
-            # other associations) is never held up by it, and concurrent instances
-            # share their flushes in the group committer (workers/storage/group.py),
-            # as do the instances of an asynchronous operations window, always. With
-            # quick flushes, grouping the instances of window-1 associations means
-            # waiting for each other's next instance, which cost more than the
-            # flushes it saved (measured, 8 KiB, 4 senders, 2 workers).
-            error: BaseException | None = None
-            try:
-                result = (
-                    writer.commit() if server.committer is None else server.timed_commit(writer)
-                )
-                services.answer_store(self, op, result)
-            except Exception as exc:
-                error = exc
-            try:
-                self._operation_done(op, error)
-            except Exception:
-                log.exception("%s: internal error after an operation", self.assoc.name)
-                self.abort_association(p.AbortSource.SERVICE_PROVIDER, 0, "internal error")
-            return
-        if op.command.CommandField == dimse.CommandField.C_ECHO_RQ and services.answer_echo(
-            self, op
-        ):
-            self._operation_done(op, None)
-            return
-        self._start(services.serve(self, op), lambda result, error: self._operation_done(op, error))
 
     def _operation_done(self, op: Operation, error: BaseException | None) -> None:
         if error is not None and not isinstance(error, ConnectionError | asyncio.CancelledError):
@@ -1275,191 +647,11 @@ class AssociationProtocol(asyncio.BufferedProtocol):
         if not future.done():
             future.set_result((cmd, None))
 
-    # ---------------------------------------------------------- C-STORE
-
-    def _begin_store(self, op: Operation) -> None:
-        """Prepare where the C-STORE data set goes as it arrives (before it does)."""
-        cmd = op.command
-        ctx = self.conn.contexts[op.context_id]
-        problem = dimse.validate_command(cmd)
-        if problem is not None:
-            log.warning("%s: invalid C-STORE-RQ: %s", self.assoc.name, problem)
-            op.status = _STATUS_CANNOT_UNDERSTAND
-        elif cmd.AffectedSOPClassUID != ctx.abstract_syntax:
-            op.status = _STATUS_SOP_CLASS_NOT_SUPPORTED
-        if not cmd.has_dataset:
-            return
-        if op.status is not None:
-            self.conn.set_dataset_sink(_discard)
-            return
-        if self.registry.intervention_handler(evt.EVT_C_STORE) is None:
-            try:
-                op.writer = self.server.store.begin(
-                    cmd.AffectedSOPClassUID or "",
-                    cmd.AffectedSOPInstanceUID or "",
-                    ctx.transfer_syntax,
-                    self.assoc.requestor.ae_title,
-                )
-            except UnsafeUID as exc:
-                log.warning("%s: refusing C-STORE: %s", self.assoc.name, exc)
-                op.status = _STATUS_INVALID_OBJECT_INSTANCE
-                self.conn.set_dataset_sink(_discard)
-                return
-            if hasattr(op.writer, "on_drain"):  # object store: flow control, no direct fd
-                op.writer.on_drain = self._on_sink_drained
-                self.conn.set_dataset_sink(op.writer.write)
-            else:
-                self.conn.set_dataset_sink(op.writer.write, op.writer)
-        else:
-            try:
-                op.spool = Spool(self.server.store.incoming_dir)
-            except OSError as exc:
-                log.error("%s: cannot spool C-STORE data set: %s", self.assoc.name, exc)
-                op.status = _STATUS_OUT_OF_RESOURCES
-                self.conn.set_dataset_sink(_discard)
-                return
-            self.conn.set_dataset_sink(op.spool.write)
-
-    def commit_store(self, op: Operation) -> Step[StoreResult]:
-        """Commit a built-in store in the I/O pool (it fsyncs); without fsync, or
-        when a short fsync costs less than the hand-off (see :meth:`_dispatch_operation`),
-        the commit runs inline and never comes here."""
-        writer = op.writer
-        assert writer is not None
-        server = self.server
-        committer = server.committer
-        if committer is None:
-            result = yield self.loop.run_in_executor(server.io_pool, server.timed_commit, writer)
-            return result
-        # With fsync: in a group with whatever else waits for durability now
-        # (workers/storage/group.py); answered once this instance is covered.
-        future: asyncio.Future[StoreResult] = self.loop.create_future()
-        committer.submit(writer, future, op.company)
-        result = yield future
-        return result
-
-    def store_done(self, op: Operation, result: Any) -> None:
-        """A C-STORE was answered: ``result`` has ``status`` and ``bytes_written``."""
-        activity = self.activity
-        status = result.status
-        # Success (0x0000) and warnings (0x0001, 0xB...) are stored; the rest failed.
-        if status == 0 or status == 1 or status & 0xF000 == 0xB000:
-            activity.instances += 1
-            activity.bytes += result.bytes_written
-            if self.server.audit is not None:
-                activity.note_instance(
-                    op.command.AffectedSOPClassUID or "", getattr(result, "scan", None)
-                )
-        else:
-            activity.failed += 1
-        level = self.server.instance_level
-        if level is not None:
-            self._log_instance(level, op, result)
-        telemetry = self.server.telemetry
-        if telemetry is not None:
-            telemetry.stored(self, op, result, time.perf_counter() - op.started)
-        if isinstance(result, StoreResult):
-            self.server.instance_stored(self, op, result)
-
     def handler_failed(self, event: evt.InterventionEvent) -> None:
         """A user handler raised, timed out or answered something unusable."""
         telemetry = self.server.telemetry
         if telemetry is not None:
             telemetry.handler_error(event.name)
-
-    # ------------------------------------------------- logs and audit trail
-
-    def _called_ae(self) -> str:
-        request = self.conn.request
-        return str(request.called_ae) if request is not None else ""
-
-    def _rejected(self, answer: p.AssociateRJ) -> None:
-        """Log an A-ASSOCIATE-RJ we send with its PS3.8 names; a permanent one by
-        the service user (who the peer is, not how busy we are) is a Security Alert."""
-        assoc = self.assoc
-        names = reject_names(answer.result, answer.source, answer.reason)
-        activity = self.activity
-        activity.outcome = "rejected"
-        activity.aborted = names
-        calling, called = str(assoc.requestor.ae_title), self._called_ae()
-        log_fields(
-            log,
-            logging.INFO,
-            "association-rejected",
-            {"peer": assoc.name, "calling_ae": calling, "called_ae": called, **names},
-        )
-        audit = self.server.audit
-        if (
-            audit is not None
-            and answer.result == p.RejectResult.PERMANENT
-            and answer.source == p.RejectSource.SERVICE_USER
-        ):
-            why = f"association {calling!r} -> {called!r} rejected: {names['reject_reason']}"
-            audit.refused(assoc.requestor.address, why, calling)
-
-    def _contexts_answered(self, answer: p.AssociateAC) -> None:
-        """Count the contexts of an A-ASSOCIATE-AC; log and count each refused one."""
-        activity = self.activity
-        activity.outcome = "established"
-        proposed = (
-            {c.id: c for c in self.conn.request.contexts} if self.conn.request is not None else {}
-        )
-        telemetry = self.server.telemetry
-        for item in answer.contexts:
-            if item.result == p.ContextResult.ACCEPTANCE:
-                activity.contexts_accepted += 1
-                continue
-            activity.contexts_rejected += 1
-            reason = context_result_name(item.result)
-            if telemetry is not None:
-                telemetry.context_rejected(reason)
-            ctx = proposed.get(item.id)
-            log_fields(
-                log,
-                logging.INFO,
-                "context-rejected",
-                {
-                    "peer": self.assoc.name,
-                    "calling_ae": str(self.assoc.requestor.ae_title),
-                    "context_id": item.id,
-                    "abstract_syntax": ctx.abstract_syntax if ctx else "",
-                    "transfer_syntaxes": ",".join(ctx.transfer_syntaxes) if ctx else "",
-                    "reason": reason,
-                },
-            )
-
-    def _log_instance(self, level: int, op: Operation, result: Any) -> None:
-        cmd = op.command
-        log_fields(
-            log,
-            level,
-            "instance",
-            {
-                "peer": self.assoc.name,
-                "calling_ae": str(self.assoc.requestor.ae_title),
-                "sop_class": cmd.AffectedSOPClassUID or "",
-                "sop_instance": cmd.AffectedSOPInstanceUID or "",
-                "status": f"0x{result.status:04x}",
-                "bytes": result.bytes_written,
-                "path": getattr(result, "path", None) or "",
-            },
-        )
-
-    def _log_activity(self) -> None:
-        """The association's one line, and its DICOM Instances Transferred message."""
-        activity = self.activity
-        assoc = self.assoc
-        calling, called = str(assoc.requestor.ae_title or ""), self._called_ae()
-        fields = activity.fields(assoc.name, calling, called, self.loop.time())
-        # A connection that never asked for an association (a port probe, a health
-        # check) is worth a line only when debugging.
-        level = logging.INFO if activity.outcome != "closed" else logging.DEBUG
-        log_fields(log, level, "association", fields)
-        audit = self.server.audit
-        if audit is not None and activity.studies:
-            audit.instances_transferred(
-                activity.studies, activity.failed, assoc.requestor.address, calling, called
-            )
 
 
 def _label(cmd: dimse.Command) -> str:

@@ -47,10 +47,9 @@ from typing import TYPE_CHECKING, Any
 from .engine import dimse
 
 if TYPE_CHECKING:
-    from .association import AssociationProtocol, ContextInfo, Operation
     from .handlers import Step
     from .index import Index
-    from .indexed import IndexedServices
+    from .session import AssociationPort, ContextInfo, IndexedPort, Operation
 
 log = logging.getLogger("workers.commitment")
 
@@ -219,7 +218,7 @@ def parse_action(data: bytes | None, transfer_syntax: str, limit: int) -> tuple[
     SUCCESS and the request, or a failure status and a log message."""
     if not data:
         return INVALID_ARGUMENT, "no Action Information"
-    from .engine.events import decode_dataset
+    from .events import decode_dataset
 
     try:
         ds = decode_dataset(data, transfer_syntax)
@@ -247,7 +246,7 @@ def parse_action(data: bytes | None, transfer_syntax: str, limit: int) -> tuple[
 class Commitment:
     """The Storage Commitment SCP of one worker."""
 
-    def __init__(self, services: IndexedServices) -> None:
+    def __init__(self, services: IndexedPort) -> None:
         self.services = services
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._sweeper: asyncio.Task[None] | None = None
@@ -297,14 +296,14 @@ class Commitment:
 
     # --------------------------------------------------------------- N-ACTION
 
-    def n_action(self, proto: AssociationProtocol, op: Operation) -> Step[None] | None:
+    def n_action(self, proto: AssociationPort, op: Operation) -> Step[None] | None:
         """The step answering ``op``, or None when it is not a Storage Commitment
         N-ACTION (then the caller answers as it would without us)."""
         if op.command.RequestedSOPClassUID != STORAGE_COMMITMENT:
             return None
         return self._n_action(proto, op)
 
-    def _n_action(self, proto: AssociationProtocol, op: Operation) -> Step[None]:
+    def _n_action(self, proto: AssociationPort, op: Operation) -> Step[None]:
         from .services import _respond
 
         cmd = op.command
@@ -373,14 +372,14 @@ class Commitment:
 
     # ------------------------------------------------------------- delivery
 
-    def _run(self, job: Job, proto: AssociationProtocol | None) -> None:
+    def _run(self, job: Job, proto: AssociationPort | None) -> None:
         if self._closing or job.key in self._tasks:
             return
         task = asyncio.ensure_future(self._deliver(job, proto))
         self._tasks[job.key] = task
         task.add_done_callback(lambda _t: self._tasks.pop(job.key, None))
 
-    async def _deliver(self, job: Job, proto: AssociationProtocol | None) -> None:
+    async def _deliver(self, job: Job, proto: AssociationPort | None) -> None:
         services = self.services
         loop = asyncio.get_running_loop()
         delay = self.settings.commitment_retry
@@ -464,7 +463,7 @@ class Commitment:
             # The report stays pending: the sweeper takes it up again.
             log.exception("storage commitment %s: internal error", job.transaction_uid)
 
-    async def _send(self, job: Job, proto: AssociationProtocol | None) -> str:
+    async def _send(self, job: Job, proto: AssociationPort | None) -> str:
         """Send the report once; returns how ("same_association" / "new_association").
         Raises when it was not delivered."""
         ctx = _reverse_context(proto) if proto is not None else None
@@ -482,7 +481,7 @@ class Commitment:
         await self._send_new(job)
         return "new_association"
 
-    async def _send_on(self, proto: AssociationProtocol, ctx: ContextInfo, job: Job) -> None:
+    async def _send_on(self, proto: AssociationPort, ctx: ContextInfo, job: Job) -> None:
         from .datasets import encode_dataset
 
         data = encode_dataset(job.event_information(self.services.ae_title), ctx.transfer_syntax)
@@ -576,7 +575,7 @@ def _reschedule_all(index: Index, keys: list[str], due: float) -> None:
         index.reschedule_pending(key, due)
 
 
-def _reverse_context(proto: AssociationProtocol) -> ContextInfo | None:
+def _reverse_context(proto: AssociationPort) -> ContextInfo | None:
     """The Storage Commitment context on which we may send the requestor an
     N-EVENT-REPORT: one where it accepted the SCP role (so ours is SCU)."""
     for ctx in proto.assoc.accepted_contexts:

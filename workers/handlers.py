@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from .engine.events import (
+from .events import (
     BY_NAME,
     Event,
     EventType,

@@ -21,60 +21,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .engine import events as evt
-from .remote_aes import RemoteAE, parse_remote_aes
+from . import events as evt
+from .config import IndexedSettings
 
 if TYPE_CHECKING:
-    from .association import AssociationProtocol, Operation
     from .commitment import Commitment
     from .handlers import Binding, Step
     from .index import Index
-    from .server import AssociationServer
+    from .session import AssociationPort, Operation, ServerPort
 
 log = logging.getLogger("workers.indexed")
 
 __all__ = ["IndexedServices", "IndexedSettings"]
-
-
-@dataclass(slots=True)
-class IndexedSettings:
-    """What the indexed services are told (``extra["indexed"]`` of the worker JSON)."""
-
-    #: the index to open (``open_index``'s argument); None: the embedded default
-    index: str | None = None
-    #: this receiver's name in a shared index (owner of its pending reports)
-    node: str = ""
-    #: C-FIND / C-GET / C-MOVE SCP over the index (--query-retrieve)
-    query_retrieve: bool = False
-    #: Storage Commitment SCP (N-ACTION of the Push Model)
-    commitment: bool = True
-    #: AE title -> where to open associations (commitment reports, C-MOVE)
-    remote_aes: dict[str, RemoteAE] = field(default_factory=dict)
-    #: most Referenced SOP Sequence items one N-ACTION may carry
-    commitment_max_references: int = 10_000
-    #: first delay before a report is sent again; doubles up to ``commitment_retry_max``
-    commitment_retry: float = 5.0
-    commitment_retry_max: float = 300.0
-    #: a report not delivered after this many seconds is given up (logged)
-    commitment_give_up: float = 7 * 24 * 3600.0
-    #: this worker also takes over reports whose worker died (one worker per node)
-    sweeper: bool = True
-
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, Any]) -> IndexedSettings:
-        values = dict(data)
-        values["remote_aes"] = parse_remote_aes(values.get("remote_aes") or {})
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {name: getattr(self, name) for name in self.__slots__}
-        out["remote_aes"] = {ae: r.to_dict() for ae, r in self.remote_aes.items()}
-        return out
 
 
 class IndexedServices:
@@ -82,7 +43,7 @@ class IndexedServices:
 
     def __init__(
         self,
-        server: AssociationServer,
+        server: ServerPort,
         settings: IndexedSettings,
         *,
         index: Index | None = None,
@@ -146,7 +107,7 @@ class IndexedServices:
             return None
         return self._bindings.get(event)
 
-    def n_action_step(self, proto: AssociationProtocol, op: Operation) -> Step[None] | None:
+    def n_action_step(self, proto: AssociationPort, op: Operation) -> Step[None] | None:
         """The Storage Commitment step for this N-ACTION-RQ, or None when it is not one."""
         if not self.settings.commitment or self.index is None:
             return None

@@ -17,15 +17,15 @@ import ssl
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from . import activity
-from .association import AssociationProtocol, Operation
+from . import events as evt
+from .association import AssociationProtocol, Operation, Telemetry
 from .config import WorkerConfig
 from .engine import acse
-from .engine import events as evt
 from .engine import pdu as p
-from .engine.connection import MemoryBudget
+from .engine.connection import MemoryBudget, ReadBufferPool
 from .handlers import HandlerCaller, HandlerRegistry
 from .identity import IdentityPolicy
 from .index.record import IndexRecord
@@ -45,24 +45,6 @@ log = logging.getLogger("workers.server")
 STORING_RECENTLY = 0.05
 
 
-class Telemetry(Protocol):
-    """Receives what the metrics channel counts (see workers/telemetry.py)."""
-
-    def record(
-        self, event: evt.NotificationEvent, protocol: AssociationProtocol, attrs: dict[str, Any]
-    ) -> None: ...
-
-    def dimse(self, direction: int, command_field: int, status: int | None = None) -> None: ...
-
-    def stored(
-        self, protocol: AssociationProtocol, op: Operation, result: Any, duration_seconds: float
-    ) -> None: ...
-
-    def handler_error(self, event_name: str) -> None: ...
-
-    def context_rejected(self, reason: str) -> None: ...
-
-
 class AssociationServer:
     """Serves DICOM associations as acceptor on one event loop."""
 
@@ -72,12 +54,14 @@ class AssociationServer:
         *,
         evt_handlers: Iterable[Sequence[Any]] | None = None,
         store_ops: FileOps | None = None,
-        telemetry: Telemetry | None = None,
+        telemetry: Telemetry[AssociationProtocol] | None = None,
         io_threads: int = 8,
     ) -> None:
         self.config = config
         self.policy = config.acceptor_policy()
         self.memory_budget = MemoryBudget(config.max_dataset_memory)
+        # read buffers of ended connections, for new ones (see ReadBufferPool)
+        self.buffer_pool = ReadBufferPool()
         #: admission by someone else (the supervisor: workers/main.py), asked once the
         #: A-ASSOCIATE-RQ is read: a future of None (admitted) or the RJ to answer
         self.ask_admission: (
@@ -158,6 +142,7 @@ class AssociationServer:
         # budget is the server's, shared by all of them.
         engine = self.config.engine_config()
         engine.memory_budget = self.memory_budget
+        engine.buffer_pool = self.buffer_pool
         return engine
 
     # ------------------------------------------------------------ handlers

@@ -13,7 +13,7 @@ shapes are the contract's (``../shared/reference/events.rst``):
   of sub-operations, then ``(status, dataset)`` pairs.
 
 A handler that raises, times out or returns something unusable gets the contract's
-failure status (:data:`workers.engine.events.DEFAULT_STATUS`) and a log line.
+failure status (:data:`workers.events.DEFAULT_STATUS`) and a log line.
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ import logging
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
+from . import events as evt
 from .datasets import encode_dataset
 from .engine import dimse
-from .engine import events as evt
 from .engine.dimse import CommandField as CF
 from .handlers import DONE, Binding, Step, resolve
 
 if TYPE_CHECKING:
-    from .association import AssociationProtocol, ContextInfo, Operation
+    from .session import AssociationPort, ContextInfo, Operation
     from .storage.store import StoreResult
 
 log = logging.getLogger("workers.services")
@@ -59,7 +59,7 @@ _EVENTS = {
 }
 
 
-def serve(proto: AssociationProtocol, op: Operation) -> Step[None]:
+def serve(proto: AssociationPort, op: Operation) -> Step[None]:
     """Answer one request."""
     cf = op.command.CommandField
     if cf == CF.C_STORE_RQ and op.writer is not None:
@@ -84,7 +84,7 @@ def serve(proto: AssociationProtocol, op: Operation) -> Step[None]:
     return (yield from service(proto, op, event))
 
 
-def answer_echo(proto: AssociationProtocol, op: Operation) -> bool:
+def answer_echo(proto: AssociationPort, op: Operation) -> bool:
     """A valid C-ECHO with no EVT_C_ECHO handler bound: answer Success at once, as
     :func:`serve` would, without a step (the association set-up benchmark's whole
     work). False, and nothing sent, when :func:`serve` has to decide."""
@@ -102,7 +102,7 @@ def answer_echo(proto: AssociationProtocol, op: Operation) -> bool:
 
 
 def _respond(
-    proto: AssociationProtocol,
+    proto: AssociationPort,
     op: Operation,
     status: int,
     dataset: bytes | None = None,
@@ -121,7 +121,7 @@ def _respond(
 
 
 def _event(
-    proto: AssociationProtocol, op: Operation, event: evt.InterventionEvent, **attrs: Any
+    proto: AssociationPort, op: Operation, event: evt.InterventionEvent, **attrs: Any
 ) -> evt.Event:
     ctx = proto.context_info(op.context_id)
     loader: Callable[[], bytes] | None = None
@@ -163,28 +163,26 @@ def status_of(value: Any, default: int) -> tuple[int, dict[str, Any]]:
     return default, {}
 
 
-def _call(
-    proto: AssociationProtocol, event: evt.Event, binding: Binding | None = None
-) -> Step[Any]:
+def _call(proto: AssociationPort, event: evt.Event, binding: Binding | None = None) -> Step[Any]:
     """Call the handler bound to ``event.event`` (or ``binding``): ``yield from``
     gives its result."""
     if binding is None:
         binding = proto.registry.intervention_handler(event.event)  # type: ignore[arg-type]
     assert binding is not None
-    return (yield from resolve(proto.server.caller.call(binding, event, proto._inline(binding))))
+    return (yield from resolve(proto.server.caller.call(binding, event, proto.inline(binding))))
 
 
-def _iterate(proto: AssociationProtocol, iterator: Any, inline: bool) -> Step[Any]:
+def _iterate(proto: AssociationPort, iterator: Any, inline: bool) -> Step[Any]:
     return (yield from resolve(proto.server.caller.next_item(iterator, inline)))
 
 
-def _encode(proto: AssociationProtocol, op: Operation, ds: Any) -> bytes | None:
+def _encode(proto: AssociationPort, op: Operation, ds: Any) -> bytes | None:
     if ds is None:
         return None
     return encode_dataset(ds, proto.context_info(op.context_id).transfer_syntax)
 
 
-def _simple(proto: AssociationProtocol, op: Operation, event: evt.InterventionEvent) -> Step[None]:
+def _simple(proto: AssociationPort, op: Operation, event: evt.InterventionEvent) -> Step[None]:
     """C-ECHO, user C-STORE, N-DELETE: the handler returns a status."""
     default = evt.DEFAULT_STATUS[event]  # C-ECHO's is Success
     if proto.registry.intervention_handler(event) is None:
@@ -204,9 +202,7 @@ def _simple(proto: AssociationProtocol, op: Operation, event: evt.InterventionEv
     return None
 
 
-def _n_service(
-    proto: AssociationProtocol, op: Operation, event: evt.InterventionEvent
-) -> Step[None]:
+def _n_service(proto: AssociationPort, op: Operation, event: evt.InterventionEvent) -> Step[None]:
     """N-GET, N-SET, N-ACTION, N-CREATE, N-EVENT-REPORT: (status, dataset)."""
     failure = evt.DEFAULT_STATUS[event]
     if proto.registry.intervention_handler(event) is None:
@@ -239,7 +235,7 @@ def _n_service(
     return None
 
 
-def _builtin(proto: AssociationProtocol, event: evt.InterventionEvent) -> Binding | None:
+def _builtin(proto: AssociationPort, event: evt.InterventionEvent) -> Binding | None:
     """The user's handler for ``event``, else the built-in one over the index
     (``--query-retrieve``: workers/indexed.py), else None."""
     binding = proto.registry.intervention_handler(event)
@@ -248,13 +244,13 @@ def _builtin(proto: AssociationProtocol, event: evt.InterventionEvent) -> Bindin
     return binding
 
 
-def _c_find(proto: AssociationProtocol, op: Operation, event: evt.InterventionEvent) -> Step[None]:
+def _c_find(proto: AssociationPort, op: Operation, event: evt.InterventionEvent) -> Step[None]:
     failure = evt.DEFAULT_STATUS[event]
     binding = _builtin(proto, event)
     if binding is None:
         _respond(proto, op, failure)
         return None
-    inline = proto._inline(binding)
+    inline = proto.inline(binding)
     try:
         iterator = yield from _call(proto, _event(proto, op, event), binding)
         while True:
@@ -320,7 +316,7 @@ class _SubOps:
             fields["NumberOfRemainingSuboperations"] = self.remaining
         return fields
 
-    def final(self, proto: AssociationProtocol, op: Operation, status: int | None = None) -> None:
+    def final(self, proto: AssociationPort, op: Operation, status: int | None = None) -> None:
         if status is None:
             if self.failed and not (self.completed or self.warning):
                 # Every sub-operation failed: a failure, not "complete with failures"
@@ -340,16 +336,14 @@ class _SubOps:
         _respond(proto, op, status, data, **self.fields(final=status != CANCEL))
 
 
-def _retrieve(
-    proto: AssociationProtocol, op: Operation, event: evt.InterventionEvent
-) -> Step[None]:
+def _retrieve(proto: AssociationPort, op: Operation, event: evt.InterventionEvent) -> Step[None]:
     """C-GET (sub-operations on this association) and C-MOVE (to the destination)."""
     failure = evt.DEFAULT_STATUS[event]
     binding = _builtin(proto, event)
     if binding is None:
         _respond(proto, op, failure)
         return None
-    inline = proto._inline(binding)
+    inline = proto.inline(binding)
     sender: _MoveSender | None = None
     counts: _SubOps | None = None
     try:
@@ -410,7 +404,7 @@ def _retrieve(
     return None
 
 
-def _get_substore(proto: AssociationProtocol, op: Operation, ds: Any) -> Step[int]:
+def _get_substore(proto: AssociationPort, op: Operation, ds: Any) -> Step[int]:
     """One C-GET sub-operation: a C-STORE on this association (PS3.4 C.4.3.3)."""
     ctx = _context_for_substore(proto, str(getattr(ds, "SOPClassUID", "")))
     if ctx is None:
@@ -430,7 +424,7 @@ def _get_substore(proto: AssociationProtocol, op: Operation, ds: Any) -> Step[in
     return int(rsp.Status if rsp.Status is not None else 0xC000)
 
 
-def _context_for_substore(proto: AssociationProtocol, sop_class_uid: str) -> ContextInfo | None:
+def _context_for_substore(proto: AssociationPort, sop_class_uid: str) -> ContextInfo | None:
     for ctx in proto.assoc.accepted_contexts:
         if ctx.abstract_syntax == sop_class_uid and ctx.as_scu:
             return ctx
@@ -451,7 +445,7 @@ class _MoveSender:
 
     def __init__(
         self,
-        proto: AssociationProtocol,
+        proto: AssociationPort,
         op: Operation,
         host: str,
         port: int,
@@ -560,7 +554,7 @@ class StoreOutcome:
         self.bytes_written = bytes_written
 
 
-def builtin_store(proto: AssociationProtocol, op: Operation) -> Step[None]:
+def builtin_store(proto: AssociationPort, op: Operation) -> Step[None]:
     """The default C-STORE: commit the streamed temp file, then answer."""
     assert op.writer is not None
     result = yield from proto.commit_store(op)
@@ -568,7 +562,7 @@ def builtin_store(proto: AssociationProtocol, op: Operation) -> Step[None]:
     return None
 
 
-def answer_store(proto: AssociationProtocol, op: Operation, result: StoreResult) -> None:
+def answer_store(proto: AssociationPort, op: Operation, result: StoreResult) -> None:
     """Answer a committed built-in C-STORE (the last part of :func:`builtin_store`;
     called directly when the commit is synchronous, see ``AssociationProtocol``)."""
     if result.comment and not result.ok:

@@ -8,7 +8,9 @@ table: no I/O, no allocation beyond a new table key, a few hundred nanoseconds.
 Every ``interval`` seconds a timer turns the tables into *delta* records
 (:mod:`metrics.wire`), empties them, and writes them as frames to the aggregator's
 unix socket, which is non-blocking: whatever the kernel does not take at once goes
-out when the socket is writable again (``loop.add_writer``).
+out when the socket is writable again (``loop.add_writer``). The connection, the
+batches and the reconnection are :class:`metrics.sender.FrameSender`'s, which this
+class extends with the counting.
 
 Nothing is queued per event. While a batch is still going out (the aggregator is
 slow) or while there is no aggregator (it is being restarted), the next counts simply
@@ -28,6 +30,28 @@ PDUs and bytes are not counted per event (PDU events are only produced when a lo
 handler is bound): the engine's ``Connection`` keeps ``pdus_received``/``pdus_sent``
 (by PDU type) and ``bytes_received``/``bytes_sent``; they are read on every tick for
 open connections and one last time at EVT_CONN_CLOSE, so every PDU and byte counts.
+
+The path from events to telemetry
+---------------------------------
+A worker's :class:`~workers.association.AssociationProtocol` reports to the
+``telemetry`` of its server (the ``Telemetry`` protocol of :mod:`workers.server`, which
+this class implements). What it reports comes three ways, each chosen for its cost:
+
+* notification events, all through :meth:`Telemetry.record` (``_emit`` calls it for
+  every event it emits, handlers bound or not): connections, association milestones,
+  FSM transitions;
+* the four facts that have no notification event, or whose event would cost an
+  object per message (EVT_DIMSE_* carry a decoded ``Command``): DIMSE messages
+  (:meth:`Telemetry.dimse`), C-STORE answers (:meth:`Telemetry.stored`), failed
+  handlers, refused presentation contexts: one typed call each, no ``attrs`` dict;
+* PDUs and bytes, never reported per PDU: the telemetry reads the engine's
+  connection counters on each tick and at EVT_CONN_CLOSE.
+
+Outside the association: storage system-call timings come from the store itself
+(:meth:`Telemetry.file_ops`, :mod:`workers.telemetry_timings`), in any thread; the
+index-backed services call :meth:`Telemetry.service`; the audit sender, the index
+writer and the S3 spool are read on each tick (``watch_audit``, ``index_writer``,
+``object_store``).
 
 What the worker calls
 ---------------------
@@ -87,27 +111,23 @@ the new aggregator is up).
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import dataclasses
-import errno
 import logging
 import os
 import socket
-import time
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from metrics import procstat
 from metrics import wire as w
+from metrics.sender import FrameSender
 
 from .engine import events as evt
+from .telemetry_timings import STORAGE_WIDTH, StorageTimings
 
 if TYPE_CHECKING:
     from .association import AssociationProtocol, Operation
     from .index.writer import IndexWriter
-    from .storage.config import FileOps
 
 __all__ = ["RECEIVED", "SENT", "Telemetry"]
 
@@ -120,12 +140,8 @@ SENT = int(w.Direction.SENT)
 _NO_STATUS = w.NO_STATUS
 _CSTORE_BOUNDS = w.CSTORE_BUCKETS
 _CSTORE_WIDTH = len(w.CSTORE_BUCKETS) + 1
-_STORAGE_BOUNDS = w.STORAGE_BUCKETS
-_STORAGE_WIDTH = len(w.STORAGE_BUCKETS) + 1
 _ABORT_PDU = 7
 _SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
-#: Storage observations waiting for the next tick, at most (beyond: dropped, counted).
-_MAX_OBSERVATIONS = 100_000
 
 
 class StoreOutcome(Protocol):
@@ -155,7 +171,7 @@ class _Conn:
         self.btx = 0
 
 
-class Telemetry:
+class Telemetry(FrameSender, StorageTimings):
     """Counts worker activity and ships it to the aggregator (see the module doc).
 
     ``worker_id`` is the ``worker`` label; ``role`` says what kind of
@@ -177,13 +193,16 @@ class Telemetry:
         reconnect_max: float = 5.0,
         trace_transitions: bool = False,
     ) -> None:
-        self.socket_path = os.fspath(socket_path)
+        super().__init__(
+            socket_path,
+            interval=interval,
+            stall_timeout=stall_timeout,
+            reconnect_max=reconnect_max,
+            log=log,
+        )
         self.name = str(worker_id)
         self.role = role
-        self.interval = interval
         self.max_pending = max_pending
-        self.stall_timeout = stall_timeout
-        self.reconnect_max = reconnect_max
         #: see the module doc: the worker may OR this into its transition tracing
         self.trace_transitions = trace_transitions
         self._ae = w.LabelLimiter(max_ae_titles, 16)
@@ -200,7 +219,6 @@ class Telemetry:
         self._rejected: dict[tuple[str, str, int, int, int], int] = {}
         self._aborted: dict[tuple[str, str, int, int, int], int] = {}
         self._cstore: dict[tuple[str, str, str, int], list[Any]] = {}
-        self._storage: dict[int, list[Any]] = {}
         self._transitions: dict[tuple[str, str, str], int] = {}
         self._handler_errors: dict[str, int] = {}
         self._restarts: dict[tuple[str, str], int] = {}
@@ -219,9 +237,7 @@ class Telemetry:
         #: the object store in spool mode (workers/storage/objectstore.py): its
         #: backlog is read on every tick; None: local storage
         self.object_store: Any = None
-        # Storage timings may come from pool threads: deque appends are atomic.
-        self._writes: collections.deque[float] = collections.deque()
-        self._fsyncs: collections.deque[float] = collections.deque()
+        StorageTimings.__init__(self)  # _writes, _fsyncs, _storage
 
         self._conns: dict[Any, _Conn] = {}
         self._dispatch: dict[str, Callable[[Any, dict[str, Any]], None]] = {
@@ -236,81 +252,7 @@ class Telemetry:
             evt.EVT_FSM_TRANSITION.name: self._on_transition,
         }
 
-        # -- the connection to the aggregator --
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._sock: socket.socket | None = None
-        self._writing = False  # add_writer armed
-        self._hello_due = False
-        self._out = b""  # the batch being written
-        self._sent = 0  # bytes of _out written
-        self._batch: list[w.Record] = []
-        self._frames: list[tuple[int, int, int]] = []  # (end offset, start, stop) in _batch
-        self._progress_at = 0.0
-        self._retry_at = 0.0
-        self._backoff = 0.0
-        self._closed = False
         self._error_logged = False
-
-        #: totals since start, for tests and logs
-        self.dropped_total = 0
-        self.frames_sent = 0
-        self.records_sent = 0
-        self.connects = 0
-        self.disconnects = 0
-
-    # ------------------------------------------------------------ life cycle
-
-    async def start(self) -> None:
-        """Connect (if the aggregator is there) and arm the periodic flush on the
-        running loop. Never waits for the aggregator."""
-        self.start_soon(asyncio.get_running_loop())
-
-    def start_soon(self, loop: asyncio.AbstractEventLoop) -> None:
-        """:meth:`start` for code that is not a coroutine."""
-        self._loop = loop
-        self._closed = False
-        self._connect()
-        if self._timer is None:
-            self._timer = loop.call_later(self.interval, self._tick)
-
-    async def close(self, timeout: float = 1.0) -> None:
-        """Send what is left, waiting up to ``timeout`` seconds for the socket to take
-        it, then disconnect. What is still unsent then is counted as dropped."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        try:
-            while self._out and loop.time() < deadline:  # the batch in flight
-                await asyncio.sleep(0.01)
-            if not self._out:
-                self._retry_at = 0.0
-                self.flush()  # the last counts
-            while self._out and loop.time() < deadline:
-                await asyncio.sleep(0.01)
-        finally:
-            self._closed = True
-            self._disconnect(requeue=False)
-
-    @property
-    def connected(self) -> bool:
-        """True while a connection to the aggregator is open."""
-        return self._sock is not None
-
-    @property
-    def backlog(self) -> int:
-        """Bytes of the current batch not yet taken by the socket."""
-        return len(self._out) - self._sent
-
-    def _tick(self) -> None:
-        try:
-            self.flush()
-        except Exception:  # telemetry must never take the worker down
-            log.exception("telemetry flush failed")
-        if not self._closed and self._loop is not None:
-            self._timer = self._loop.call_later(self.interval, self._tick)
 
     # ------------------------------------------------------- event-loop calls
 
@@ -406,73 +348,6 @@ class Telemetry:
         the AE titles are those of the A-ASSOCIATE-RQ, "" when it never came."""
         key = (self._ae(calling_ae.strip()), self._ae(called_ae.strip()), result, source, reason)
         self._bump(self._rejected, key)
-
-    # -------------------------------------------------------- storage timings
-
-    def observe_write(self, seconds: float) -> None:
-        """One storage write(2) took ``seconds``. Thread-safe."""
-        if len(self._writes) < _MAX_OBSERVATIONS:
-            self._writes.append(seconds)
-        else:
-            self._lost(1)
-
-    def observe_fsync(self, seconds: float) -> None:
-        """One storage fsync(2) took ``seconds``. Thread-safe."""
-        if len(self._fsyncs) < _MAX_OBSERVATIONS:
-            self._fsyncs.append(seconds)
-        else:
-            self._lost(1)
-
-    def file_ops(self, base: FileOps | None = None) -> FileOps:
-        """``base`` (default: the os functions) with write, fsync and syncfs timed
-        (a group commit's syncfs counts as one fsync observation)."""
-        from .storage.config import FileOps
-
-        ops = base if base is not None else FileOps()
-        clock = time.perf_counter
-        write, fsync, syncfs = ops.write, ops.fsync, ops.syncfs
-        writes, fsyncs = self._writes, self._fsyncs
-        note_write, note_fsync = writes.append, fsyncs.append
-        lost = self._lost
-
-        # observe_write/observe_fsync inlined: this runs once per data-set fragment.
-        def timed_write(fd: int, data: memoryview) -> int:
-            t = clock()
-            n = write(fd, data)
-            if len(writes) < _MAX_OBSERVATIONS:
-                note_write(clock() - t)
-            else:
-                lost(1)
-            return n
-
-        def timed_fsync(fd: int) -> None:
-            t = clock()
-            fsync(fd)
-            if len(fsyncs) < _MAX_OBSERVATIONS:
-                note_fsync(clock() - t)
-            else:
-                lost(1)
-
-        def timed_syncfs(fd: int) -> None:
-            t = clock()
-            syncfs(fd)
-            if len(fsyncs) < _MAX_OBSERVATIONS:
-                note_fsync(clock() - t)
-            else:
-                lost(1)
-
-        if write is os.write:
-            # The data plane (workers.dataplane) may bypass timed_write and call
-            # write(2) itself; it reports the time of the writes it made for one read
-            # of the socket, which is observed as one write.
-            def observe_direct(seconds: float) -> None:
-                if len(writes) < _MAX_OBSERVATIONS:
-                    note_write(seconds)
-                else:
-                    lost(1)
-
-            timed_write.observe_direct = observe_direct  # type: ignore[attr-defined]
-        return dataclasses.replace(ops, write=timed_write, fsync=timed_fsync, syncfs=timed_syncfs)
 
     # ------------------------------------------------------- event handlers
 
@@ -621,27 +496,6 @@ class Telemetry:
             self._bytes[1] += b - st.btx
             st.btx = b
 
-    def _drain(self, source: collections.deque[float], op: w.StorageOp) -> None:
-        """Bucket the observations queued since the last tick (sorted, then one bisect
-        per bucket bound: cheaper than one per observation)."""
-        n = len(source)
-        if not n:
-            return
-        pop = source.popleft
-        items = [pop() for _ in range(n)]  # others may append meanwhile: they wait
-        items.sort()
-        v = self._storage.get(op)
-        if v is None:
-            v = self._storage[op] = [0.0] + [0] * _STORAGE_WIDTH
-        prev = bisect_right(items, 0.0)  # negatives (a clock that stepped back) count as 0
-        v[1] += prev
-        for i, bound in enumerate(_STORAGE_BOUNDS):
-            upto = bisect_right(items, bound)  # le: upper-inclusive
-            v[1 + i] += upto - prev
-            prev = upto
-        v[_STORAGE_WIDTH] += n - prev
-        v[0] += sum(s for s in items if s > 0.0) if items[0] < 0.0 else sum(items)
-
     # ------------------------------------------------------------ batching
 
     def _collect(self) -> list[w.Record]:
@@ -787,7 +641,7 @@ class Telemetry:
         elif isinstance(r, w.Storage):
             v = self._storage.get(r.op)
             if v is None:
-                v = self._storage[r.op] = [0.0] + [0] * _STORAGE_WIDTH
+                v = self._storage[r.op] = [0.0] + [0] * STORAGE_WIDTH
             v[0] += r.duration_sum
             for i, n in enumerate(r.buckets):
                 v[1 + i] += n
@@ -810,134 +664,8 @@ class Telemetry:
             self._dropped += r.count  # already in dropped_total
         # Hello, Process, Gauges: snapshots, sent fresh on the next connection/tick.
 
-    def flush(self) -> None:
-        """Read the connection counters and send a batch if the socket is free.
-
-        Called every ``interval`` by the timer; tests call it directly.
-        """
-        self._drain(self._writes, w.StorageOp.WRITE)
-        self._drain(self._fsyncs, w.StorageOp.FSYNC)
+    def _prepare(self) -> None:
+        """Before each batch: bucket the storage timings, read the connection counters."""
+        self._drain_timings()
         for protocol, st in self._conns.items():
             self._account(protocol, st)
-        if self._sock is None:
-            if time.monotonic() < self._retry_at:
-                return
-            self._connect()
-            if self._sock is None:
-                return
-        if self._out:  # the previous batch is still going out: let the counts add up
-            if time.monotonic() - self._progress_at > self.stall_timeout:
-                log.warning("telemetry: aggregator took nothing for %gs", self.stall_timeout)
-                self._disconnect(requeue=True)
-            return
-        batch = self._collect()
-        frames: list[bytes] = []
-        index: list[tuple[int, int, int]] = []
-        end = 0
-        for frame, start, stop in w.encode_frames(batch):
-            frames.append(frame)
-            end += len(frame)
-            index.append((end, start, stop))
-        self._batch = batch
-        self._frames = index
-        self._out = b"".join(frames)
-        self._sent = 0
-        self._progress_at = time.monotonic()
-        self._send()
-
-    # ------------------------------------------------------------ the socket
-
-    def _connect(self) -> None:
-        if self._sock is not None or self._closed:
-            return
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        try:
-            sock.connect(self.socket_path)
-        except OSError as exc:
-            # Unix sockets connect at once or fail (EAGAIN: the backlog is full).
-            sock.close()
-            self._backoff = min(self.reconnect_max, max(self.interval, self._backoff * 2))
-            self._retry_at = time.monotonic() + self._backoff
-            if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN):
-                log.warning("telemetry: cannot connect to %s: %s", self.socket_path, exc)
-            return
-        self._sock = sock
-        self._hello_due = True
-        self.connects += 1
-        log.debug("telemetry: connected to %s", self.socket_path)
-
-    def _send(self) -> None:
-        sock = self._sock
-        if sock is None:
-            return
-        out = self._out
-        while self._sent < len(out):
-            try:
-                n = sock.send(memoryview(out)[self._sent :], _SEND_FLAGS)
-            except (BlockingIOError, InterruptedError):
-                if not self._writing and self._loop is not None and not self._closed:
-                    self._loop.add_writer(sock.fileno(), self._send)
-                    self._writing = True
-                return
-            except OSError as exc:
-                log.info("telemetry: aggregator connection lost: %s", exc)
-                self._disconnect(requeue=True)
-                return
-            self._sent += n
-            self._progress_at = time.monotonic()
-        # The whole batch is with the kernel.
-        self.frames_sent += len(self._frames)
-        self.records_sent += len(self._batch)
-        self._backoff = 0.0
-        self._out = b""
-        self._sent = 0
-        self._batch = []
-        self._frames = []
-        self._stop_writing()
-
-    def _stop_writing(self) -> None:
-        if self._writing and self._sock is not None and self._loop is not None:
-            try:
-                self._loop.remove_writer(self._sock.fileno())
-            except (ValueError, OSError):
-                pass
-        self._writing = False
-
-    def _disconnect(self, requeue: bool) -> None:
-        """Close the socket; put back the records of frames not completely written."""
-        sock = self._sock
-        if sock is None:
-            return
-        self._stop_writing()
-        self._sock = None
-        sock.close()
-        self.disconnects += 1
-        if self._out:
-            for end, start, stop in self._frames:
-                if end <= self._sent:
-                    self.frames_sent += 1
-                    self.records_sent += stop - start
-                    continue
-                for r in self._batch[start:stop]:
-                    if requeue:
-                        self._merge(r)
-                    elif not isinstance(r, w.Dropped):
-                        self.dropped_total += _weight(r)
-        self._out = b""
-        self._sent = 0
-        self._batch = []
-        self._frames = []
-        if not self._closed:
-            self._backoff = min(self.reconnect_max, max(self.interval, self._backoff * 2))
-            self._retry_at = time.monotonic() + self._backoff
-
-
-def _weight(r: w.Record) -> int:
-    """How many counted things a record stands for."""
-    if isinstance(r, w.CStore | w.Storage):
-        return sum(r.buckets)
-    if isinstance(r, w.Connections):
-        return r.opened
-    count = getattr(r, "count", None)
-    return count if isinstance(count, int) else 0

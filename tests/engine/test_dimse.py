@@ -23,11 +23,17 @@ from pynetdicom.dsutils import encode as pydicom_encode
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.status import code_to_category
 
-from workers.engine.dimse import (
+from tests.engine.fragments import (
     CONTROL_COMMAND,
     CONTROL_LAST,
-    DATASET_PRESENT,
     MAX_PDU_CAP,
+    fragment_message,
+    iter_fragments,
+    max_fragment_length,
+    pdata_header,
+)
+from workers.engine.dimse import (
+    DATASET_PRESENT,
     NO_DATASET,
     VERIFICATION_SOP_CLASS,
     Command,
@@ -45,16 +51,12 @@ from workers.engine.dimse import (
     c_store_rsp,
     decode_command,
     encode_command,
-    fragment_message,
-    iter_fragments,
-    max_fragment_length,
     n_action_rq,
     n_create_rq,
     n_delete_rq,
     n_event_report_rq,
     n_get_rq,
     n_set_rq,
-    pdata_header,
     response_for,
     status_category,
     validate_command,

@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from tests.engine.pair import VERIFICATION, Pair, drain, wire_bytes
 from workers.engine import acse, dimse
 from workers.engine import pdu as p
-from workers.engine.connection import Connection, LocalProtocolError, Role
-from workers.engine.fsm import TABLE, Event, State
-from workers.engine.primitives import Aborted, AssociateIndication, ReleaseRequested
+from workers.engine.connection import (
+    ACTIONS,
+    FAST_PATH_STATES,
+    Connection,
+    LocalProtocolError,
+    Role,
+)
+from workers.engine.fsm import (
+    NEXT_STATE,
+    SEND_FAST_PATH_STATES,
+    SHORTCUTS,
+    TABLE,
+    Action,
+    Event,
+    State,
+)
+from workers.engine.primitives import Aborted, AssociateIndication, ReleaseRequested, StateChanged
 
 # PS3.8 Table 9-10 transcribed again, as the standard prints it: one row per event,
 # one column per state (Sta1 ... Sta13), "-" for a blank cell. The engine's table is
@@ -253,3 +269,51 @@ def test_indication_for_acceptable_request() -> None:
     conn.receive_data(p.encode(RQ), 0.0)
     assert drain(conn) == [AssociateIndication(RQ)]
     assert conn.get_timer() is None  # AE-6 stops ARTIM
+
+
+# ------------------------------------------------- shortcuts past the table
+
+
+def test_every_action_has_its_method() -> None:
+    assert set(ACTIONS) == set(Action)
+    for action, method in ACTIONS.items():
+        assert method.__name__ == "_" + action.value.lower().replace("-", "_")
+
+
+def test_every_shortcut_is_the_cell_it_skips() -> None:
+    """Each cell the engine acts on without the table is, in the table, an action that
+    leaves the state unchanged; and every such cell of Evt9/DT-1 and Evt10/DT-2 is one."""
+    assert SHORTCUTS, "no shortcut at all: the hot path would go through the table"
+    for (event, state), action in SHORTCUTS.items():
+        assert TABLE[(event, state)] is action
+        assert NEXT_STATE[action] is state
+    for (event, state), action in TABLE.items():
+        if (event, action) in ((Event.EVT9, Action.DT_1), (Event.EVT10, Action.DT_2)):
+            assert ((event, state) in SHORTCUTS) == (NEXT_STATE[action] is state)
+    assert {s for (e, s) in SHORTCUTS if e is Event.EVT10} == set(FAST_PATH_STATES)
+    assert {s for (e, s) in SHORTCUTS if e is Event.EVT9} == set(SEND_FAST_PATH_STATES)
+
+
+def _outcome(conn: Connection, event: Event) -> tuple[object, ...]:
+    try:
+        if event in PDU_INPUTS:
+            conn.receive_data(PDU_INPUTS[event](), 0.0)
+        else:
+            fire(conn, event)
+        error = None
+    except LocalProtocolError as exc:
+        error = str(exc)
+    indications = [e for e in drain(conn) if not isinstance(e, StateChanged)]
+    return (conn.state, error, wire_bytes(conn), conn.wants_close, repr(indications))
+
+
+@pytest.mark.parametrize("event", [Event.EVT9, Event.EVT10], ids=lambda x: x.name)
+@pytest.mark.parametrize("state", list(State), ids=lambda x: x.name)
+def test_shortcuts_agree_with_the_table(event: Event, state: State) -> None:
+    """The same input in every state, once with the shortcuts and once through the
+    table only (tracing transitions turns every shortcut off): the same outcome."""
+    role = role_for(event, state)
+    fast = connection_in(state, role)
+    slow = connection_in(state, role)
+    slow.config = dataclasses.replace(slow.config, trace_transitions=True)
+    assert _outcome(fast, event) == _outcome(slow, event)

@@ -87,18 +87,19 @@ def test_read_buffers_are_recycled_only_when_unreferenced() -> None:
     from workers.engine import connection as c
 
     size = c.UNASSOCIATED_READ_SIZE  # the buffer of a connection not yet associated
-    c._SPARE_BUFFERS.clear()
-    first = c.Connection(c.Role.ACCEPTOR)
+    pool = c.ReadBufferPool()
+    config = c.EngineConfig(buffer_pool=pool)
+    first = c.Connection(c.Role.ACCEPTOR, config)
     view = first.get_buffer(10)  # a view still held: not recycled
     first.recycle()
-    assert c._SPARE_BUFFERS.get(size, []) == []
+    assert pool.spare(size) == []
     view.release()
-    second = c.Connection(c.Role.ACCEPTOR)
+    second = c.Connection(c.Role.ACCEPTOR, config)
     kept = id(second._buf)
     second.recycle()
-    assert [id(b) for b in c._SPARE_BUFFERS[size]] == [kept]
-    third = c.Connection(c.Role.ACCEPTOR)
-    assert id(third._buf) == kept and not c._SPARE_BUFFERS[size]
+    assert [id(b) for b in pool.spare(size)] == [kept]
+    third = c.Connection(c.Role.ACCEPTOR, config)
+    assert id(third._buf) == kept and not pool.spare(size)
     # A recycled buffer's old bytes are never seen: only what is received anew.
     rq = _rq()
     third.connection_made(0.0)

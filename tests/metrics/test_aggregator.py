@@ -465,8 +465,10 @@ def _families() -> set[str]:
 def test_documentation_and_dashboard_match_the_metrics() -> None:
     families = _families()
     assert len(families) >= 25
-    with open(os.path.join(REPO, "README.md")) as f:
-        readme = f.read()
+    readme = ""
+    for page in ("README.md", os.path.join("docs", "metrics.md")):
+        with open(os.path.join(REPO, page)) as f:
+            readme += f.read()
     for name in families:
         documented = name + "_total" if f"`{name}_total`" in readme else name
         assert f"`{documented}`" in readme, f"{name} is not documented"

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from receiver.supervisor import MAX_REFUSING
+from receiver.acceptor import MAX_REFUSING
 
 from .conftest import (
     Receiver,

@@ -33,7 +33,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-import workers.engine.events as events_module
+import workers.events as events_module
 from workers.engine import acse, dimse
 from workers.engine import events as wevt
 from workers.engine import pdu as p

@@ -17,7 +17,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 
 from workers.engine import events as wevt
-from workers.engine.events import decode_dataset
+from workers.events import decode_dataset
 
 from .conftest import WorkerFactory, WorkerThread, dataset_bytes
 from .indexing import (

@@ -222,9 +222,10 @@ class NegotiationCache:
 
     A requestor that associates again and again sends the same A-ASSOCIATE-RQ, and
     :func:`workers.engine.pdu.decode` then returns the very same (frozen) object: it
-    gets the very same answer, found by identity, as long as the policy object and
-    the extended-negotiation answers are the same too. The answer is a function of
-    exactly those three, so it is the one :func:`negotiate` would compute.
+    gets the very same answer, found by the request's value (whose hash is computed
+    once per object), as long as the policy object and the extended-negotiation
+    answers are the same too. The answer is a function of exactly those three, so it
+    is the one :func:`negotiate` would compute.
     """
 
     __slots__ = ("_answers", "size")
@@ -232,25 +233,25 @@ class NegotiationCache:
     def __init__(self, size: int = 64) -> None:
         self.size = size
         self._answers: dict[
-            int, tuple[p.AssociateRQ, AcceptorPolicy, Extended, p.AssociateAC | p.AssociateRJ]
+            p.AssociateRQ, tuple[AcceptorPolicy, Extended, p.AssociateAC | p.AssociateRJ]
         ] = {}
 
     def negotiate(
         self, rq: p.AssociateRQ, policy: AcceptorPolicy, extended: Extended
     ) -> p.AssociateAC | p.AssociateRJ:
-        known = self._answers.get(id(rq))
+        known = self._answers.get(rq)
         if (
             known is not None
-            and known[0] is rq
-            and known[1] is policy
-            and (known[2] is extended or known[2] == extended)
+            and known[0] is policy
+            and (known[1] is extended or known[1] == extended)
         ):
-            return known[3]
+            return known[2]
         answer = negotiate(rq, policy, extended)
         answers = self._answers
+        answers.pop(rq, None)  # a new answer for it goes last
         if len(answers) >= self.size:
             del answers[next(iter(answers))]  # the oldest
-        answers[id(rq)] = (rq, policy, extended, answer)  # the entry keeps rq alive
+        answers[rq] = (policy, extended, answer)
         return answer
 
 

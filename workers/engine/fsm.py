@@ -17,11 +17,24 @@ missing from it is a blank cell of the standard:
 Two actions have a next state that depends on context: AE-6 (Sta3 if the request is
 acceptable to the service provider, else Sta13) and AR-8 (Sta9 for the requestor,
 Sta10 for the acceptor of the association). :data:`NEXT_STATE` gives the fixed ones.
+
+Shortcuts
+---------
+On the hot path the connection skips the table lookup for two cells, and the data plane
+(:mod:`workers.dataplane`) consumes P-DATA-TF PDUs on its own. Each shortcut is derived
+here from the table, never written by hand: it applies exactly in the states where the
+cell's action leaves the state unchanged, and :data:`SHORTCUTS` lists them all, so that
+tests/engine/test_fsm.py checks every one against the table it stands for.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import IntEnum, StrEnum
+from typing import TypeVar
+
+from . import pdu as p
+from .config import LocalProtocolError
 
 
 class State(IntEnum):
@@ -228,3 +241,58 @@ LOCAL_EVENTS = frozenset({E.EVT1, E.EVT7, E.EVT8, E.EVT9, E.EVT11, E.EVT14, E.EV
 def lookup(event: Event, state: State) -> Action | None:
     """The action of Table 9-10 for ``event`` in ``state``, or None for a blank cell."""
     return TABLE.get((event, state))
+
+
+def _unchanged(event: Event, action: Action) -> frozenset[State]:
+    """The states where Table 9-10 answers ``event`` with ``action`` back to the same
+    state: where doing ``action`` directly is exactly what the table would do."""
+    return frozenset(
+        s for s in State if TABLE.get((event, s)) is action and NEXT_STATE[action] is s
+    )
+
+
+#: States where a P-DATA-TF received (Evt10) is DT-2 back to the same state: there the
+#: data plane consumes P-DATA on its own, and the connection starts one without the table.
+RECEIVE_FAST_PATH_STATES: frozenset[State] = _unchanged(E.EVT10, A.DT_2)
+#: States where a P-DATA request (Evt9) is DT-1 back to the same state: there a command
+#: set that fits one PDU is queued without the table.
+SEND_FAST_PATH_STATES: frozenset[State] = _unchanged(E.EVT9, A.DT_1)
+
+#: Every cell the engine may act on without a table lookup: (event, state) -> the
+#: action the shortcut stands for.
+SHORTCUTS: dict[tuple[Event, State], Action] = {
+    **{(E.EVT10, s): A.DT_2 for s in RECEIVE_FAST_PATH_STATES},
+    **{(E.EVT9, s): A.DT_1 for s in SEND_FAST_PATH_STATES},
+}
+
+
+_P = TypeVar("_P", p.AssociateRQ, p.AssociateAC, p.AssociateRJ, p.Abort)
+
+
+@dataclass(slots=True)
+class FireContext:
+    """What an event brings to its action (PS3.8 Table 9-10): the PDU received or to
+    send, the P-DATA to send, the abort's source and reason, the length of a P-DATA-TF
+    received, or the detail of a peer fault. Each event fills in only its own fields."""
+
+    pdu: p.PDU | None = None
+    context_id: int = 0
+    data: bytes | bytearray | memoryview = b""
+    control: int = 0
+    last: bool = False
+    length: int = 0
+    source: int = 0
+    reason: int | None = None
+    detail: str | None = None
+
+    def expect(self, kind: type[_P]) -> _P:
+        """The PDU, which the event says is a ``kind``. A local primitive given another
+        kind is misuse; received PDUs always match (the event is chosen by type)."""
+        pdu = self.pdu
+        if not isinstance(pdu, kind):
+            raise LocalProtocolError(f"expected {kind.__name__}, got {type(pdu).__name__}")
+        return pdu
+
+
+#: The context of the events that bring nothing (never modified: actions only read it).
+NO_CONTEXT = FireContext()

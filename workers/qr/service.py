@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from .matching import KEYS, LEVELS, compile_identifier
 
 if TYPE_CHECKING:
-    from ..indexed import IndexedServices
+    from ..session import IndexedPort
 
 log = logging.getLogger("workers.qr")
 
@@ -67,7 +67,7 @@ UNABLE_TO_PROCESS = 0xC000
 class QueryRetrieve:
     """The handlers, bound with ``args=()`` to EVT_C_FIND / EVT_C_GET / EVT_C_MOVE."""
 
-    def __init__(self, services: IndexedServices) -> None:
+    def __init__(self, services: IndexedPort) -> None:
         self.services = services
 
     # ------------------------------------------------------------------ handlers

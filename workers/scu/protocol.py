@@ -1,14 +1,13 @@
-"""The asyncio side of one requestor connection: the only place bytes meet the engine.
+"""The asyncio side of one requestor connection: the requestor's engine bridge.
 
-:class:`EngineProtocol` is an ``asyncio.BufferedProtocol`` over a sans-IO
-:class:`~workers.engine.connection.Connection`. The event loop reads straight into the
-engine's buffer (``get_buffer`` / ``buffer_updated``: no copy on the way in); after
-each input the protocol pulls every indication with ``next_event`` and hands it to its
-owner, then writes whatever the engine queued (one ``writelines`` for all queued PDUs,
-so that a command PDU and a small data-set PDU leave in one system call), closes the
-transport when the engine wants it closed, and re-arms the engine's one timer
-(ARTIM) with ``loop.time()`` as the engine's clock. It works under uvloop and the
-default loop alike; nothing here is DICOM-specific beyond those calls.
+:class:`EngineProtocol` is the requestor's :class:`~workers.bridge.EngineBridge`
+(the one bridge from bytes to the engine, shared with the acceptor): the event loop
+reads straight into the engine's buffer; after each input the protocol pulls every
+indication with ``next_event`` and hands it to its owner, then writes whatever the
+engine queued (one ``writelines`` for all queued PDUs, so that a command PDU and a
+small data-set PDU leave in one system call), closes the transport when the engine
+wants it closed, and re-arms the engine's one timer (ARTIM) with ``loop.time()`` as
+the engine's clock. It works under uvloop and the default loop alike.
 
 Writing is flow controlled: ``pause_writing`` / ``resume_writing`` drive :meth:`drain`,
 so a sender awaiting it keeps at most the transport's high-water mark queued.
@@ -19,12 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 from collections.abc import Callable
-from typing import cast
 
+from workers.bridge import EngineBridge
 from workers.engine.connection import Connection
-from workers.engine.primitives import NEED_DATA, Indication
+from workers.engine.primitives import Indication
 
 __all__ = ["WRITE_HIGH_WATER", "EngineProtocol"]
 
@@ -40,7 +38,7 @@ WRITE_HIGH_WATER = 2 * 1024 * 1024
 ABORT_GRACE = 2.0
 
 
-class EngineProtocol(asyncio.BufferedProtocol):
+class EngineProtocol(EngineBridge):
     """Feeds a :class:`Connection` from a transport and writes what it queues.
 
     ``on_event`` receives every indication; ``on_lost`` is called once, after the
@@ -56,37 +54,21 @@ class EngineProtocol(asyncio.BufferedProtocol):
         on_event: Callable[[Indication], None],
         on_lost: Callable[[Exception | None], None],
     ) -> None:
-        self.conn = conn
-        self.loop = loop
-        self.transport: asyncio.Transport | None = None
+        super().__init__(conn, loop)
         self.closed = False  # transport.close() called or connection lost
         self.lost = False
         self.paused = False
         self._on_event = on_event
         self._on_lost = on_lost
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
         self._drain_waiters: list[asyncio.Future[None]] = []
 
     # ------------------------------------------------------------- asyncio API
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement the interface without subclassing it
-        self.transport = cast(asyncio.Transport, transport)
-        sock = self.transport.get_extra_info("socket")
-        if sock is not None:
-            # DESIGN principle 5: every PDU goes out at once, no Nagle delay.
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.adopt_transport(transport)  # DESIGN principle 5: TCP_NODELAY
+        if self.transport is not None:
+            self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self.conn.connection_made(self.loop.time())
-        self.pump()
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.conn.get_buffer(sizehint)
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.conn.buffer_updated(nbytes, self.loop.time())
         self.pump()
 
     def eof_received(self) -> bool | None:
@@ -94,8 +76,7 @@ class EngineProtocol(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = self.lost = True
-        self._cancel_timer()
-        self.conn.connection_lost(self.loop.time())
+        self.engine_lost()
         self.pump()
         self._wake_drainers(ConnectionError("the connection is closed"))
         self._on_lost(exc)
@@ -107,46 +88,33 @@ class EngineProtocol(asyncio.BufferedProtocol):
         self.paused = False
         self._wake_drainers(None)
 
-    # -------------------------------------------------------------- for owners
+    # ------------------------------------------------------- the bridge's hooks
 
-    def pump(self) -> None:
-        """Deliver every pending indication, then write, close and re-arm as needed."""
-        conn = self.conn
-        on_event = self._on_event
-        try:
-            while True:
-                event = conn.next_event()
-                if event is NEED_DATA:
-                    break
-                on_event(event)  # type: ignore[arg-type]
-        except Exception:
-            # One boundary for owner bugs: log, abort, keep the loop alive.
-            log.exception("requestor failed handling an indication; aborting")
-            with contextlib.suppress(Exception):
-                conn.abort(now=self.loop.time())
-            self.flush()
-            self.close()
-            return
+    def handle_indication(self, event: Indication) -> None:
+        self._on_event(event)
+
+    def indication_failed(self) -> None:
+        # One boundary for owner bugs: log, abort, keep the loop alive.
+        log.exception("requestor failed handling an indication; aborting")
+        with contextlib.suppress(Exception):
+            self.conn.abort(now=self.loop.time())
         self.flush()
+        self.close()
+
+    def after_pump(self) -> None:
+        self.flush()
+
+    def writable(self) -> bool:
+        return not self.closed
+
+    # -------------------------------------------------------------- for owners
 
     def flush(self) -> None:
         """Write what the engine queued; honour wants_close and the engine's timer."""
-        conn = self.conn
-        out = conn.data_to_send()
-        transport = self.transport
-        if out and transport is not None and not self.closed:
-            if len(out) == 1:
-                transport.write(out[0])
-            else:
-                transport.writelines(out)
-        if conn.wants_close and not self.closed:
+        self.write_queued()
+        if self.conn.wants_close and not self.closed:
             self.close()
-        deadline = conn.get_timer()
-        if deadline != self._timer_at:
-            self._cancel_timer()
-            if deadline is not None and not self.lost:
-                self._timer_at = deadline
-                self._timer = self.loop.call_at(deadline, self._on_timer)
+        self.sync_timer()
 
     def close(self, grace: float | None = None) -> None:
         """Close the transport once written; with ``grace``, tear it down after that long
@@ -174,20 +142,6 @@ class EngineProtocol(asyncio.BufferedProtocol):
                 self._drain_waiters.remove(waiter)
 
     # ---------------------------------------------------------------- internal
-
-    def _on_timer(self) -> None:
-        now = self._timer_at if self._timer_at is not None else self.loop.time()
-        self._timer = None
-        self._timer_at = None
-        # call_at may fire a clock tick early; the loop considers the deadline reached.
-        self.conn.handle_timer(max(self.loop.time(), now))
-        self.pump()
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = None
-        self._timer_at = None
 
     def _force_close(self) -> None:
         if not self.lost and self.transport is not None:
