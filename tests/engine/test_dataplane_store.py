@@ -12,20 +12,22 @@ says so; the two cores must agree with each other on every input, ``None`` inclu
 from __future__ import annotations
 
 import struct
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import pytest
 from hypothesis import event, given
 from hypothesis import strategies as st
 
+from tests.engine.test_dataplane import _conn, _drive
 from tests.fuzz import harness as h
 from tests.fuzz import strategies as fz
 from workers import dataplane
 from workers.dataplane import _pure
 from workers.engine import acse, dimse
 from workers.engine import pdu as p
+from workers.engine.config import EngineConfig
 from workers.engine.connection import UNLIMITED_SEND_CAP, Connection, Role
-from workers.engine.primitives import AssociateIndication
+from workers.engine.primitives import NEED_DATA, AssociateIndication, CommandReceived
 from workers.storage import filemeta, uids
 
 COMPILED = dataplane.compiled()
@@ -226,16 +228,19 @@ def test_decode_store_rq_takes_the_usual_requests(core: ModuleType) -> None:
 # ------------------------------------------------------------- response encode
 
 
-def _established(peer_max: int) -> Connection:
-    conn = Connection(Role.ACCEPTOR)
+def _established(peer_max: int, trace: bool = False) -> Connection:
+    conn = Connection(Role.ACCEPTOR, EngineConfig(trace_pdus=trace))
     conn.connection_made(0.0)
     conn.receive_data(p.encode(h.associate_rq()), 0.0)
     ev = conn.next_event()
-    assert isinstance(ev, AssociateIndication)
+    while not isinstance(ev, AssociateIndication):  # PDUReceived when tracing
+        ev = conn.next_event()
     answer = acse.negotiate(ev.request, acse.AcceptorPolicy())
     assert isinstance(answer, p.AssociateAC)
     conn.accept(answer, 0.0)
     conn.data_to_send()
+    while conn.next_event() is not NEED_DATA:
+        pass
     conn.peer_max_pdu_length = peer_max
     return conn
 
@@ -398,3 +403,95 @@ def test_file_meta_is_a_part10_header(core: ModuleType) -> None:
 def test_the_store_functions_are_exported() -> None:
     for name in ("decode_store_rq", "encode_store_rsp", "uid_valid", "file_meta"):
         assert getattr(dataplane, name) is getattr(dataplane.core, name)
+
+
+# ------------------------------------------------------------- in the engine
+
+#: a core whose C-STORE-RQ decode always says SLOW: the engine as it was before
+_NO_FAST_DECODE = SimpleNamespace(
+    Framing=_pure.Framing,
+    walk_pdata=_pure.walk_pdata,
+    decode_store_rq=lambda data: None,
+    encode_store_rsp=lambda *args: None,
+)
+
+
+def _store_session(cmd: bytes, fragment: int = 0) -> bytes:
+    return (
+        p.encode(h.associate_rq())
+        + h.command_pdata(3, cmd, max_fragment=fragment)
+        + h.dataset_pdata(3, h.minimal_dataset("5"))
+        + p.encode(p.ReleaseRQ())
+    )
+
+
+_STORE_SESSIONS = [
+    _store_session(dimse.encode_command(h.store_rq(5))),
+    _store_session(dimse.encode_command(h.store_rq(6, Priority=2)), fragment=9),
+    _store_session(dimse.encode_command(h.store_rq(7, Status=0))),  # an unusual element
+    _store_session(
+        dimse.encode_command(
+            h.store_rq(8, MoveOriginatorApplicationEntityTitle="M", MoveOriginatorMessageID=1)
+        )
+    ),
+]
+
+
+@fz.fuzz_settings(300)
+@given(
+    st.one_of(st.sampled_from(_STORE_SESSIONS), fz.mutated(_STORE_SESSIONS)),
+    fz.splits,
+    st.integers(0, 3),
+)
+def test_engine_decodes_as_before(data: bytes, splits: list[int], config: int) -> None:
+    """The same session on an engine with each core and on one whose data plane
+    never decodes a command: identical indications, bytes sent, states, files."""
+    before = _drive(_NO_FAST_DECODE, data, splits, config, 0)  # type: ignore[arg-type]
+    for core in cores():
+        assert _drive(core, data, splits, config, 0) == before
+
+
+@core_ids
+def test_engine_takes_the_usual_store_request_from_the_data_plane(core: ModuleType) -> None:
+    for session, fast in zip(_STORE_SESSIONS, (True, True, False, True), strict=True):
+        conn = _conn(core)
+        conn.connection_made(0.0)
+        conn.receive_data(session, 0.0)
+        ev = conn.next_event()
+        assert isinstance(ev, AssociateIndication)
+        answer = acse.negotiate(ev.request, acse.AcceptorPolicy())
+        conn.accept(answer, 0.0)  # type: ignore[arg-type]
+        ev = conn.next_event()
+        assert isinstance(ev, CommandReceived)
+        assert ev.command == dimse.decode_command(ev.raw)
+        assert (conn.checked_command is ev.command) is fast
+        assert dimse.validate_command(ev.command) is None
+
+
+@core_ids
+@pytest.mark.parametrize("peer_max", [0, 16384, 100, 30])
+@pytest.mark.parametrize("trace", [False, True])
+def test_engine_sends_the_store_response_as_before(
+    core: ModuleType, peer_max: int, trace: bool
+) -> None:
+    """send_store_response puts on the wire what send_command(encode_c_store_rsp)
+    does: one PDU from the data plane, or the general path (several PDUs for a small
+    peer maximum, PDU tracing), and counts the PDUs and bytes alike."""
+    rq = h.store_rq(12)
+    args = (12, rq.AffectedSOPClassUID, rq.AffectedSOPInstanceUID, 0xB000)
+    sent = []
+    for fast in (True, False):
+        conn = _established(peer_max, trace)
+        if fast:
+            conn._dp_store_rsp = core.encode_store_rsp
+            conn.send_store_response(3, *args)  # type: ignore[arg-type]
+        else:
+            conn.send_command(3, dimse.encode_c_store_rsp(*args))  # type: ignore[arg-type]
+        wire = b"".join(bytes(c) for c in conn.data_to_send())
+        events = []
+        while (ev := conn.next_event()) is not NEED_DATA:
+            events.append(repr(ev))
+        sent.append((wire, conn.pdus_sent, conn.bytes_sent, conn.state, events))
+    assert sent[0] == sent[1]
+    n = len(dimse.encode_c_store_rsp(*args))  # type: ignore[arg-type]
+    assert sent[0][1][4] == -(-n // _max_fragment(peer_max))  # PDUs sent
