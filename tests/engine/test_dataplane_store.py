@@ -4,9 +4,10 @@
 are fed the same random and mutated input (valid encodings with bytes flipped,
 truncated, inserted, extended) and must give exactly what the engine's and the store's
 own functions give (``dimse.decode_command`` + ``validate_command``, the bytes the engine
-queues for ``encode_c_store_rsp``, ``uids.is_valid_uid``,
-``filemeta.encode_file_meta_prechecked``), or ``None`` (SLOW) exactly where the contract
-says so; the two cores must agree with each other on every input, ``None`` included.
+queues for ``encode_c_store_rsp``, ``uids.is_valid_uid_reference``,
+``filemeta.encode_file_meta_reference``: the plain Python statements of the rules),
+or ``None`` (SLOW) exactly where the contract says so; the two cores must agree with
+each other on every input, ``None`` included.
 """
 
 from __future__ import annotations
@@ -327,7 +328,7 @@ def mutated_uids(draw: st.DrawFn) -> str:
 @fz.fuzz_settings(2000)
 @given(st.one_of(_uids, mutated_uids()))
 def test_uid_valid_matches_is_valid_uid(uid: str) -> None:
-    valid = uids.is_valid_uid(uid)
+    valid = uids.is_valid_uid_reference(uid)
     event(f"valid: {valid}")
     assert _twins("uid_valid", uid) is valid
 
@@ -353,7 +354,7 @@ def test_uid_valid_known_answers(core: ModuleType) -> None:
 def _expected_meta(*args: str | None) -> bytes | None:
     cls, inst, ts, ae, impl, version = args
     try:
-        return filemeta.encode_file_meta_prechecked(
+        return filemeta.encode_file_meta_reference(
             cls,  # type: ignore[arg-type]
             inst,  # type: ignore[arg-type]
             ts,  # type: ignore[arg-type]
@@ -392,7 +393,7 @@ def test_file_meta_is_a_part10_header(core: ModuleType) -> None:
 
     args = ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.45", "1.2.840.10008.1.2.1", " STORESCU ")
     meta = core.file_meta(*args, filemeta.IMPLEMENTATION_CLASS_UID, "PACSRX_010")
-    assert meta == filemeta.encode_file_meta_prechecked(*args[:3], source_ae=args[3])
+    assert meta == filemeta.encode_file_meta_reference(*args[:3], source_ae=args[3])
     ds = dcmread(BytesIO(meta + b"\x08\x00\x16\x00UI\x02\x001\x00"), force=False)
     assert ds.file_meta.MediaStorageSOPInstanceUID == "1.2.3.45"
     assert ds.file_meta.SourceApplicationEntityTitle == "STORESCU"
