@@ -617,8 +617,7 @@ class AssociationProtocol(Negotiation, StorePath, NetworkTimer, AssociationTrail
             return
         if self._lost or not self.conn.is_established:
             raise ConnectionError("association is no longer established")
-        raw = dimse.encode_c_store_rsp(cmd.MessageID or 0, cls, inst, status)
-        self.conn.send_command(op.context_id, raw)
+        self.conn.send_store_response(op.context_id, cmd.MessageID or 0, cls, inst, status)
         telemetry = self.server.telemetry
         if telemetry is not None:
             telemetry.dimse(1, dimse.CommandField.C_STORE_RSP, status)

@@ -143,7 +143,8 @@ class StorePath(_Host):
         """Prepare where the C-STORE data set goes as it arrives (before it does)."""
         cmd = op.command
         ctx = self.conn.contexts[op.context_id]
-        problem = dimse.validate_command(cmd)
+        # checked already when the data plane decoded it (workers.dataplane)
+        problem = None if cmd is self.conn.checked_command else dimse.validate_command(cmd)
         if problem is not None:
             log.warning("%s: invalid C-STORE-RQ: %s", self.assoc.name, problem)
             op.status = _STATUS_CANNOT_UNDERSTAND

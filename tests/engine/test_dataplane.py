@@ -275,6 +275,8 @@ def _conn(core: ModuleType, config: Any = None) -> Connection:
     conn = Connection(Role.ACCEPTOR, config)
     conn._framing = core.Framing()
     conn._dp_walk = core.walk_pdata
+    conn._dp_decode_store = core.decode_store_rq
+    conn._dp_store_rsp = core.encode_store_rsp
     return conn
 
 

@@ -15,6 +15,7 @@ import os
 from types import ModuleType
 
 from . import _pure
+from ._pure import StoreRQ
 
 __all__ = [
     "CORE",
@@ -23,8 +24,13 @@ __all__ = [
     "NEED_DATA",
     "SLOW",
     "Framing",
+    "StoreRQ",
     "compiled",
     "core",
+    "decode_store_rq",
+    "encode_store_rsp",
+    "file_meta",
+    "uid_valid",
     "walk_pdata",
 ]
 
@@ -60,3 +66,7 @@ MESSAGE_END: int = core.MESSAGE_END
 SLOW: int = core.SLOW
 Framing = core.Framing
 walk_pdata = core.walk_pdata
+decode_store_rq = core.decode_store_rq
+encode_store_rsp = core.encode_store_rsp
+uid_valid = core.uid_valid
+file_meta = core.file_meta

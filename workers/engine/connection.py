@@ -230,6 +230,44 @@ class Connection(Receiver):
             Event.EVT9, FireContext(context_id=context_id, data=raw, control=0x01, last=True)
         )
 
+    def send_store_response(
+        self,
+        context_id: int,
+        message_id: int,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        status: int,
+    ) -> None:
+        """Send the C-STORE-RSP (no ErrorComment) to a request with these values:
+        ``send_command(context_id, dimse.encode_c_store_rsp(...))``, byte for byte,
+        with the whole PDU made by the data plane in the usual case."""
+        config = self.config
+        if (
+            self.state in SEND_FAST_PATH_STATES
+            and not config.trace_transitions
+            and not config.trace_pdus
+            and context_id in self.contexts
+        ):
+            # DT-1 back to the same state, as in send_command
+            limit = self.peer_max_pdu_length or UNLIMITED_SEND_CAP
+            if config.max_send_pdu_length:
+                limit = min(limit, config.max_send_pdu_length)
+            pdu = self._dp_store_rsp(
+                context_id,
+                message_id,
+                sop_class_uid,
+                sop_instance_uid,
+                status,
+                max((limit - 6) & ~1, 2),
+            )
+            if pdu is not None:
+                self._out.append(pdu)
+                self.pdus_sent[_P_DATA_TF] += 1
+                self.bytes_sent += len(pdu)
+                return
+        raw = dimse.encode_c_store_rsp(message_id, sop_class_uid, sop_instance_uid, status)
+        self.send_command(context_id, raw)
+
     def send_dataset(
         self, context_id: int, data: bytes | bytearray | memoryview, last: bool = True
     ) -> None:

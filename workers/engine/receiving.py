@@ -53,6 +53,24 @@ _MESSAGE_END = dataplane.MESSAGE_END
 _DP_COMMAND = dataplane.core.COMMAND
 _DP_LAST = dataplane.core.LAST
 _DP_HAVE_COMMAND = dataplane.core.HAVE_COMMAND
+_C_STORE_RQ = dimse.CommandField.C_STORE_RQ
+
+
+def _store_rq(fields: dataplane.StoreRQ) -> dimse.Command:
+    """The Command ``dimse.decode_command`` gives for the C-STORE-RQ the data plane
+    decoded (and checked) into ``fields``."""
+    mid, priority, data_set_type, sop_class, sop_instance, move_ae, move_mid = fields
+    return dimse.Command(
+        _C_STORE_RQ,
+        MessageID=mid,
+        AffectedSOPClassUID=sop_class,
+        AffectedSOPInstanceUID=sop_instance,
+        Priority=priority,
+        CommandDataSetType=data_set_type,
+        MoveOriginatorApplicationEntityTitle=move_ae,
+        MoveOriginatorMessageID=move_mid,
+    )
+
 
 _PDU_HEADER = struct.Struct(">BxL")
 _PDV_HEADER = struct.Struct(">LBB")
@@ -117,6 +135,11 @@ class Receiver:
         # the data plane's functions (tests run one connection on each core)
         self._framing = _new_framing()
         self._dp_walk = _walk
+        self._dp_decode_store = dataplane.decode_store_rq
+        self._dp_store_rsp = dataplane.encode_store_rsp  # used by Connection
+        #: the last command set the data plane decoded and checked as a valid
+        #: C-STORE-RQ (dimse.validate_command has nothing to say about it)
+        self.checked_command: dimse.Command | None = None
         self._context_table = _NO_CONTEXTS
         self._context_table_of: dict[int, PresentationContext] | None = None
         self._context_count = 0
@@ -511,15 +534,21 @@ class Receiver:
             return
         context_id = self._msg_context
         if self._pdv_command:
+            # The usual C-STORE-RQ is decoded and checked by the data plane; anything
+            # else (None: SLOW) by decode_command, which answers as it always did.
+            fields = self._dp_decode_store(self._command_buf)
             raw = bytes(self._command_buf)
             self._command_buf.clear()
-            try:
-                command = dimse.decode_command(raw)
-            except Exception as exc:  # DIMSEError, or a bug: never out of the engine
-                self._protocol_fault(
-                    f"undecodable command set: {exc}", p.AbortReason.INVALID_PDU_PARAMETER
-                )
-                return
+            if fields is not None:
+                command = self.checked_command = _store_rq(fields)
+            else:
+                try:
+                    command = dimse.decode_command(raw)
+                except Exception as exc:  # DIMSEError, or a bug: never out of the engine
+                    self._protocol_fault(
+                        f"undecodable command set: {exc}", p.AbortReason.INVALID_PDU_PARAMETER
+                    )
+                    return
             if command.has_dataset:
                 self._command = command
                 self._dataset_buf = bytearray()

@@ -18,7 +18,8 @@ import functools
 import re
 import struct
 
-from .uids import is_valid_uid
+from .. import dataplane
+from .uids import is_valid_uid, is_valid_uid_reference
 
 __all__ = [
     "DICM",
@@ -28,6 +29,7 @@ __all__ = [
     "PREAMBLE",
     "encode_file_meta",
     "encode_file_meta_prechecked",
+    "encode_file_meta_reference",
     "is_valid_ae_title",
 ]
 
@@ -65,7 +67,8 @@ _VERSION_ELEMENT = _element(0x0002, 0x0001, b"OB", _FILE_META_VERSION)
 
 
 def _ui(uid: str) -> bytes:
-    if not is_valid_uid(uid):
+    # the reference check: the reference encoder stays independent of the data plane
+    if not is_valid_uid_reference(uid):
         raise ValueError(f"not a valid UID: {uid!r}")
     raw = uid.encode("ascii")
     return raw + b"\0" if len(raw) % 2 else raw
@@ -140,7 +143,45 @@ def encode_file_meta_prechecked(
 ) -> bytes:
     """:func:`encode_file_meta` for a caller that has already checked
     ``sop_instance_uid`` with :func:`~.uids.is_valid_uid` (the store, per instance);
-    everything else is still checked."""
+    everything else is still checked.
+
+    Made by the data plane (``workers.dataplane.file_meta``, the same bytes); when
+    it says SLOW (a value this function refuses), by
+    :func:`encode_file_meta_reference`, which raises as it always did."""
+    header: bytes | None = _file_meta(
+        sop_class_uid,
+        sop_instance_uid,
+        transfer_syntax_uid,
+        source_ae,
+        implementation_class_uid,
+        implementation_version_name,
+    )
+    if header is not None:
+        return header
+    return encode_file_meta_reference(
+        sop_class_uid,
+        sop_instance_uid,
+        transfer_syntax_uid,
+        source_ae=source_ae,
+        implementation_class_uid=implementation_class_uid,
+        implementation_version_name=implementation_version_name,
+    )
+
+
+_file_meta = dataplane.file_meta
+
+
+def encode_file_meta_reference(
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax_uid: str,
+    *,
+    source_ae: str | None = None,
+    implementation_class_uid: str = IMPLEMENTATION_CLASS_UID,
+    implementation_version_name: str | None = IMPLEMENTATION_VERSION_NAME,
+) -> bytes:
+    """:func:`encode_file_meta_prechecked` in plain Python: the statement of the
+    encoding that the data plane's twins are tested against, and its error answers."""
     ae = source_ae.strip(" ") if source_ae else None
     before, after = _meta_parts(
         sop_class_uid,

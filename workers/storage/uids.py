@@ -9,11 +9,15 @@ against PS3.5 9.1; anything else used as a path component goes through
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+
+from .. import dataplane
 
 __all__ = [
     "MAX_UID_LENGTH",
     "UnsafeUID",
     "is_valid_uid",
+    "is_valid_uid_reference",
     "safe_path_component",
     "sanitize_component",
 ]
@@ -34,13 +38,18 @@ class UnsafeUID(ValueError):
     """A UID or path component that is malformed or could escape its directory."""
 
 
-def is_valid_uid(s: str) -> bool:
-    """True when ``s`` is a well-formed UID per PS3.5 9.1.
-
-    Only digits and dots, no empty component, no leading zero in a multi-digit
-    component, at most 64 characters. Trailing NUL padding must already be stripped.
-    """
+def is_valid_uid_reference(s: str) -> bool:
+    """True when ``s`` is a well-formed UID per PS3.5 9.1 (see :func:`is_valid_uid`):
+    the plain Python statement of the rule, which the data plane's twins are tested
+    against (tests/engine/test_dataplane_store.py)."""
     return 0 < len(s) <= MAX_UID_LENGTH and _UID_RE.fullmatch(s) is not None
+
+
+#: ``is_valid_uid(s)``: True when ``s`` is a well-formed UID per PS3.5 9.1. Only digits
+#: and dots, no empty component, no leading zero in a multi-digit component, at most
+#: 64 characters. Trailing NUL padding must already be stripped. The data plane's
+#: ``uid_valid`` (compiled, or its pure twin), called directly: it runs per instance.
+is_valid_uid: Callable[[str], bool] = dataplane.uid_valid
 
 
 def safe_path_component(s: str) -> str:
