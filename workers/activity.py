@@ -21,6 +21,7 @@ the log record: the JSON formatter (:mod:`workers.logs`) writes them as keys.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 __all__ = [
@@ -111,9 +112,19 @@ def instance_level(setting: str) -> int | None:
     return level
 
 
+#: What makes a value need quotes in a ``key=value`` line: white space (any, as
+#: str.isspace sees it: re's \s matches the same characters for str), quotes, "=".
+_NEEDS_QUOTES = re.compile(r"[\s\"'=]")
+
+
 def _text(value: Any) -> str:
+    # Every association's line goes through here about ten times: an int (counts,
+    # bytes) never needs quotes, and one regex search replaces a per-character
+    # generator (that generator was most of the line's cost, profiled per association).
+    if type(value) is int:
+        return str(value)
     text = str(value)
-    if not text or any(c.isspace() or c in "\"'=" for c in text):
+    if not text or _NEEDS_QUOTES.search(text) is not None:
         return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return text
 

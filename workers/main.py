@@ -238,7 +238,9 @@ class Worker:
                 return proto
 
             sock.setblocking(False)
-            plain = asyncio.ensure_future(server.loop.connect_accepted_socket(labelled, sock))
+            # The loop's own create_task: ensure_future would look the loop up again
+            # (get_event_loop, a getpid() system call each time on 3.11).
+            plain = server.loop.create_task(server.loop.connect_accepted_socket(labelled, sock))
             plain.add_done_callback(functools.partial(self._plain_adopted, sock, connection_id))
             return
         # Only a failed TLS handshake names the peer, and by then the socket is closed.
