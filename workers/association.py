@@ -320,7 +320,7 @@ class AssociationProtocol(Negotiation, StorePath, NetworkTimer, AssociationTrail
         if telemetry is not None:
             telemetry.dimse(0, cmd.CommandField, None if cmd.is_request else cmd.Status)
         if self.registry.has_notification(evt.EVT_DIMSE_RECV):
-            self._emit(evt.EVT_DIMSE_RECV, {"message": cmd})
+            self._emit(evt.EVT_DIMSE_RECV, {"message": evt.DimseMessage.of(cmd)})
         cf = cmd.CommandField
         if not cmd.is_request:
             self._on_response(ev)
@@ -599,7 +599,7 @@ class AssociationProtocol(Negotiation, StorePath, NetworkTimer, AssociationTrail
         if telemetry is not None:
             telemetry.dimse(1, command.CommandField, None if command.is_request else command.Status)
         if self.registry.has_notification(evt.EVT_DIMSE_SENT):
-            self._emit(evt.EVT_DIMSE_SENT, {"message": command})
+            self._emit(evt.EVT_DIMSE_SENT, {"message": evt.DimseMessage.of(command)})
         self._flush()
 
     def send_store_response(self, op: Operation, status: int) -> None:
