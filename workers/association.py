@@ -620,7 +620,10 @@ class AssociationProtocol(Negotiation, StorePath, NetworkTimer, AssociationTrail
         if telemetry is not None:
             telemetry.dimse(1, dimse.CommandField.C_STORE_RSP, status)
         if self.registry.has_notification(evt.EVT_DIMSE_SENT):
-            self._emit(evt.EVT_DIMSE_SENT, {"message": dimse.response_for(cmd, status)})
+            self._emit(
+                evt.EVT_DIMSE_SENT,
+                {"message": evt.DimseMessage.of(dimse.response_for(cmd, status))},
+            )
         self._flush()
 
     def request(
