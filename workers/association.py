@@ -67,10 +67,12 @@ from .engine.primitives import (
 from .handlers import Step, drive, notify
 from .negotiation import Negotiation
 from .session import (
+    NULL_REPORTER,
     AcceptorServer,
     Association,
     ContextInfo,
     Operation,
+    Reporter,
     ServiceUser,
     Spool,
     Telemetry,
@@ -107,6 +109,11 @@ class AssociationProtocol(Negotiation, StorePath, NetworkTimer, AssociationTrail
         self.server = server
         self.config = server.config
         self.registry = server.registry  # Association.bind() gives it one of its own
+        telemetry = server.telemetry
+        #: the one path to the metrics (workers.session.Reporter)
+        self.reporter: Reporter[AssociationProtocol] = (
+            NULL_REPORTER if telemetry is None else telemetry
+        )
         self.assoc = Association(self, self.registry)
         #: the acceptor's name for this connection (handed over by the supervisor)
         self.connection_id: int | None = None
@@ -308,17 +315,13 @@ class AssociationProtocol(Negotiation, StorePath, NetworkTimer, AssociationTrail
     def _emit(self, event: evt.NotificationEvent, attrs: dict[str, Any]) -> None:
         if self.registry.has_notification(event):
             notify(self.registry, evt.Event(self.assoc, event, attrs))
-        telemetry = self.server.telemetry
-        if telemetry is not None:
-            telemetry.record(event, self, attrs)
+        self.reporter.record(event, self, attrs)
 
     # ----------------------------------------------------------- indications
 
     def _on_command(self, ev: CommandReceived) -> None:
         cmd = ev.command
-        telemetry = self.server.telemetry
-        if telemetry is not None:
-            telemetry.dimse(0, cmd.CommandField, None if cmd.is_request else cmd.Status)
+        self.reporter.dimse(0, cmd.CommandField, None if cmd.is_request else cmd.Status)
         if self.registry.has_notification(evt.EVT_DIMSE_RECV):
             self._emit(evt.EVT_DIMSE_RECV, {"message": evt.DimseMessage.of(cmd)})
         cf = cmd.CommandField
@@ -595,9 +598,7 @@ class AssociationProtocol(Negotiation, StorePath, NetworkTimer, AssociationTrail
         if self._lost or not self.conn.is_established:
             raise ConnectionError("association is no longer established")
         self.conn.send_message(context_id, command, dataset)
-        telemetry = self.server.telemetry
-        if telemetry is not None:
-            telemetry.dimse(1, command.CommandField, None if command.is_request else command.Status)
+        self.reporter.dimse(1, command.CommandField, None if command.is_request else command.Status)
         if self.registry.has_notification(evt.EVT_DIMSE_SENT):
             self._emit(evt.EVT_DIMSE_SENT, {"message": evt.DimseMessage.of(command)})
         self._flush()
@@ -616,9 +617,7 @@ class AssociationProtocol(Negotiation, StorePath, NetworkTimer, AssociationTrail
             raise ConnectionError("association is no longer established")
         raw = dimse.encode_c_store_rsp(cmd.MessageID or 0, cls, inst, status)
         self.conn.send_command(op.context_id, raw)
-        telemetry = self.server.telemetry
-        if telemetry is not None:
-            telemetry.dimse(1, dimse.CommandField.C_STORE_RSP, status)
+        self.reporter.dimse(1, dimse.CommandField.C_STORE_RSP, status)
         if self.registry.has_notification(evt.EVT_DIMSE_SENT):
             self._emit(
                 evt.EVT_DIMSE_SENT,
@@ -652,9 +651,7 @@ class AssociationProtocol(Negotiation, StorePath, NetworkTimer, AssociationTrail
 
     def handler_failed(self, event: evt.InterventionEvent) -> None:
         """A user handler raised, timed out or answered something unusable."""
-        telemetry = self.server.telemetry
-        if telemetry is not None:
-            telemetry.handler_error(event.name)
+        self.reporter.handler_error(event.name)
 
 
 def _label(cmd: dimse.Command) -> str:
