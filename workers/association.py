@@ -67,10 +67,12 @@ from .engine.primitives import (
 from .handlers import Step, drive, notify
 from .negotiation import Negotiation
 from .session import (
+    NULL_REPORTER,
     AcceptorServer,
     Association,
     ContextInfo,
     Operation,
+    Reporter,
     ServiceUser,
     Spool,
     Telemetry,
@@ -107,6 +109,11 @@ class AssociationProtocol(Negotiation, StorePath, NetworkTimer, AssociationTrail
         self.server = server
         self.config = server.config
         self.registry = server.registry  # Association.bind() gives it one of its own
+        telemetry = server.telemetry
+        #: the one path to the metrics (workers.session.Reporter)
+        self.reporter: Reporter[AssociationProtocol] = (
+            NULL_REPORTER if telemetry is None else telemetry
+        )
         self.assoc = Association(self, self.registry)
         #: the acceptor's name for this connection (handed over by the supervisor)
         self.connection_id: int | None = None
@@ -311,19 +318,15 @@ class AssociationProtocol(Negotiation, StorePath, NetworkTimer, AssociationTrail
     def _emit(self, event: evt.NotificationEvent, attrs: dict[str, Any]) -> None:
         if self.registry.has_notification(event):
             notify(self.registry, evt.Event(self.assoc, event, attrs))
-        telemetry = self.server.telemetry
-        if telemetry is not None:
-            telemetry.record(event, self, attrs)
+        self.reporter.record(event, self, attrs)
 
     # ----------------------------------------------------------- indications
 
     def _on_command(self, ev: CommandReceived) -> None:
         cmd = ev.command
-        telemetry = self.server.telemetry
-        if telemetry is not None:
-            telemetry.dimse(0, cmd.CommandField, None if cmd.is_request else cmd.Status)
+        self.reporter.dimse(0, cmd.CommandField, None if cmd.is_request else cmd.Status)
         if self.registry.has_notification(evt.EVT_DIMSE_RECV):
-            self._emit(evt.EVT_DIMSE_RECV, {"message": cmd})
+            self._emit(evt.EVT_DIMSE_RECV, {"message": evt.DimseMessage.of(cmd)})
         cf = cmd.CommandField
         if not cmd.is_request:
             self._on_response(ev)
@@ -598,11 +601,9 @@ class AssociationProtocol(Negotiation, StorePath, NetworkTimer, AssociationTrail
         if self._lost or not self.conn.is_established:
             raise ConnectionError("association is no longer established")
         self.conn.send_message(context_id, command, dataset)
-        telemetry = self.server.telemetry
-        if telemetry is not None:
-            telemetry.dimse(1, command.CommandField, None if command.is_request else command.Status)
+        self.reporter.dimse(1, command.CommandField, None if command.is_request else command.Status)
         if self.registry.has_notification(evt.EVT_DIMSE_SENT):
-            self._emit(evt.EVT_DIMSE_SENT, {"message": command})
+            self._emit(evt.EVT_DIMSE_SENT, {"message": evt.DimseMessage.of(command)})
         self._flush()
 
     def send_store_response(self, op: Operation, status: int) -> None:
@@ -618,11 +619,12 @@ class AssociationProtocol(Negotiation, StorePath, NetworkTimer, AssociationTrail
         if self._lost or not self.conn.is_established:
             raise ConnectionError("association is no longer established")
         self.conn.send_store_response(op.context_id, cmd.MessageID or 0, cls, inst, status)
-        telemetry = self.server.telemetry
-        if telemetry is not None:
-            telemetry.dimse(1, dimse.CommandField.C_STORE_RSP, status)
+        self.reporter.dimse(1, dimse.CommandField.C_STORE_RSP, status)
         if self.registry.has_notification(evt.EVT_DIMSE_SENT):
-            self._emit(evt.EVT_DIMSE_SENT, {"message": dimse.response_for(cmd, status)})
+            self._emit(
+                evt.EVT_DIMSE_SENT,
+                {"message": evt.DimseMessage.of(dimse.response_for(cmd, status))},
+            )
         self._flush()
 
     def request(
@@ -651,9 +653,7 @@ class AssociationProtocol(Negotiation, StorePath, NetworkTimer, AssociationTrail
 
     def handler_failed(self, event: evt.InterventionEvent) -> None:
         """A user handler raised, timed out or answered something unusable."""
-        telemetry = self.server.telemetry
-        if telemetry is not None:
-            telemetry.handler_error(event.name)
+        self.reporter.handler_error(event.name)
 
 
 def _label(cmd: dimse.Command) -> str:

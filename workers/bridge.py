@@ -24,9 +24,9 @@ role does the same way lives here, once:
 * :meth:`engine_lost` tells the engine the connection is gone and stops the timer.
 
 The roles: :class:`workers.association.AssociationProtocol` (the acceptor),
-:class:`workers.scu.protocol.EngineProtocol` (the requestor); a rejecting acceptor
-(the supervisor's) can be one more subclass. It works under uvloop and the default
-loop alike; nothing here is DICOM-specific beyond the engine's calls.
+:class:`workers.scu.protocol.EngineProtocol` (the requestor) and
+:class:`receiver.acceptor.Rejector` (the main process answering a refused peer). It
+works under uvloop and the default loop alike; nothing here is DICOM-specific beyond the engine's calls.
 """
 
 from __future__ import annotations

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import datetime as _dt
 from collections.abc import Callable
+from dataclasses import fields
+from io import BytesIO
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .datasets import (
     DEFAULT_MAX_DATASET,
     decode_dataset,
 )  # looked up per call (tests count the decodes)
+from .engine.dimse_codec import Command, encode_command
 
 if TYPE_CHECKING:
     from pydicom import Dataset
@@ -66,6 +69,7 @@ __all__ = [
     "EVT_USER_ID",
     "INTERVENTION_EVENTS",
     "NOTIFICATION_EVENTS",
+    "DimseMessage",
     "Event",
     "EventType",
     "InterventionEvent",
@@ -364,4 +368,36 @@ class Event:
                 self._transfer_syntax or _IMPLICIT_VR_LITTLE_ENDIAN,
             )
             + data
+        )
+
+
+_COMMAND_FIELDS = tuple(f.name for f in fields(Command))
+
+
+class DimseMessage(Command):
+    """The ``message`` of EVT_DIMSE_RECV / EVT_DIMSE_SENT: the engine's
+    :class:`~workers.engine.dimse_codec.Command`, plus pynetdicom's
+    ``message.command_set`` for handlers written for it.
+
+    Made only when a handler is bound to those events; the pydicom conversion stays
+    on this side of the contract (the sans-IO engine never imports pydicom).
+    """
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, command: Command) -> DimseMessage:
+        """A copy of ``command`` (its values are immutable; ``extra`` is shared)."""
+        message = cls.__new__(cls)
+        for name in _COMMAND_FIELDS:
+            object.__setattr__(message, name, getattr(command, name))
+        return message
+
+    @property
+    def command_set(self) -> Dataset:
+        """The command set as a pydicom Dataset, decoded on each access."""
+        from pydicom.filereader import read_dataset
+
+        return read_dataset(
+            BytesIO(encode_command(self)), is_implicit_VR=True, is_little_endian=True
         )

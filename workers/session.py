@@ -13,7 +13,12 @@ transport down to the services, never back.
 * :class:`ServerPort`: the worker-wide facilities behind it (configuration, the
   handler caller, the store, the index-backed services);
 * :class:`IndexedPort`: what the parts of the index-backed services need of their
-  owner.
+  owner;
+* :class:`Reporter`: the one path from an association to the metrics. The
+  association (its storing and trail parts included) reports every count through
+  its ``reporter``, never to :mod:`workers.telemetry` directly; the worker's
+  ``Telemetry`` implements it, :data:`NULL_REPORTER` stands in when metrics are off
+  (so no call site tests for it).
 
 The plain data types handlers see (``event.assoc``, ``event.context``) and the
 per-request :class:`Operation` live here too, since both sides name them.
@@ -47,12 +52,15 @@ if TYPE_CHECKING:
 P_contra = TypeVar("P_contra", contravariant=True)
 
 __all__ = [
+    "NULL_REPORTER",
     "AcceptorServer",
     "Association",
     "AssociationPort",
     "ContextInfo",
     "IndexedPort",
+    "NullReporter",
     "Operation",
+    "Reporter",
     "ServerPort",
     "ServiceUser",
     "Spool",
@@ -86,8 +94,11 @@ class ServerPort(Protocol):
     def indexed(self) -> IndexedPort | None: ...
 
 
-class Telemetry(Protocol[P_contra]):
-    """Receives what the metrics channel counts (see workers/telemetry.py)."""
+class Reporter(Protocol[P_contra]):
+    """What an association reports to the metrics (implemented by
+    :class:`workers.telemetry.Telemetry`): every notification event it emits
+    (:meth:`record`), each DIMSE message, each C-STORE answered (one call per
+    instance), a failed user handler, a refused presentation context."""
 
     def record(
         self, event: evt.NotificationEvent, protocol: P_contra, attrs: dict[str, Any]
@@ -102,6 +113,34 @@ class Telemetry(Protocol[P_contra]):
     def handler_error(self, event_name: str) -> None: ...
 
     def context_rejected(self, reason: str) -> None: ...
+
+
+#: the reporter's old name, for the server's ``telemetry`` attribute
+Telemetry = Reporter
+
+
+class NullReporter:
+    """The :class:`Reporter` of a worker without metrics: counts nothing."""
+
+    __slots__ = ()
+
+    def record(self, event: evt.NotificationEvent, protocol: Any, attrs: dict[str, Any]) -> None:
+        pass
+
+    def dimse(self, direction: int, command_field: int, status: int | None = None) -> None:
+        pass
+
+    def stored(self, protocol: Any, op: Operation, result: Any, duration_seconds: float) -> None:
+        pass
+
+    def handler_error(self, event_name: str) -> None:
+        pass
+
+    def context_rejected(self, reason: str) -> None:
+        pass
+
+
+NULL_REPORTER = NullReporter()
 
 
 class AcceptorServer(ServerPort, Protocol[P_contra]):

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from .config import WorkerConfig
     from .engine.connection import Connection
     from .handlers import HandlerRegistry
-    from .session import AcceptorServer, Association, Operation
+    from .session import AcceptorServer, Association, Operation, Reporter
     from .session import AssociationPort as _Host
 else:
     _Host = object
@@ -59,6 +59,7 @@ class StorePath(_Host):
     loop: asyncio.AbstractEventLoop
     config: WorkerConfig
     server: AcceptorServer[Any]
+    reporter: Reporter[Any]
     assoc: Association
     registry: HandlerRegistry
     activity: Activity
@@ -218,8 +219,6 @@ class StorePath(_Host):
         level = self.server.instance_level
         if level is not None:
             self._log_instance(level, op, result)
-        telemetry = self.server.telemetry
-        if telemetry is not None:
-            telemetry.stored(self, op, result, time.perf_counter() - op.started)
+        self.reporter.stored(self, op, result, time.perf_counter() - op.started)
         if isinstance(result, StoreResult):
             self.server.instance_stored(self, op, result)

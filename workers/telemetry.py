@@ -33,9 +33,12 @@ open connections and one last time at EVT_CONN_CLOSE, so every PDU and byte coun
 
 The path from events to telemetry
 ---------------------------------
-A worker's :class:`~workers.association.AssociationProtocol` reports to the
-``telemetry`` of its server (the ``Telemetry`` protocol of :mod:`workers.server`, which
-this class implements). What it reports comes three ways, each chosen for its cost:
+A worker's :class:`~workers.association.AssociationProtocol` (its storing and trail
+parts included) reports through one object, its ``reporter``: the
+:class:`~workers.session.Reporter` port, which this class implements
+(:data:`~workers.session.NULL_REPORTER` when metrics are off). Nothing else in the
+association calls the telemetry. What it reports comes three ways, each chosen for
+its cost:
 
 * notification events, all through :meth:`Telemetry.record` (``_emit`` calls it for
   every event it emits, handlers bound or not): connections, association milestones,

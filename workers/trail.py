@@ -21,7 +21,7 @@ from .engine import pdu as p
 if TYPE_CHECKING:
     from .activity import Activity
     from .engine.connection import Connection
-    from .session import AcceptorServer, Association, Operation
+    from .session import AcceptorServer, Association, Operation, Reporter
 
 __all__ = ["AssociationTrail"]
 
@@ -35,6 +35,7 @@ class AssociationTrail:
     conn: Connection
     loop: asyncio.AbstractEventLoop
     server: AcceptorServer[Any]
+    reporter: Reporter[Any]
     assoc: Association
     activity: Activity
 
@@ -73,15 +74,14 @@ class AssociationTrail:
         proposed = (
             {c.id: c for c in self.conn.request.contexts} if self.conn.request is not None else {}
         )
-        telemetry = self.server.telemetry
+        reporter = self.reporter
         for item in answer.contexts:
             if item.result == p.ContextResult.ACCEPTANCE:
                 activity.contexts_accepted += 1
                 continue
             activity.contexts_rejected += 1
             reason = context_result_name(item.result)
-            if telemetry is not None:
-                telemetry.context_rejected(reason)
+            reporter.context_rejected(reason)
             ctx = proposed.get(item.id)
             log_fields(
                 log,

@@ -508,12 +508,6 @@ def test_traced_pdata_is_reported_whole() -> None:
     assert any(isinstance(e, CommandReceived) for e in events)
 
 
-def test_command_set_for_pynetdicom_style_handlers() -> None:
-    cmd = dimse.Command(dimse.CommandField.C_ECHO_RQ, MessageID=5, AffectedSOPClassUID=VERIFICATION)
-    assert cmd.command_set.MessageID == 5
-    assert cmd.command_set.AffectedSOPClassUID == VERIFICATION
-
-
 def test_read_buffer_is_small_until_associated() -> None:
     """A connection that has not associated (a peer that connects and sends nothing,
     or one being refused) holds a small read buffer; once associated, the configured

@@ -21,11 +21,7 @@ ALLOWED_PROJECT = ("workers.engine", "workers.dataplane")
 PROJECT_ROOTS = frozenset({"receiver", "workers", "metrics", "loadtest", "tests"})
 NOT_YET_MOVED = frozenset({"events.py"})
 #: Imports of FORBIDDEN modules that exist today, as (file, name). May only shrink.
-#: Command.command_set is pynetdicom's ``message.command_set`` (a pydicom Dataset) for
-#: handlers written for that contract: a deferred import that runs only when a handler
-#: asks, never on the hot path. Its home is the handler contract, once that has its
-#: own message class.
-KNOWN_EXCEPTIONS = frozenset({("dimse_codec.py", "pydicom.filereader.read_dataset")})
+KNOWN_EXCEPTIONS: frozenset[tuple[str, str]] = frozenset()
 
 
 def _imported(path_text: str, module: str) -> set[str]:

@@ -180,6 +180,28 @@ def test_refused_peers_in_flight_are_capped(
     wait_for(answered, 20, interval=0.2, what="an A-ASSOCIATE-RJ for a refused peer")
 
 
+def test_refused_silent_peer_is_closed_by_artim(
+    receiver_factory: ReceiverFactory,
+) -> None:
+    """The rejecting acceptor's bridge runs the engine's ARTIM: a refused peer that
+    never sends its A-ASSOCIATE-RQ is closed when it expires, and said so."""
+    rx = receiver_factory("--workers", "1", "--deny-ip", "127.0.0.1", "--artim-timeout", "1")
+    peer = socket.create_connection((rx.host, rx.port), timeout=10)
+    try:
+        peer.setblocking(False)  # closed_by_peer() polls, never waits
+        # Held (not closed at once: the RJ would answer a request) ...
+        assert not closed_by_peer(peer)
+        # ... until ARTIM expires.
+        wait_for(lambda: closed_by_peer(peer), 20, what="the silent refused peer closed")
+    finally:
+        peer.close()
+    rx.wait_log(r"refused connection from 127\.0\.0\.1:\d+ .*: no A-ASSOCIATE-RQ came", 10)
+    # A refused peer that sends its request still gets its A-ASSOCIATE-RJ.
+    assoc = associate(rx, scu_ae("REFUSED"))
+    release(assoc)
+    assert rejection(assoc) == (PERMANENT, SERVICE_USER, NO_REASON)
+
+
 def test_out_of_descriptors_backs_off_and_recovers(
     receiver_factory: ReceiverFactory,
 ) -> None:

@@ -1,4 +1,4 @@
-"""The handler contract (``../shared/reference/events.rst``) as the worker honours it.
+"""The handler contract (pynetdicom's, :mod:`workers.events`) as the worker honours it.
 
 Notification events fire with the attributes the contract lists; intervention events
 have the contract's defaults when nothing is bound; handlers may be plain functions,
@@ -627,3 +627,17 @@ def test_timestamps_are_recent(worker_factory: WorkerFactory) -> None:
     wait_for(lambda: stamps)
     assert before - datetime.timedelta(seconds=1) <= stamps[0] <= datetime.datetime.now()
     time.sleep(0)
+
+
+def test_dimse_message_gives_pynetdicom_command_set() -> None:
+    """EVT_DIMSE_* handlers written for pynetdicom read ``message.command_set``: the
+    contract converts the engine's Command (which never imports pydicom)."""
+    verification = "1.2.840.10008.1.1"
+    cmd = Command(dimse.CommandField.C_ECHO_RQ, MessageID=5, AffectedSOPClassUID=verification)
+    message = events_module.DimseMessage.of(cmd)
+    assert isinstance(message, Command)
+    assert all(getattr(message, f) == getattr(cmd, f) for f in cmd.__dataclass_fields__)
+    assert not hasattr(cmd, "command_set")
+    assert message.command_set.MessageID == 5
+    assert message.command_set.AffectedSOPClassUID == verification
+    assert message.command_set.CommandField == 0x0030

@@ -96,18 +96,6 @@ class Command:
     extra: dict[int, bytes] = field(default_factory=dict)
 
     @property
-    def command_set(self) -> Any:
-        """The command set as a pydicom Dataset, built on demand: pynetdicom's
-        ``message.command_set``, for handlers of EVT_DIMSE_RECV/SENT written for it."""
-        from io import BytesIO
-
-        from pydicom.filereader import read_dataset
-
-        return read_dataset(
-            BytesIO(encode_command(self)), is_implicit_VR=True, is_little_endian=True
-        )
-
-    @property
     def has_dataset(self) -> bool:
         """True when a data set follows this command set."""
         return self.CommandDataSetType != NO_DATASET
