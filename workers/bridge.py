@@ -26,7 +26,8 @@ role does the same way lives here, once:
 The roles: :class:`workers.association.AssociationProtocol` (the acceptor),
 :class:`workers.scu.protocol.EngineProtocol` (the requestor) and
 :class:`receiver.acceptor.Rejector` (the main process answering a refused peer). It
-works under uvloop and the default loop alike; nothing here is DICOM-specific beyond the engine's calls.
+works under uvloop and the default loop alike; nothing here is DICOM-specific beyond the
+engine's calls.
 """
 
 from __future__ import annotations
