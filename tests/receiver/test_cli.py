@@ -84,6 +84,10 @@ def test_help_documents_every_option() -> None:
         (["--commitment-retry", "0"], "--commitment-retry"),
         (["--query-retrieve", "--index", "off"], "--query-retrieve"),
         (["--no-such-flag"], "--no-such-flag"),
+        # S3 settings are checked even with a local --storage, where they are unused
+        (["--s3-durability", "fast"], "--s3-"),
+        (["--s3-part-size", "1"], "--s3-"),
+        (["--s3-spool-limit", "-1"], "--s3-"),
     ],
 )
 def test_bad_value_exits_2_with_one_line(args: list[str], mentions: str, tmp_path: Path) -> None:
