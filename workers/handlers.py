@@ -1,4 +1,4 @@
-"""Binding and calling event handlers (the contract of ``../shared/reference/events.rst``).
+"""Binding and calling event handlers (pynetdicom's event handler contract).
 
 Handlers are bound with ``bind(event, handler, args=None)`` or
 ``evt_handlers=[(event, handler), (event, handler, args), ...]``; a notification event

@@ -2,7 +2,7 @@
 
 Each service is a step (:mod:`workers.handlers`): a generator that yields awaitables
 only when it has something to wait for, and sends its responses itself. The handler
-shapes are the contract's (``../shared/reference/events.rst``):
+shapes are those of pynetdicom's event handler contract:
 
 * C-ECHO, C-STORE, N-DELETE: the handler returns a status (an ``int``, or a Dataset
   with ``Status`` and optionally ``ErrorComment``, ``OffendingElement`` ...);

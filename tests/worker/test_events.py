@@ -1,4 +1,4 @@
-"""The handler contract (``../shared/reference/events.rst``) as the worker honours it.
+"""The handler contract (pynetdicom's event handler documentation) as the worker honours it.
 
 Notification events fire with the attributes the contract lists; intervention events
 have the contract's defaults when nothing is bound; handlers may be plain functions,

@@ -2,7 +2,7 @@
 
 pynetdicom is the SCU (echo, store, find, get with role selection, cancel, N-*), and
 the C-MOVE destination (a pynetdicom storage SCP on another 127.0.0.1 port). Handlers
-bound in the worker use the contract's shapes (``../shared/reference/events.rst``).
+bound in the worker use the contract's shapes (pynetdicom's event handlers).
 """
 
 from __future__ import annotations
