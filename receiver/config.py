@@ -251,7 +251,14 @@ class ReceiverConfig:
             try:
                 parse_bindings(self.handlers)
             except (ValueError, ImportError, AttributeError) as exc:
-                raise ConfigError(f"--handler: {exc}") from None
+                # The usual cause: the module sits in a directory the command's
+                # Python does not search (the current one is not on its path).
+                hint = (
+                    " (install it in the receiver's Python, or add its directory to PYTHONPATH)"
+                    if isinstance(exc, ModuleNotFoundError)
+                    else ""
+                )
+                raise ConfigError(f"--handler: {exc}{hint}") from None
 
     def access_policy(self) -> AccessPolicy:
         """--allow-ip, --deny-ip and [ae-sources], parsed; ConfigError if unusable."""

@@ -77,6 +77,7 @@ def test_help_documents_every_option() -> None:
         (["--graceful-timeout", "-1"], "--graceful-timeout"),
         (["--min-receive-rate", "-5"], "--min-receive-rate"),
         (["--handler", "EVT_C_ECHO=no.such.module:f"], "--handler"),
+        (["--handler", "EVT_C_STORE=no_such_hooks:on_store"], "PYTHONPATH"),
         (["--max-dataset-memory", "100"], "--max-dataset-memory"),
         (["--handler", "EVT_NO_SUCH_EVENT=tests.receiver.hooks:record_pid"], "--handler"),
         (["--config", "/nonexistent/pacsrx.toml"], "--config"),
