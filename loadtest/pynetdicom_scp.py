@@ -5,8 +5,8 @@
 writes it with ``save_as``, as ``python -m pynetdicom storescp`` does), except that
 every accepted connection gets TCP_NODELAY: pynetdicom has no option for it (its
 ``AssociationServer`` sets only SO_REUSEADDR), so ``AssociationServer.get_request``
-is wrapped here. Without it each response could wait for a delayed ACK (DESIGN
-principle 5), and the comparison would measure Nagle's algorithm, not pynetdicom.
+is wrapped here. Without it each response could wait for a delayed ACK,
+and the comparison would measure Nagle's algorithm, not pynetdicom.
 """
 
 from __future__ import annotations

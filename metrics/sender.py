@@ -73,6 +73,9 @@ class FrameSender:
         self._retry_at = 0.0
         self._backoff = 0.0
         self._closed = False
+        #: close() is under way: the aggregator may be gone on purpose (the supervisor
+        #: stops it before its own last flush), so a lost connection is no news
+        self._closing = False
 
         #: totals since start, for tests and logs
         self.dropped_total = 0
@@ -104,7 +107,7 @@ class FrameSender:
     def start_soon(self, loop: asyncio.AbstractEventLoop) -> None:
         """:meth:`start` for code that is not a coroutine."""
         self._loop = loop
-        self._closed = False
+        self._closed = self._closing = False
         self._connect()
         if self._timer is None:
             self._timer = loop.call_later(self.interval, self._tick)
@@ -115,6 +118,7 @@ class FrameSender:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._closing = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         try:
@@ -216,7 +220,8 @@ class FrameSender:
                     self._writing = True
                 return
             except OSError as exc:
-                self._log.info("telemetry: aggregator connection lost: %s", exc)
+                log = self._log.debug if self._closing else self._log.info
+                log("telemetry: aggregator connection lost: %s", exc)
                 self._disconnect(requeue=True)
                 return
             self._sent += n

@@ -207,7 +207,7 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--max-associations-per-ae",
         type=int,
-        help="associations open at once per calling AE title; 0 = no limit",
+        help="associations open at once per calling AE title; 0 = no limit (default 0)",
     )
     g.add_argument(
         "--max-async-ops",

@@ -198,6 +198,7 @@ class ReceiverConfig:
             )
         self._check_audit()
         self.s3_settings()  # ConfigError on a bad s3:// URL or S3 setting
+        self._check_unused_s3_values()
         try:
             from workers.storage.config import DuplicatePolicy, FsyncPolicy, StorageConfig
 
@@ -250,7 +251,14 @@ class ReceiverConfig:
             try:
                 parse_bindings(self.handlers)
             except (ValueError, ImportError, AttributeError) as exc:
-                raise ConfigError(f"--handler: {exc}") from None
+                # The usual cause: the module sits in a directory the command's
+                # Python does not search (the current one is not on its path).
+                hint = (
+                    " (install it in the receiver's Python, or add its directory to PYTHONPATH)"
+                    if isinstance(exc, ModuleNotFoundError)
+                    else ""
+                )
+                raise ConfigError(f"--handler: {exc}{hint}") from None
 
     def access_policy(self) -> AccessPolicy:
         """--allow-ip, --deny-ip and [ae-sources], parsed; ConfigError if unusable."""
@@ -399,6 +407,24 @@ class ReceiverConfig:
             )
         except ValueError as exc:
             raise ConfigError(f"--storage/--s3-*: {exc}") from None
+
+    def _check_unused_s3_values(self) -> None:
+        """With a local --storage the --s3-* values are not used, but one no S3 store
+        could take (``--s3-durability fast``) is still a typo: refuse it now rather
+        than on the day --storage becomes s3://."""
+        if self.storage.startswith("s3://"):
+            return  # s3_settings() checked them
+        from workers.storage.objectstore import S3Settings
+
+        try:
+            S3Settings(
+                bucket="unused",
+                durability=self.s3_durability,  # type: ignore[arg-type]  # checked here
+                part_size=self.s3_part_size,
+                spool_limit=self.s3_spool_limit,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"--s3-*: {exc}") from None
 
     def index_target(self) -> str | None:
         """What ``workers.index.open_index`` takes; None with ``--index off``."""

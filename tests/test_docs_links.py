@@ -2,7 +2,8 @@
 
 Every relative Markdown link of README.md and docs/*.md must name a file of the
 repository and, with a ``#fragment``, a heading of that file (slugged the way GitHub
-renders anchors); no link may leave the repository (``../shared`` and the like).
+renders anchors); no link may leave the repository (a sibling directory of the
+checkout and the like), and no file names a path outside it.
 Every repository path the pages name in code spans (`workers/storage/group.py`,
 `tests/worker/`) must exist, so that moving a module shows which page to update.
 """
@@ -79,3 +80,34 @@ def test_named_paths_exist(page: Path) -> None:
     named = _NAMED_PATH.findall(page.read_text())
     missing = sorted({path for path in named if not (REPO / path).exists()})
     assert not missing, f"{page.name} names paths that do not exist: {missing}"
+
+
+#: text files of the repository that a reader (or a docstring) might send elsewhere
+_TEXT_SUFFIXES = {".py", ".pyx", ".md", ".toml", ".cfg", ".yml", ".service", ".txt"}
+#: a sibling directory of the checkout, or the machine the project was written on:
+#: neither exists for someone who has only the repository
+_OUTSIDE = re.compile(r"\.\./" + "shared" + r"|(?<![\w.])/" + "work" + r"/")
+
+
+def test_no_file_names_a_path_outside_the_repository() -> None:
+    offenders = []
+    for top in (
+        "README.md",
+        "docs",
+        "receiver",
+        "workers",
+        "metrics",
+        "loadtest",
+        "benchmarks",
+        "deploy",
+        "tests",
+    ):
+        root = REPO / top
+        files = [root] if root.is_file() else sorted(root.rglob("*"))
+        for path in files:
+            if path.suffix not in _TEXT_SUFFIXES or not path.is_file():
+                continue
+            for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+                if _OUTSIDE.search(line):
+                    offenders.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)

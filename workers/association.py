@@ -34,7 +34,7 @@ thread pool) and renamed into place.
 Backpressure: when the engine holds more than ``read_high_water`` unparsed bytes,
 reading pauses until it drains. TCP_QUICKACK is re-armed after each read so that a
 sender that left Nagle's algorithm on is not held back by our delayed ACKs
-(DESIGN principle 5).
+(the receiver's latency depends on it).
 """
 
 from __future__ import annotations

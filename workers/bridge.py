@@ -20,7 +20,7 @@ role does the same way lives here, once:
   told the deadline was reached (:meth:`_on_timer` clamps ``now``), not left to
   re-arm the same deadline until the clock catches up;
 * TCP_NODELAY on every socket, and for the acceptor (``quickack = True``)
-  TCP_QUICKACK re-armed after every read (DESIGN principle 5);
+  TCP_QUICKACK re-armed after every read;
 * :meth:`engine_lost` tells the engine the connection is gone and stops the timer.
 
 The roles: :class:`workers.association.AssociationProtocol` (the acceptor),
@@ -80,7 +80,7 @@ class EngineBridge(asyncio.BufferedProtocol):
     ran, :meth:`indication_failed` when a role's handler raised.
     """
 
-    #: re-arm TCP_QUICKACK after every read (the receiving side: DESIGN principle 5)
+    #: re-arm TCP_QUICKACK after every read (the receiving side)
     quickack: ClassVar[bool] = False
 
     def __init__(self, conn: Connection, loop: asyncio.AbstractEventLoop) -> None:

@@ -4,7 +4,7 @@ The one home of these two for every role: the acceptor's services (responses,
 sub-operations), the handler contract's lazily decoded ``event.dataset``, and the
 requestor's convenience paths (:mod:`workers.scu.codec` re-exports them). pydicom is
 imported inside the functions, so that code that only moves bytes never imports it
-(DESIGN principle 4).
+(no pydicom on the hot path).
 """
 
 from __future__ import annotations

@@ -77,6 +77,7 @@ def test_help_documents_every_option() -> None:
         (["--graceful-timeout", "-1"], "--graceful-timeout"),
         (["--min-receive-rate", "-5"], "--min-receive-rate"),
         (["--handler", "EVT_C_ECHO=no.such.module:f"], "--handler"),
+        (["--handler", "EVT_C_STORE=no_such_hooks:on_store"], "PYTHONPATH"),
         (["--max-dataset-memory", "100"], "--max-dataset-memory"),
         (["--handler", "EVT_NO_SUCH_EVENT=tests.receiver.hooks:record_pid"], "--handler"),
         (["--config", "/nonexistent/pacsrx.toml"], "--config"),
@@ -84,6 +85,10 @@ def test_help_documents_every_option() -> None:
         (["--commitment-retry", "0"], "--commitment-retry"),
         (["--query-retrieve", "--index", "off"], "--query-retrieve"),
         (["--no-such-flag"], "--no-such-flag"),
+        # S3 settings are checked even with a local --storage, where they are unused
+        (["--s3-durability", "fast"], "--s3-"),
+        (["--s3-part-size", "1"], "--s3-"),
+        (["--s3-spool-limit", "-1"], "--s3-"),
     ],
 )
 def test_bad_value_exits_2_with_one_line(args: list[str], mentions: str, tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """Senders that leave Nagle's algorithm on (DCMTK storescu without TCP_NODELAY=1 in
 its environment; pynetdicom, which never sets it) are never held back by a delayed
-ACK of ours (DESIGN principle 5).
+ACK of ours.
 
 Such a sender writes a small PDU header, then holds the rest of its message until
 that header is acknowledged. Had the receiver delayed that ACK, the kernel's

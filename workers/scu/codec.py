@@ -3,7 +3,7 @@
 Identifiers (C-FIND/GET/MOVE), N-service attribute lists and C-STORE of a pydicom
 ``Dataset`` are encoded and decoded here. pydicom is imported lazily, inside the
 functions, so that a requestor that only sends bytes or files (the load generator, the
-worker's C-MOVE sub-operations) never imports it (DESIGN principle 4).
+worker's C-MOVE sub-operations) never imports it (no pydicom on the hot path).
 """
 
 from __future__ import annotations

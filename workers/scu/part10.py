@@ -4,7 +4,7 @@ A Part 10 file is a 128-byte preamble, ``b"DICM"``, the File Meta Information (g
 0002, always Explicit VR Little Endian, PS3.10 7.1) and then the data set, encoded in
 the transfer syntax that (0002,0010) names. A C-STORE sends exactly those data-set
 bytes, so the sender needs only three meta elements and the offset where the data set
-starts; pydicom is not needed for that and is kept off this path (DESIGN principle 4).
+starts; pydicom is not needed for that and is kept off this path.
 
 The meta group is walked element by element rather than trusting (0002,0000) File Meta
 Information Group Length: files in the field carry wrong group lengths often enough

@@ -65,7 +65,7 @@ class EngineProtocol(EngineBridge):
     # ------------------------------------------------------------- asyncio API
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.adopt_transport(transport)  # DESIGN principle 5: TCP_NODELAY
+        self.adopt_transport(transport)  # TCP_NODELAY (and no delayed-ACK waits)
         if self.transport is not None:
             self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self.conn.connection_made(self.loop.time())
