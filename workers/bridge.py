@@ -21,7 +21,7 @@ role does the same way lives here, once:
   re-arm the same deadline until the clock catches up;
 * TCP_NODELAY on every socket, and for the acceptor (``quickack = True``)
   TCP_QUICKACK re-armed on the first read after each write of ours, the only
-  moment it is lost (DESIGN principle 5; docs/operations.md, "ACK timing");
+  moment it is lost (DESIGN principle 5; docs/performance.md, Nagle);
 * :meth:`engine_lost` tells the engine the connection is gone and stops the timer.
 
 The roles: :class:`workers.association.AssociationProtocol` (the acceptor),
