@@ -32,9 +32,9 @@ only after the instance is committed (fsynced when the policy says so, in the I/
 thread pool) and renamed into place.
 
 Backpressure: when the engine holds more than ``read_high_water`` unparsed bytes,
-reading pauses until it drains. TCP_QUICKACK is re-armed after each read so that a
-sender that left Nagle's algorithm on is not held back by our delayed ACKs
-(the receiver's latency depends on it).
+reading pauses until it drains. TCP_QUICKACK is re-armed on the first read after
+each of our writes (workers/bridge.py) so that a sender that left Nagle's algorithm
+on is not held back by our delayed ACKs.
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ role does the same way lives here, once:
   told the deadline was reached (:meth:`_on_timer` clamps ``now``), not left to
   re-arm the same deadline until the clock catches up;
 * TCP_NODELAY on every socket, and for the acceptor (``quickack = True``)
-  TCP_QUICKACK re-armed after every read;
+  TCP_QUICKACK re-armed on the first read after each write of ours, the only
+  moment it is lost (docs/performance.md, Nagle);
 * :meth:`engine_lost` tells the engine the connection is gone and stops the timer.
 
 The roles: :class:`workers.association.AssociationProtocol` (the acceptor),
@@ -89,6 +90,10 @@ class EngineBridge(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self._sock: Any = None
         self._quickack_sock: Any = None
+        #: TCP_QUICKACK to re-arm on the next read: only a write of ours brings the
+        #: kernel's delayed-ACK ("pingpong") mode back, so after the first read
+        #: that follows one, further reads have nothing to re-arm
+        self._quickack_due = True
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         #: the engine was told the connection is gone (no timer is armed after that)
@@ -123,20 +128,23 @@ class EngineBridge(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         now = self.loop.time()
         self.conn.buffer_updated(nbytes, now)
-        qsock = self._quickack_sock
-        if qsock is not None:
-            # Our response makes Linux treat the connection as interactive
-            # ("pingpong"): the ACK of the sender's next small segment (DCMTK's 12-byte
-            # PDU header) then waits for our next write or the delayed-ACK timer, and
-            # a Nagle-bound sender holds the rest of its message until it comes.
-            # Re-arming here sends that ACK as soon as we have read the segment.
-            # Once per read, not only on the first read after a write (which would
-            # be enough, since only our writes bring pingpong mode back): that
-            # saving is not done yet.
-            try:
-                qsock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-            except OSError:
-                pass
+        if self._quickack_due:
+            qsock = self._quickack_sock
+            if qsock is not None:
+                # Our response makes Linux treat the connection as interactive
+                # ("pingpong"): the ACK of the sender's next small segment (DCMTK's
+                # 12-byte PDU header) then waits for our next write or the delayed-ACK
+                # timer, and a Nagle-bound sender holds the rest of its message until
+                # it comes. Setting TCP_QUICKACK leaves pingpong mode and sends the
+                # pending ACK now; out of pingpong mode the kernel ACKs a pushed
+                # segment as soon as we read it, by itself, until our next write
+                # (tcp_event_data_sent) brings pingpong back: so once per write, on
+                # the first read after it, not on every read.
+                try:
+                    qsock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+                except OSError:
+                    pass
+            self._quickack_due = False
         self.bytes_fed(nbytes, now)
 
     # ------------------------------------------------------- for the roles
@@ -185,6 +193,7 @@ class EngineBridge(asyncio.BufferedProtocol):
         if not out or transport is None or not self.writable():
             return None
         self.sending(out)
+        self._quickack_due = True
         if len(out) == 1:
             transport.write(out[0])
         else:

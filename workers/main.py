@@ -300,6 +300,11 @@ class Worker:
                 "received": self.received,
             }
         )
+        # Directory fds kept open for fsyncs (Store._fsync_dir): none held by an
+        # idle worker (an object store has none).
+        close_idle = getattr(self.server.store, "close_idle_dirs", None)
+        if close_idle is not None:
+            close_idle()
         loop = asyncio.get_running_loop()
         self._heartbeat_handle = loop.call_later(HEARTBEAT_INTERVAL, self._heartbeat)
 

@@ -13,9 +13,11 @@ that the timer never fired while many small instances were stored.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -102,3 +104,40 @@ def test_nagle_bound_sender_never_waits_for_a_delayed_ack(
     assert len(stored_files(w.root)) == count * senders
     assert after["TCPHPAcks"] + after["TCPPureAcks"] > before["TCPHPAcks"]  # counters live
     assert after["DelayedACKs"] - before["DelayedACKs"] == 0
+
+
+@needs_dcmtk
+def test_quickack_is_rearmed_once_per_response_not_per_read(
+    worker_factory: WorkerFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """512 KB instances arrive in many reads each; TCP_QUICKACK is only lost when we
+    write, so it is set on the first read after each of our writes (A-ASSOCIATE-AC,
+    each C-STORE-RSP) and the Nagle-bound sender still never waits for a delayed ACK."""
+    from workers import bridge
+
+    calls = {"quickack": 0}
+    real_setsockopt = socket.socket.setsockopt
+
+    def counting(self: socket.socket, level: int, name: int, *value: Any) -> None:
+        if level == socket.IPPROTO_TCP and name == bridge._QUICKACK:
+            calls["quickack"] += 1
+        real_setsockopt(self, level, name, *value)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(bridge._BorrowedSocket, "setsockopt", counting)
+    count = COUNT // 4
+    files = make_files(tmp_path / "src", count, EXPLICIT_LE, rows=512, columns=512)
+    with netns.loopback_namespace():
+        w = worker_factory(fsync="never")
+        before = tcp_ext()
+        proc = send("dcmtk", w.port, files)
+        error = proc.communicate(timeout=TIMEOUT)[1]
+        after = tcp_ext()
+    assert proc.returncode == 0, error
+    assert len(stored_files(w.root)) == count
+    assert after["DelayedACKs"] - before["DelayedACKs"] == 0
+    # the counter is live (the bridge's socket is the borrowed one under uvloop)
+    assert calls["quickack"] >= count
+    # one per write of ours: A-ASSOCIATE-AC, one C-STORE-RSP per instance (the read
+    # after A-RELEASE-RP, if any, is the sender closing); far fewer than the reads
+    # of 512 KB instances, which arrive in many segments
+    assert calls["quickack"] <= count + 2

@@ -57,6 +57,7 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 from .config import TEMP_SUFFIX, UNKNOWN, FileOps, StorageConfig
@@ -107,6 +108,9 @@ class Store:
 
     __slots__ = (
         "_count_lock",
+        "_dir_fds",
+        "_dir_fds_epoch",
+        "_dir_fds_lock",
         "_direct_ok",
         "_fsync",
         "_incoming",
@@ -145,6 +149,12 @@ class Store:
         self._syncfs_works = True
         self._open_writers = 0
         self._count_lock = threading.Lock()
+        #: directory -> (fd, monotonic time of last use): see _fsync_dir
+        self._dir_fds: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self._dir_fds_lock = threading.Lock()
+        #: bumped when the directory caches are dropped: an fd taken out before
+        #: then is closed, not put back
+        self._dir_fds_epoch = 0
 
     @property
     def root(self) -> str:
@@ -260,16 +270,71 @@ class Store:
 
     def _forget_dirs(self) -> None:
         # A directory vanished under us (moved to an archive, deleted by an operator):
-        # forget them all; the cache refills as instances arrive.
+        # forget them all; the cache refills as instances arrive. The open directory
+        # fds go too: one may be the vanished directory's, and an fsync of it would
+        # not cover an entry made in a directory of the same name created since.
         self._known_dirs.clear()
         self._known_dirs.add(self._root)
+        self.close_idle_dirs(-1.0)
+
+    #: open directory fds kept per store for directory fsyncs (see _fsync_dir)
+    DIR_FDS = 16
 
     def _fsync_dir(self, path: str) -> None:
-        fd = self._ops.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, 0)
+        """fsync the directory ``path`` through an fd kept open for the next one.
+
+        A series directory receives ~100 instances, each needing an fsync of it: a
+        small LRU of open fds spares each one an ``openat`` and a ``close`` (and the
+        path walk). An fd kept open also reports every writeback error since it was
+        opened, where a fresh one would miss those of before its ``open``. A thread
+        takes the fd out of the cache while it uses it, so no fd is ever closed
+        (evicted, idle, forgotten) while another thread fsyncs it; two threads on
+        the same directory at once simply open one more. Kept fds follow the same
+        trust as the cache of known directories: a directory that vanishes is noticed
+        at publish (ENOENT), and then both caches are dropped (:meth:`_forget_dirs`).
+        """
+        ops = self._ops
+        with self._dir_fds_lock:
+            entry = self._dir_fds.pop(path, None)
+            epoch = self._dir_fds_epoch
+        fd = entry[0] if entry is not None else -1
+        if fd < 0:
+            fd = ops.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, 0)
         try:
-            self._ops.fsync(fd)
-        finally:
-            self._ops.close(fd)
+            ops.fsync(fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                ops.close(fd)
+            raise
+        evicted: list[int] = []
+        with self._dir_fds_lock:
+            fds = self._dir_fds
+            if epoch != self._dir_fds_epoch or path in fds:
+                evicted.append(fd)
+            else:
+                fds[path] = (fd, time.monotonic())
+                while len(fds) > self.DIR_FDS:
+                    evicted.append(fds.popitem(last=False)[1][0])
+        for old in evicted:
+            with contextlib.suppress(OSError):
+                ops.close(old)
+
+    def close_idle_dirs(self, idle: float = 1.0) -> int:
+        """Close the directory fds kept open (:meth:`_fsync_dir`) that were not used
+        for ``idle`` seconds (all of them with a negative ``idle``); returns how many.
+        The worker calls it on its heartbeat, so an idle worker holds none open."""
+        limit = time.monotonic() - idle
+        closing: list[int] = []
+        with self._dir_fds_lock:
+            if idle < 0:
+                self._dir_fds_epoch += 1
+            fds = self._dir_fds
+            for path in [p for p, (_, used) in fds.items() if idle < 0 or used <= limit]:
+                closing.append(fds.pop(path)[0])
+        for fd in closing:
+            with contextlib.suppress(OSError):
+                self._ops.close(fd)
+        return len(closing)
 
     def _publish(self, temp_path: str, final_path: str) -> tuple[bool, list[str], str]:
         """Move the temp file to ``final_path``.
@@ -315,7 +380,9 @@ class Store:
         return fd
 
     def close(self) -> None:
-        """Release the fd kept for syncfs (the store stays usable: it reopens it)."""
+        """Release the fds kept for syncfs and directory fsyncs (the store stays
+        usable: it reopens them)."""
+        self.close_idle_dirs(-1.0)
         fd, self._syncfs_fd = self._syncfs_fd, -1
         if fd >= 0:
             with contextlib.suppress(OSError):
