@@ -1,4 +1,4 @@
-"""Storage of received instances: streaming, atomic, no pydicom (DESIGN principles 3, 4).
+"""Storage of received instances: streaming, atomic, no pydicom.
 
 - :mod:`.store`: :class:`Store` / :class:`InstanceWriter` (temp file, fsync policy,
   atomic publish, duplicate policy).

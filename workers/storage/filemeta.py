@@ -4,7 +4,7 @@ A stored instance is ``preamble + b"DICM" + group 0002 + data set``. The data se
 bytes are exactly what the sender put on the wire, in the negotiated transfer syntax;
 only this header is ours. It is a handful of elements, always Explicit VR Little
 Endian (PS3.10 7.1), so it is built here with :mod:`struct` rather than pydicom
-(DESIGN principle 4: no pydicom on the hot path).
+(no pydicom on the hot path).
 
 Element encoding (PS3.5 7.1.2): tag as two little-endian uint16, then the two-letter
 VR, then either a uint16 length (most VRs) or two reserved zero bytes and a uint32

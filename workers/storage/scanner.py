@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 The storage layer writes a C-STORE data set to disk as its P-DATA fragments arrive and
-never holds the whole thing (DESIGN principle 3). To file the instance under its study
+never holds the whole thing. To file the instance under its study
 and series it still needs (0020,000D) StudyInstanceUID and (0020,000E)
 SeriesInstanceUID, which sit near the start of the data set: top-level elements are in
 ascending tag order (PS3.5 7.1), so once the walk has passed (0020,000E) nothing it

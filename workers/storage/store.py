@@ -1,4 +1,4 @@
-"""Streaming, atomic, crash-safe storage of received instances (DESIGN principle 3).
+"""Streaming, atomic, crash-safe storage of received instances.
 
 Theory of operation
 -------------------
@@ -52,16 +52,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import itertools
 import logging
 import os
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
-from .config import TEMP_SUFFIX, UNKNOWN, FileOps, StorageConfig
+from .config import UNKNOWN, FileOps, StorageConfig
 from .instance import InstanceHead, StoreResult, StoreStatus, _is_valid_uid_cached, checked_uids
+from .publish import DirectoryFds, link_exclusive, temp_name, unlink_quietly
 from .scanner import ScanResult
 from .uids import UnsafeUID, safe_path_component, sanitize_component
 
@@ -73,20 +72,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-# One sequence for every Store in the process: temp names are <pid>-<n>.part, unique
-# across processes (pid) and within one (n). next() on a count is atomic in CPython.
-_temp_seq = itertools.count()
-# The pid part, kept current across fork() (a getpid syscall per instance otherwise).
-_temp_prefix = f"{os.getpid()}-"
-
-
-def _reset_temp_prefix() -> None:
-    global _temp_prefix
-    _temp_prefix = f"{os.getpid()}-"
-
-
-os.register_at_fork(after_in_child=_reset_temp_prefix)
 
 
 class _StageError(Exception):
@@ -149,12 +134,7 @@ class Store:
         self._syncfs_works = True
         self._open_writers = 0
         self._count_lock = threading.Lock()
-        #: directory -> (fd, monotonic time of last use): see _fsync_dir
-        self._dir_fds: OrderedDict[str, tuple[int, float]] = OrderedDict()
-        self._dir_fds_lock = threading.Lock()
-        #: bumped when the directory caches are dropped: an fd taken out before
-        #: then is closed, not put back
-        self._dir_fds_epoch = 0
+        self._dir_fds = DirectoryFds(self._ops)
 
     @property
     def root(self) -> str:
@@ -194,9 +174,8 @@ class Store:
 
     def _open_temp(self) -> tuple[int, str]:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        base = self._incoming + os.sep + _temp_prefix
         for _ in range(8):
-            path = f"{base}{next(_temp_seq)}{TEMP_SUFFIX}"
+            path = temp_name(self._incoming)
             try:
                 return self._ops.open(path, flags, self.config.file_mode), path
             except FileExistsError:
@@ -278,63 +257,18 @@ class Store:
         self.close_idle_dirs(-1.0)
 
     #: open directory fds kept per store for directory fsyncs (see _fsync_dir)
-    DIR_FDS = 16
+    DIR_FDS = DirectoryFds.SIZE
 
     def _fsync_dir(self, path: str) -> None:
-        """fsync the directory ``path`` through an fd kept open for the next one.
-
-        A series directory receives ~100 instances, each needing an fsync of it: a
-        small LRU of open fds spares each one an ``openat`` and a ``close`` (and the
-        path walk). An fd kept open also reports every writeback error since it was
-        opened, where a fresh one would miss those of before its ``open``. A thread
-        takes the fd out of the cache while it uses it, so no fd is ever closed
-        (evicted, idle, forgotten) while another thread fsyncs it; two threads on
-        the same directory at once simply open one more. Kept fds follow the same
-        trust as the cache of known directories: a directory that vanishes is noticed
-        at publish (ENOENT), and then both caches are dropped (:meth:`_forget_dirs`).
-        """
-        ops = self._ops
-        with self._dir_fds_lock:
-            entry = self._dir_fds.pop(path, None)
-            epoch = self._dir_fds_epoch
-        fd = entry[0] if entry is not None else -1
-        if fd < 0:
-            fd = ops.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, 0)
-        try:
-            ops.fsync(fd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                ops.close(fd)
-            raise
-        evicted: list[int] = []
-        with self._dir_fds_lock:
-            fds = self._dir_fds
-            if epoch != self._dir_fds_epoch or path in fds:
-                evicted.append(fd)
-            else:
-                fds[path] = (fd, time.monotonic())
-                while len(fds) > self.DIR_FDS:
-                    evicted.append(fds.popitem(last=False)[1][0])
-        for old in evicted:
-            with contextlib.suppress(OSError):
-                ops.close(old)
+        """fsync the directory ``path`` through an fd kept open for the next one
+        (:class:`~workers.storage.publish.DirectoryFds`)."""
+        self._dir_fds.fsync(path)
 
     def close_idle_dirs(self, idle: float = 1.0) -> int:
-        """Close the directory fds kept open (:meth:`_fsync_dir`) that were not used
-        for ``idle`` seconds (all of them with a negative ``idle``); returns how many.
-        The worker calls it on its heartbeat, so an idle worker holds none open."""
-        limit = time.monotonic() - idle
-        closing: list[int] = []
-        with self._dir_fds_lock:
-            if idle < 0:
-                self._dir_fds_epoch += 1
-            fds = self._dir_fds
-            for path in [p for p, (_, used) in fds.items() if idle < 0 or used <= limit]:
-                closing.append(fds.pop(path)[0])
-        for fd in closing:
-            with contextlib.suppress(OSError):
-                self._ops.close(fd)
-        return len(closing)
+        """Close the directory fds kept open that were not used for ``idle`` seconds
+        (all of them with a negative ``idle``); returns how many. The worker calls it
+        on its heartbeat, so an idle worker holds none open."""
+        return self._dir_fds.close_idle(idle)
 
     def _publish(self, temp_path: str, final_path: str) -> tuple[bool, list[str], str]:
         """Move the temp file to ``final_path``.
@@ -530,37 +464,11 @@ class Store:
         an uncertain copy (with overwrite the retry simply replaces it)."""
         final_path, duplicate, _new_dirs = published
         if not duplicate and self.config.duplicates != "overwrite":
-            _unlink_quietly(self._ops, final_path)
+            unlink_quietly(self._ops, final_path)
 
     def _link_exclusive(self, temp_path: str, final_path: str) -> bool:
         """Publish only if ``final_path`` is free; return False if it already exists."""
-        ops = self._ops
-        try:
-            ops.link(temp_path, final_path)
-        except FileExistsError:
-            published = False
-        except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
-                raise
-            # No hard links here (some FUSE/SMB mounts): check-then-rename. Not atomic
-            # against a concurrent writer of the same instance; see module docstring.
-            if os.path.lexists(final_path):
-                published = False
-            else:
-                ops.replace(temp_path, final_path)
-                return True
-        else:
-            published = True
-        try:
-            ops.unlink(temp_path)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            # The outcome is already decided. The temp name is a second link to the
-            # published file, or the losing duplicate: never a stored instance, and
-            # sweep_incoming drops it later.
-            log.warning("could not remove temp file %s: %s", temp_path, exc)
-        return published
+        return link_exclusive(self._ops, temp_path, final_path)
 
 
 def _uid_or_unknown(uid: str | None) -> str:
@@ -773,7 +681,7 @@ class InstanceWriter(InstanceHead):
                 ops.close(fd)
         path, self._temp_path = self._temp_path, None
         if path is not None:
-            _unlink_quietly(ops, path)
+            unlink_quietly(ops, path)
         self._scan_result()  # keep what was found (for the failure result), drop the scanner
 
     def _failure(self, err: _StageError, scan: ScanResult) -> StoreResult:
@@ -787,9 +695,3 @@ class InstanceWriter(InstanceHead):
             getattr(err.exc, "filename", None),
         )
         return self._out_of_resources(f"Storage failure at {err.stage}: {name}", code, scan)
-
-
-def _unlink_quietly(ops: FileOps, path: str) -> None:
-    # Already gone, or the filesystem is failing: sweep_incoming catches leftovers.
-    with contextlib.suppress(OSError):
-        ops.unlink(path)
