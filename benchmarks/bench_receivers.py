@@ -56,119 +56,36 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtest import netns
-from loadtest.compare import dcmtk_binary, orthanc_binary, orthanc_config
-from loadtest.proctree import children
+from bench_data import DataSet, count_files, make_instances
+from proc_sampling import (
+    Sampler,
+    dcmtk,
+    free_port,
+    tree,
+    tree_cpu_seconds,
+)
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+from loadtest import netns
+from loadtest.compare import orthanc_binary, orthanc_config
+
 PAGE_KB = 1024
-SAMPLE_INTERVAL = 0.05
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 BASELINE = "pacs-receiver"
 SIZES_KB = {"8": 8, "512": 512}
-SERIES_SIZE = 100
 
 
 # ------------------------------------------------------------------ processes
-
-
-def dcmtk(name: str) -> str | None:
-    """The DCMTK binary ``name``: ELF only (the venv's bin has pynetdicom namesakes)."""
-    return dcmtk_binary(name)
-
-
-def tree(root: int) -> list[int]:
-    """``root`` and all its descendants (zombies included until reaped)."""
-    seen, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        if pid in seen:
-            continue
-        seen.append(pid)
-        todo += children(pid)
-    return seen
-
-
-def cpu_ticks(pid: int) -> int:
-    """utime + stime + cutime + cstime: the process and its reaped children."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0
-    # after "comm)": state=0 ... utime=11 stime=12 cutime=13 cstime=14
-    return sum(int(x) for x in fields[11:15])
-
-
-def memory_kb(pid: int) -> tuple[int, int]:
-    """(VmRSS, VmHWM) in kB; zeros for a zombie or a process that is gone."""
-    rss = hwm = 0
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    rss = int(line.split()[1])
-                elif line.startswith("VmHWM:"):
-                    hwm = int(line.split()[1])
-    except OSError:
-        pass
-    return rss, hwm
-
-
-def tree_cpu_seconds(root: int) -> float:
-    return sum(cpu_ticks(pid) for pid in tree(root)) / CLK_TCK
-
-
-class Sampler(threading.Thread):
-    """Samples the summed RSS of a process tree, and each process's VmHWM."""
-
-    def __init__(self, root: int) -> None:
-        super().__init__(daemon=True)
-        self.root = root
-        self.peak_rss_kb = 0
-        self.hwm_kb: dict[int, int] = {}
-        self.max_processes = 0
-        self._stop_event = threading.Event()
-
-    def sample(self) -> None:
-        total = 0
-        pids = tree(self.root)
-        self.max_processes = max(self.max_processes, len(pids))
-        for pid in pids:
-            rss, hwm = memory_kb(pid)
-            total += rss
-            if hwm:
-                self.hwm_kb[pid] = max(self.hwm_kb.get(pid, 0), hwm)
-        self.peak_rss_kb = max(self.peak_rss_kb, total)
-
-    def run(self) -> None:
-        while not self._stop_event.wait(SAMPLE_INTERVAL):
-            self.sample()
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join(5)
-        self.sample()
-
-
-def free_port() -> int:
-    # Any interface: storescp and Orthanc bind them all (in the namespace, lo only).
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
 
 
 # ------------------------------------------------------------------ receivers
@@ -340,67 +257,6 @@ class Running:
             os.killpg(pgid, signal.SIGKILL)  # storescp --fork children, stragglers
         except (ProcessLookupError, PermissionError):
             pass
-
-
-# ------------------------------------------------------------------ data
-
-
-def make_instances(directory: Path, count: int, size_kb: int, tag: str) -> int:
-    """``count`` CT instances of about ``size_kb`` KB; returns the bytes written."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import UID, generate_uid
-
-    directory.mkdir(parents=True, exist_ok=True)
-    noise = os.urandom(size_kb * 1024 + 4096)
-    study = generate_uid()
-    total = 0
-    for i in range(count):
-        ds = Dataset()
-        ds.SOPClassUID = UID("1.2.840.10008.5.1.4.1.1.2")
-        ds.SOPInstanceUID = generate_uid()
-        ds.StudyInstanceUID = study
-        if i % SERIES_SIZE == 0:  # realistic studies: a new series every 100 instances
-            series = generate_uid()
-        ds.SeriesInstanceUID = series
-        ds.PatientName = "Bench^Receivers"
-        ds.PatientID = f"BENCH{tag}"
-        ds.Modality = "CT"
-        ds.InstanceNumber = i + 1
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated = ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 0
-        ds.Columns = 64
-        ds.Rows = max(1, (size_kb * 1024 - 600) // 128)
-        start = i % 4096
-        ds.PixelData = noise[start : start + ds.Rows * 128]
-        ds["PixelData"].VR = "OW"
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.1")
-        ds.file_meta = meta
-        path = directory / f"{tag}-{i:05d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        total += path.stat().st_size
-    return total
-
-
-@dataclass(slots=True)
-class DataSet:
-    label: str  # "8 KB"
-    dirs: list[Path]
-    instances: int
-    bytes: int
-
-
-def count_files(root: Path) -> int:
-    n = 0
-    for _dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # .incoming
-        n += sum(1 for f in filenames if not f.startswith("."))
-    return n
 
 
 # ------------------------------------------------------------------ one run
