@@ -181,6 +181,9 @@ class _BesideLocal:
     ``config.root`` for what stays local (see the module doc), and the index
     recording each instance's ``s3://`` URL as its path."""
 
+    #: True when commits wait on the network (``direct``)
+    remote: bool = False
+
     def __init__(self, config: StorageConfig, settings: S3Settings) -> None:
         self.config = config
         self.settings = settings
@@ -202,6 +205,41 @@ class _BesideLocal:
         """What the index records as the instance's path: its ``s3://`` URL."""
         return path
 
+    def _reader(self) -> Any:
+        raise NotImplementedError
+
+    def object_digest(self, url: str) -> tuple[int, str]:
+        """(data-set size, digest) of the instance the index records at ``url``, for
+        storage commitment (blocking: a pool thread). In ``spool`` mode a file not
+        uploaded yet is read from this node's spool; otherwise the object is streamed
+        from the bucket (GetObject, hashed chunk by chunk). Raises
+        ``FileNotFoundError`` when neither exists, ``ValueError`` when ``url`` is not
+        in this bucket and prefix or the bytes are not Part 10, other errors when the
+        store does not answer."""
+        from workers.index.digest import dataset_digest, stream_digest
+
+        bucket_url = f"s3://{self.settings.bucket}/"
+        if not url.startswith(bucket_url + self.settings.prefix):
+            raise ValueError(f"{url} is not under {bucket_url}{self.settings.prefix}")
+        key = url[len(bucket_url) :]
+        spooled = os.path.join(self.local.root, key[len(self.settings.prefix) :])
+        if not self.remote:
+            try:
+                return dataset_digest(spooled)
+            except FileNotFoundError:
+                pass  # uploaded (or spooled on another node): the bucket has the say
+        try:
+            answer = self._reader().get_object(Bucket=self.settings.bucket, Key=key)
+        except Exception as exc:
+            if _status(exc) == 404 or _error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+                raise FileNotFoundError(errno.ENOENT, "no such object", url) from exc
+            raise
+        body = answer["Body"]
+        try:
+            return stream_digest(body)
+        finally:
+            body.close()
+
 
 class ObjectStore(_BesideLocal):
     """Stores instances straight into the object store (``direct``); see the module doc.
@@ -212,6 +250,9 @@ class ObjectStore(_BesideLocal):
 
     #: commits wait on the network: never inline on the event loop
     remote = True
+
+    def _reader(self) -> Any:
+        return self.client
 
     def __init__(self, config: StorageConfig, settings: S3Settings, client: Any = None) -> None:
         super().__init__(config, settings)
@@ -530,6 +571,9 @@ class SpoolStore(_BesideLocal):
     """``spool`` mode: the local store under the spool directory, then the uploader."""
 
     remote = False
+
+    def _reader(self) -> Any:
+        return self.uploader.client
 
     def __init__(
         self,
