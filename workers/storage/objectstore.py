@@ -29,6 +29,10 @@ Duplicates (``keep`` / ``reject``) in ``direct`` mode are decided by the object 
 itself: PutObject / CompleteMultipartUpload carry ``If-None-Match: *`` and a 412 means
 the key exists (race-free across nodes). A store that does not implement conditional
 writes (501) is asked with HEAD instead, from then on (not race-free; rare).
+In ``spool`` mode they are decided by the spool (this node's instances not uploaded
+yet) and then by the bucket, asked with HEAD at commit (another node's, or an earlier
+upload). Not race-free: while the bucket does not answer, or when two nodes spool the
+same instance before either uploaded it, both are accepted and the later upload wins.
 """
 
 from __future__ import annotations
@@ -223,7 +227,7 @@ class _BesideLocal:
             raise ValueError(f"{url} is not under {bucket_url}{self.settings.prefix}")
         key = url[len(bucket_url) :]
         spooled = os.path.join(self.local.root, key[len(self.settings.prefix) :])
-        if not self.remote:
+        if isinstance(self, SpoolStore):
             try:
                 return dataset_digest(spooled)
             except FileNotFoundError:
@@ -587,6 +591,20 @@ class SpoolStore(_BesideLocal):
         self.uploader = uploader
         #: this worker's share of the spool limit (bytes; 0: none)
         self.limit = limit
+        # keep / reject ask the bucket at commit (see _SpoolWriter.commit): a network
+        # call, so commits go to the I/O pool, never inline on the event loop.
+        self.remote = config.duplicates != "overwrite"
+
+    def in_bucket(self, key: str) -> bool:
+        """Whether ``key`` is in the bucket; False when the bucket does not answer
+        (``spool`` accepts while the store is away: see the module doc)."""
+        try:
+            self.uploader.client.head_object(Bucket=self.settings.bucket, Key=key)
+        except Exception as exc:
+            if _status(exc) != 404 and _error_code(exc) not in ("404", "NoSuchKey", "NotFound"):
+                log.warning("spool: cannot ask the bucket about %s: %s", key, _describe(exc))
+            return False
+        return True
 
     def close(self) -> None:
         """Stop uploading (what is left stays in the spool for the next start)."""
@@ -625,6 +643,27 @@ class _SpoolWriter:
         store = self._store
         rel = result.path[len(store.local._root_slash) :]
         key = store.settings.prefix + rel
+        policy = store.config.duplicates
+        if result.ok and not result.duplicate and policy != "overwrite" and store.in_bucket(key):
+            # The spool only knows this node's instances not uploaded yet: an instance
+            # another node (or this one, earlier) uploaded is in the bucket. The copy
+            # just renamed into the spool is ours alone (the local store refused a
+            # second one): remove it, and answer as the policy says.
+            try:
+                os.unlink(result.path)
+            except OSError as exc:
+                log.warning("spool: cannot remove duplicate %s: %s", result.path, exc)
+            rejected = policy == "reject"
+            return StoreResult(
+                status=StoreStatus.DUPLICATE_REJECTED if rejected else StoreStatus.SUCCESS,
+                path=f"s3://{store.settings.bucket}/{key}",
+                bytes_written=result.bytes_written,
+                comment="Duplicate SOP Instance UID rejected"
+                if rejected
+                else "Duplicate SOP Instance UID: existing copy kept",
+                duplicate=True,
+                scan=result.scan,
+            )
         if result.ok and not result.duplicate:
             store.uploader.submit(result.path, key)
         return StoreResult(
