@@ -52,6 +52,8 @@ from typing import TYPE_CHECKING, Any
 from .engine import dimse
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .handlers import Step
     from .index import Index
     from .session import AssociationPort, ContextInfo, IndexedPort, Operation
@@ -169,7 +171,10 @@ class Job:
 
 
 def decide(
-    index: Index, storage_root: str, references: list[tuple[str, str]]
+    index: Index,
+    storage_root: str,
+    references: list[tuple[str, str]],
+    object_digest: Callable[[str], tuple[int, str]] | None = None,
 ) -> tuple[list[tuple[str, str]], list[tuple[str, str, int]]]:
     """(committed, failed with reason) for ``references``; blocking (a thread).
 
@@ -177,6 +182,14 @@ def decide(
     and the data set of its file hashes to the recorded digest. A record without a
     digest (indexed from the file at start-up, no digest computed) is committed when
     its file is a readable Part 10 file.
+
+    A record whose path is an ``s3://`` URL (``--storage s3://``) is checked the same
+    way against its object, through ``object_digest`` (the object store's
+    :meth:`~workers.storage.objectstore.ObjectStore.object_digest`: streams the object,
+    or reads this node's spool while it is not uploaded yet), never against the local
+    filesystem. Such a record is not marked missing when its object is absent: in
+    ``spool`` mode another node may still be uploading it, and the bucket's own
+    reconcile (:mod:`workers.index.reconcile_s3`) never marks either.
     """
     from .index.digest import dataset_digest
 
@@ -192,12 +205,19 @@ def decide(
         if record.sop_class_uid != sop_class:
             failed.append((sop_class, uid, REASON_CLASS_INSTANCE_CONFLICT))
             continue
-        path = os.path.join(storage_root, record.path)
+        remote = record.path.startswith("s3://")
+        path = record.path if remote else os.path.join(storage_root, record.path)
         try:
-            _, digest = dataset_digest(path)
+            if not remote:
+                _, digest = dataset_digest(path)
+            elif object_digest is None:
+                raise ValueError("not stored in an object store here")
+            else:
+                _, digest = object_digest(path)
         except FileNotFoundError:
             log.warning("commitment: %s is indexed but its file %s is gone", uid, path)
-            gone.append(uid)
+            if not remote:
+                gone.append(uid)
             failed.append((sop_class, uid, REASON_NO_SUCH_OBJECT))
             continue
         except (OSError, ValueError) as exc:
@@ -384,8 +404,15 @@ class Commitment:
         delay = self.settings.commitment_retry
         try:
             if not job.decided:
+                # --storage s3://: records name objects, checked through the store.
+                reader = getattr(services, "object_digest", None)
                 committed, failed = await loop.run_in_executor(
-                    services.pool, decide, self.index, services.storage_root, job.references
+                    services.pool,
+                    decide,
+                    self.index,
+                    services.storage_root,
+                    job.references,
+                    reader,
                 )
                 unknown = [(c, i) for c, i, r in failed if r == REASON_NO_SUCH_OBJECT]
                 wait = job.created + _INDEX_GRACE - time.time()
@@ -395,7 +422,12 @@ class Commitment:
                     # not be in the index yet. Ask again once that moment has passed.
                     await asyncio.sleep(wait)
                     again, still = await loop.run_in_executor(
-                        services.pool, decide, self.index, services.storage_root, unknown
+                        services.pool,
+                        decide,
+                        self.index,
+                        services.storage_root,
+                        unknown,
+                        reader,
                     )
                     committed += again
                     failed = [f for f in failed if f[2] != REASON_NO_SUCH_OBJECT] + still

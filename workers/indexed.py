@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -77,6 +77,12 @@ class IndexedServices:
     @property
     def storage_root(self) -> str:
         return self.server.store.root
+
+    @property
+    def object_digest(self) -> Callable[[str], tuple[int, str]] | None:
+        """How storage commitment checks an ``s3://`` record (``--storage s3://``:
+        the object store's ``object_digest``); None with the local store."""
+        return getattr(self.server.store, "object_digest", None)
 
     # ------------------------------------------------------------- life cycle
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from typing import BinaryIO
 
-__all__ = ["dataset_digest", "dataset_offset"]
+__all__ = ["dataset_digest", "dataset_offset", "stream_digest"]
 
 _PREAMBLE = 128
 _CHUNK = 1 << 20
+_HEAD = 64 * 1024
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC",
                        b"UN", b"UR", b"UT", b"UV"})  # fmt: skip
 
@@ -52,11 +54,23 @@ def dataset_digest(path: str) -> tuple[int, str]:
 
     Raises ``OSError`` or ``ValueError`` (not Part 10)."""
     with open(path, "rb") as f:
-        head = f.read(64 * 1024)
-        start = dataset_offset(head)
-        digest = hashlib.sha256(memoryview(head)[start:])
-        size = len(head) - start
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
+        return stream_digest(f)
+
+
+def stream_digest(f: BinaryIO) -> tuple[int, str]:
+    """:func:`dataset_digest` of a Part 10 file read from ``f`` (a file, or an object
+    store's response body), in chunks: never the whole file in memory."""
+    head = b""
+    while len(head) < _HEAD:
+        # A network body may answer short reads: gather the header's bytes first.
+        more = f.read(_HEAD - len(head))
+        if not more:
+            break
+        head += more
+    start = dataset_offset(head)
+    digest = hashlib.sha256(memoryview(head)[start:])
+    size = len(head) - start
+    while chunk := f.read(_CHUNK):
+        digest.update(chunk)
+        size += len(chunk)
     return size, digest.hexdigest()

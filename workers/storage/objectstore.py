@@ -29,6 +29,10 @@ Duplicates (``keep`` / ``reject``) in ``direct`` mode are decided by the object 
 itself: PutObject / CompleteMultipartUpload carry ``If-None-Match: *`` and a 412 means
 the key exists (race-free across nodes). A store that does not implement conditional
 writes (501) is asked with HEAD instead, from then on (not race-free; rare).
+In ``spool`` mode they are decided by the spool (this node's instances not uploaded
+yet) and then by the bucket, asked with HEAD at commit (another node's, or an earlier
+upload). Not race-free: while the bucket does not answer, or when two nodes spool the
+same instance before either uploaded it, both are accepted and the later upload wins.
 """
 
 from __future__ import annotations
@@ -36,15 +40,21 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from .config import StorageConfig
 from .instance import InstanceHead, checked_uids
+from .s3client import (
+    S3Settings,
+    _describe,
+    _error_code,
+    _status,
+    check_bucket,
+    make_client,
+)
 from .scanner import ScanResult
 from .store import Store, StoreResult, StoreStatus
 
@@ -64,122 +74,17 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Durability = Literal["direct", "spool"]
-MIN_PART_SIZE = 5 * 1024 * 1024  # S3: every part but the last is at least 5 MiB
-DEFAULT_PART_SIZE = 8 * 1024 * 1024
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 #: parts of one instance uploading at once before the association pauses reading
 _MAX_IN_FLIGHT = 2
-
-
-@dataclass(slots=True, frozen=True)
-class S3Settings:
-    """Where and how instances go to the object store (``--storage s3://...``)."""
-
-    bucket: str
-    #: key prefix: "" or ending with "/"
-    prefix: str = ""
-    durability: Durability = "direct"
-    #: endpoint URL (``--s3-endpoint``); None: AWS_ENDPOINT_URL or AWS itself
-    endpoint: str | None = None
-    #: region; None: AWS_REGION / AWS_DEFAULT_REGION / ~/.aws/config
-    region: str | None = None
-    part_size: int = DEFAULT_PART_SIZE
-    #: spool bytes (all workers together) beyond which new instances get 0xA700; 0: none
-    spool_limit: int = 0
-    #: upload threads per worker
-    upload_threads: int = 4
-    #: longest pause between two attempts of a spooled upload, seconds
-    retry_max: float = 30.0
-
-    def __post_init__(self) -> None:
-        if not _BUCKET.match(self.bucket):
-            raise ValueError(f"{self.bucket!r} is not an S3 bucket name")
-        if self.durability not in ("direct", "spool"):
-            raise ValueError(f"durability {self.durability!r} is neither direct nor spool")
-        if not MIN_PART_SIZE <= self.part_size <= 5 * 1024**3:
-            raise ValueError(f"part size {self.part_size} is not between 5 MiB and 5 GiB")
-        if self.spool_limit < 0 or self.upload_threads < 1:
-            raise ValueError("spool limit and upload threads must be positive")
-
-    @classmethod
-    def from_url(cls, url: str, **kwargs: Any) -> S3Settings:
-        """``s3://bucket/prefix`` plus the other settings."""
-        if not url.startswith("s3://"):
-            raise ValueError(f"{url!r} is not s3://bucket/prefix")
-        bucket, _, prefix = url[5:].partition("/")
-        prefix = prefix.strip("/")
-        if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
-            raise ValueError(f"prefix {prefix!r} has an empty, '.' or '..' component")
-        return cls(bucket=bucket, prefix=prefix + "/" if prefix else "", **kwargs)
-
-    @property
-    def url(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def make_client(settings: S3Settings) -> Any:
-    """A boto3 S3 client: endpoint, region and credentials as boto3 finds them (the
-    usual AWS environment variables and files) unless given. Short timeouts and few
-    retries: a failure is answered (direct) or retried later (spool), not waited on."""
-    import boto3
-    from botocore.config import Config
-
-    # boto3's INFO lines ("Found credentials in ...") are noise in a receiver's log.
-    for name in ("boto3", "botocore", "s3transfer"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-    config = Config(
-        connect_timeout=5,
-        read_timeout=30,
-        retries={"max_attempts": 2, "mode": "standard"},
-        max_pool_connections=max(10, settings.upload_threads * 2 + 8),
-    )
-    return boto3.session.Session().client(
-        "s3", endpoint_url=settings.endpoint or None, region_name=settings.region, config=config
-    )
-
-
-def check_bucket(settings: S3Settings, client: Any = None) -> str | None:
-    """None when the bucket answers HEAD, else why not (one line)."""
-    try:
-        client = client or make_client(settings)
-        client.head_bucket(Bucket=settings.bucket)
-    except Exception as exc:  # botocore's errors, and no credentials, and bad URLs
-        return f"bucket {settings.bucket!r} unusable: {_describe(exc)}"
-    return None
-
-
-def _describe(exc: BaseException) -> str:
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        error = response.get("Error") or {}
-        code = error.get("Code") or response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        return f"{code} {error.get('Message') or ''}".strip()
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-
-
-def _error_code(exc: BaseException) -> str:
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        return str((response.get("Error") or {}).get("Code") or "")
-    return ""
-
-
-def _status(exc: BaseException) -> int:
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        return int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-    return 0
 
 
 class _BesideLocal:
     """The set-up both S3 stores share: a local :class:`~.store.Store` on
     ``config.root`` for what stays local (see the module doc), and the index
     recording each instance's ``s3://`` URL as its path."""
+
+    #: True when commits wait on the network (``direct``)
+    remote: bool = False
 
     def __init__(self, config: StorageConfig, settings: S3Settings) -> None:
         self.config = config
@@ -202,6 +107,41 @@ class _BesideLocal:
         """What the index records as the instance's path: its ``s3://`` URL."""
         return path
 
+    def _reader(self) -> Any:
+        raise NotImplementedError
+
+    def object_digest(self, url: str) -> tuple[int, str]:
+        """(data-set size, digest) of the instance the index records at ``url``, for
+        storage commitment (blocking: a pool thread). In ``spool`` mode a file not
+        uploaded yet is read from this node's spool; otherwise the object is streamed
+        from the bucket (GetObject, hashed chunk by chunk). Raises
+        ``FileNotFoundError`` when neither exists, ``ValueError`` when ``url`` is not
+        in this bucket and prefix or the bytes are not Part 10, other errors when the
+        store does not answer."""
+        from workers.index.digest import dataset_digest, stream_digest
+
+        bucket_url = f"s3://{self.settings.bucket}/"
+        if not url.startswith(bucket_url + self.settings.prefix):
+            raise ValueError(f"{url} is not under {bucket_url}{self.settings.prefix}")
+        key = url[len(bucket_url) :]
+        spooled = os.path.join(self.local.root, key[len(self.settings.prefix) :])
+        if isinstance(self, SpoolStore):
+            try:
+                return dataset_digest(spooled)
+            except FileNotFoundError:
+                pass  # uploaded (or spooled on another node): the bucket has the say
+        try:
+            answer = self._reader().get_object(Bucket=self.settings.bucket, Key=key)
+        except Exception as exc:
+            if _status(exc) == 404 or _error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+                raise FileNotFoundError(errno.ENOENT, "no such object", url) from exc
+            raise
+        body = answer["Body"]
+        try:
+            return stream_digest(body)
+        finally:
+            body.close()
+
 
 class ObjectStore(_BesideLocal):
     """Stores instances straight into the object store (``direct``); see the module doc.
@@ -212,6 +152,9 @@ class ObjectStore(_BesideLocal):
 
     #: commits wait on the network: never inline on the event loop
     remote = True
+
+    def _reader(self) -> Any:
+        return self.client
 
     def __init__(self, config: StorageConfig, settings: S3Settings, client: Any = None) -> None:
         super().__init__(config, settings)
@@ -531,6 +474,9 @@ class SpoolStore(_BesideLocal):
 
     remote = False
 
+    def _reader(self) -> Any:
+        return self.uploader.client
+
     def __init__(
         self,
         config: StorageConfig,
@@ -543,6 +489,20 @@ class SpoolStore(_BesideLocal):
         self.uploader = uploader
         #: this worker's share of the spool limit (bytes; 0: none)
         self.limit = limit
+        # keep / reject ask the bucket at commit (see _SpoolWriter.commit): a network
+        # call, so commits go to the I/O pool, never inline on the event loop.
+        self.remote = config.duplicates != "overwrite"
+
+    def in_bucket(self, key: str) -> bool:
+        """Whether ``key`` is in the bucket; False when the bucket does not answer
+        (``spool`` accepts while the store is away: see the module doc)."""
+        try:
+            self.uploader.client.head_object(Bucket=self.settings.bucket, Key=key)
+        except Exception as exc:
+            if _status(exc) != 404 and _error_code(exc) not in ("404", "NoSuchKey", "NotFound"):
+                log.warning("spool: cannot ask the bucket about %s: %s", key, _describe(exc))
+            return False
+        return True
 
     def close(self) -> None:
         """Stop uploading (what is left stays in the spool for the next start)."""
@@ -581,6 +541,27 @@ class _SpoolWriter:
         store = self._store
         rel = result.path[len(store.local._root_slash) :]
         key = store.settings.prefix + rel
+        policy = store.config.duplicates
+        if result.ok and not result.duplicate and policy != "overwrite" and store.in_bucket(key):
+            # The spool only knows this node's instances not uploaded yet: an instance
+            # another node (or this one, earlier) uploaded is in the bucket. The copy
+            # just renamed into the spool is ours alone (the local store refused a
+            # second one): remove it, and answer as the policy says.
+            try:
+                os.unlink(result.path)
+            except OSError as exc:
+                log.warning("spool: cannot remove duplicate %s: %s", result.path, exc)
+            rejected = policy == "reject"
+            return StoreResult(
+                status=StoreStatus.DUPLICATE_REJECTED if rejected else StoreStatus.SUCCESS,
+                path=f"s3://{store.settings.bucket}/{key}",
+                bytes_written=result.bytes_written,
+                comment="Duplicate SOP Instance UID rejected"
+                if rejected
+                else "Duplicate SOP Instance UID: existing copy kept",
+                duplicate=True,
+                scan=result.scan,
+            )
         if result.ok and not result.duplicate:
             store.uploader.submit(result.path, key)
         return StoreResult(
